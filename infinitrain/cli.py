@@ -1,0 +1,31 @@
+"""Command-line entry point: a thin Click group; each command parses, calls one library function, reports."""
+
+from __future__ import annotations
+
+import click
+
+from infinitrain import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="infinitrain")
+def cli() -> None:
+    """Train and run Infini-attention language models on DeepSpeed."""
+
+
+@cli.command("presets")
+def presets_cmd() -> None:
+    """List the model presets with their parameter counts."""
+    from infinitrain.model.config import PRESETS, count_parameters
+
+    for name, cfg in PRESETS.items():
+        click.echo(f"{name:10s} {count_parameters(cfg) / 1e9:8.3f} B  layers={cfg.n_layers} d={cfg.d_model} "
+                   f"heads={cfg.n_heads}/{cfg.n_kv_heads} ffn={cfg.d_ff} segment={cfg.segment_len} update={cfg.update}")
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data preparation: tokenizers, segment-aligned zstd shards, the shard reader."""

@@ -1,0 +1,380 @@
+"""Infini-attention ops (arXiv 2404.07143 Eqs. 6-10) as pure functions, each fast path beside a naive twin.
+
+Every equation is its own function; ``infini_attention`` is the segment-parallel fast path (no Python
+loop over segments for the linear rule, two-phase for the delta rule), ``infini_attention_naive`` is
+the same computation written straight from the paper, one segment and one head at a time, and
+``infini_attention_stream`` feeds any number of tokens with the state carried (generation feeds one).
+
+Shape legend: B batch, H query heads, G key/value heads (query head h reads KV head h // (H/G)),
+T tokens, N segments, S segment length, P tokens of the unfinished segment, K key dim, V value dim.
+Memory math runs in fp32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from infinitrain.ops.rope import RotarySpec, apply_rotary
+
+Update = Literal["linear", "delta"]
+UPDATES = ("linear", "delta")
+DEFAULT_EPS = 1e-6
+
+
+class MemoryState(NamedTuple):
+    """Compressive memory of one layer: M (B, G, K, V) and normaliser z (B, G, K), both fp32."""
+
+    M: Tensor
+    z: Tensor
+
+
+class AttnState(NamedTuple):
+    """Streaming state of one layer: the memory plus the un-rotated keys/values of the unfinished segment."""
+
+    mem: MemoryState
+    k: Tensor  # (B, G, P, K)
+    v: Tensor  # (B, G, P, V)
+    keep: Tensor | None  # (B, P) bool, for Mixture-of-Depths routing; None when every token is kept
+
+
+def zero_memory(batch: int, kv_heads: int, key_dim: int, value_dim: int, device=None,
+                dtype: torch.dtype = torch.float32) -> MemoryState:
+    M = torch.zeros(batch, kv_heads, key_dim, value_dim, dtype=dtype, device=device)
+    z = torch.zeros(batch, kv_heads, key_dim, dtype=dtype, device=device)
+    return MemoryState(M, z)
+
+
+def zero_attn_state(batch: int, kv_heads: int, key_dim: int, value_dim: int, dtype, device=None) -> AttnState:
+    return AttnState(
+        zero_memory(batch, kv_heads, key_dim, value_dim, device, torch.promote_types(dtype, torch.float32)),
+        torch.zeros(batch, kv_heads, 0, key_dim, dtype=dtype, device=device),
+        torch.zeros(batch, kv_heads, 0, value_dim, dtype=dtype, device=device),
+        None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's equations, one function each
+# ---------------------------------------------------------------------------------------------
+
+
+def acc(x: Tensor) -> Tensor:
+    """Memory math precision: fp32 for bf16/fp16/fp32 inputs, fp64 kept for fp64 (reference tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def sigma(x: Tensor) -> Tensor:
+    """σ = ELU + 1 (Katharopoulos et al. 2020), in fp32 or wider; strictly positive."""
+    return F.elu(acc(x)) + 1.0
+
+
+def _group(x: Tensor, kv_heads: int) -> Tensor:
+    """(B, H, ...) -> (B, G, H/G, ...): query head h = g * (H/G) + r reads KV head g."""
+    B, H = x.shape[:2]
+    if H % kv_heads:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({kv_heads})")
+    return x.reshape(B, kv_heads, H // kv_heads, *x.shape[2:])
+
+
+def retrieve(sq: Tensor, mem: MemoryState, eps: float = DEFAULT_EPS) -> Tensor:
+    """Eq. 7: A_mem = σ(Q) M / (σ(Q) z + ε). sq (B, H, T, K) fp32 -> (B, H, T, V); M = 0 reads zeros."""
+    M, z = mem
+    sqg = _group(sq, M.shape[1])  # (B, G, R, T, K)
+    num = sqg @ M[:, :, None]  # (B, G, R, T, V)
+    den = sqg @ z[:, :, None, :, None]  # (B, G, R, T, 1)
+    return (num / (den + eps)).flatten(1, 2)
+
+
+def linear_update(sk: Tensor, v: Tensor, mem: MemoryState) -> MemoryState:
+    """Eq. 8: M += σ(K)ᵀ V, z += Σ_t σ(K_t). sk (B, G, S, K) fp32, v (B, G, S, V) fp32."""
+    M, z = mem
+    return MemoryState(M + sk.transpose(-1, -2) @ v, z + sk.sum(-2))
+
+
+def delta_update(sk: Tensor, v: Tensor, mem: MemoryState, eps: float = DEFAULT_EPS) -> MemoryState:
+    """Eq. 9: M += σ(K)ᵀ (V − σ(K) M / (σ(K) z + ε)); z is updated as in the linear rule."""
+    M, z = mem
+    known = (sk @ M) / (sk @ z[..., None] + eps)  # what the memory already returns for these keys
+    return MemoryState(M + sk.transpose(-1, -2) @ (v - known), z + sk.sum(-2))
+
+
+def memory_update(k: Tensor, v: Tensor, mem: MemoryState, update: Update, keep: Tensor | None = None,
+                  eps: float = DEFAULT_EPS) -> MemoryState:
+    """Write one finished segment (k (B, G, S, K), v (B, G, S, V), raw) into the memory; keep (B, S) masks tokens."""
+    sk, vf = sigma(k), acc(v)
+    if keep is not None:
+        sk = sk * keep[:, None, :, None]  # a dropped token writes nothing and adds nothing to z
+    if update == "linear":
+        return linear_update(sk, vf, mem)
+    if update == "delta":
+        return delta_update(sk, vf, mem, eps)
+    raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
+
+
+def gate(beta: Tensor, a_mem: Tensor, a_dot: Tensor) -> Tensor:
+    """Eq. 10: sigmoid(β)·A_mem + (1 − sigmoid(β))·A_dot, one scalar β per query head. -> a_dot.dtype."""
+    g = torch.sigmoid(acc(beta)).view(1, -1, 1, 1)
+    return (g * a_mem + (1.0 - g) * acc(a_dot)).to(a_dot.dtype)
+
+
+def _segment_positions(T: int, segment_len: int, device) -> Tensor:
+    return torch.arange(T, device=device) % segment_len  # positions reset at every segment
+
+
+def _expand_kv(x: Tensor, heads: int) -> Tensor:
+    """(B, G, ...) -> (B, H, ...) with KV head g serving query heads g*R .. g*R+R-1 (repeat_interleave)."""
+    B, G = x.shape[:2]
+    if G == heads:
+        return x
+    return x[:, :, None].expand(B, G, heads // G, *x.shape[2:]).flatten(1, 2)
+
+
+def local_attention(q: Tensor, k: Tensor, v: Tensor, segment_len: int, *, causal: bool = True,
+                    keep: Tensor | None = None) -> Tensor:
+    """Eq. 6 inside each segment: softmax(QKᵀ/sqrt(K)) V, block-diagonal over segments, one SDPA call.
+
+    q (B, H, T, K) and k (B, G, T, K) already rotated; v (B, G, T, V); T % S == 0. keep (B, T) hides
+    dropped tokens from every other query (a dropped query still sees itself, so no row is empty).
+    """
+    B, H, T, K = q.shape
+    S = segment_len
+    N = T // S
+    k, v = _expand_kv(k, H), _expand_kv(v, H)
+    if keep is None:
+        o = F.scaled_dot_product_attention(
+            q.reshape(B, H * N, S, K), k.reshape(B, H * N, S, K), v.reshape(B, H * N, S, v.shape[-1]),
+            is_causal=causal)
+        return o.reshape(B, H, T, -1)
+    eye = torch.eye(S, dtype=torch.bool, device=q.device)
+    allowed = keep.view(B, 1, N, 1, S) | eye  # key j visible if kept, or if it is the query itself
+    if causal:
+        allowed = allowed & torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+    o = F.scaled_dot_product_attention(
+        q.reshape(B, H, N, S, K), k.reshape(B, H, N, S, K), v.reshape(B, H, N, S, -1), attn_mask=allowed)
+    return o.reshape(B, H, T, -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast path over whole segments
+# ---------------------------------------------------------------------------------------------
+
+
+def _exclusive_cumsum(x: Tensor, dim: int) -> Tensor:
+    """Σ_{j<s} x_j along dim, by shifting the inclusive cumsum (no subtraction, so no cancellation)."""
+    c = x.cumsum(dim)
+    zero = torch.zeros_like(x.narrow(dim, 0, 1))
+    return torch.cat((zero, c.narrow(dim, 0, x.shape[dim] - 1)), dim)
+
+
+def memory_states_linear(sk: Tensor, v: Tensor, mem: MemoryState) -> tuple[MemoryState, MemoryState]:
+    """Linear rule for all segments at once. sk (B, G, N, S, K), v (B, G, N, S, V).
+
+    Returns the state read by every segment, (B, G, N, K, V) / (B, G, N, K), and the final state.
+    """
+    U = sk.transpose(-1, -2) @ v  # (B, G, N, K, V): σ(K_s)ᵀ V_s
+    kbar = sk.sum(-2)  # (B, G, N, K)
+    M_before = _exclusive_cumsum(U, 2) + mem.M[:, :, None]
+    z_before = _exclusive_cumsum(kbar, 2) + mem.z[:, :, None]
+    final = MemoryState(M_before[:, :, -1] + U[:, :, -1], z_before[:, :, -1] + kbar[:, :, -1])
+    return MemoryState(M_before, z_before), final
+
+
+def memory_states_delta(sk: Tensor, v: Tensor, mem: MemoryState, eps: float) -> tuple[MemoryState, MemoryState]:
+    """Delta rule, two-phase: M_s = A_s M_{s-1} + B_s with A_s = I − σ(K_s)ᵀ D_s⁻¹ σ(K_s), B_s = σ(K_s)ᵀ V_s.
+
+    z does not depend on M, so every A_s, B_s is built in one batched matmul; only the K×K recurrence
+    runs in order. Same shapes as ``memory_states_linear``.
+    """
+    kbar = sk.sum(-2)
+    z_before = _exclusive_cumsum(kbar, 2) + mem.z[:, :, None]  # (B, G, N, K)
+    d = sk @ z_before[..., None] + eps  # (B, G, N, S, 1): D_s = diag(σ(K_s) z_{s-1} + ε)
+    skT = sk.transpose(-1, -2)
+    eye = torch.eye(sk.shape[-1], dtype=sk.dtype, device=sk.device)
+    A = eye - skT @ (sk / d)  # (B, G, N, K, K)
+    Bm = skT @ v  # (B, G, N, K, V)
+    M = mem.M
+    before = []
+    for s in range(sk.shape[2]):  # the only sequential part: K×K by K×V per segment
+        before.append(M)
+        M = torch.baddbmm(Bm[:, :, s].flatten(0, 1), A[:, :, s].flatten(0, 1), M.flatten(0, 1)).view_as(M)
+    final = MemoryState(M, z_before[:, :, -1] + kbar[:, :, -1])
+    return MemoryState(torch.stack(before, 2), z_before), final
+
+
+def infini_attention(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: MemoryState | None = None, *,
+                     segment_len: int, update: Update = "linear", causal: bool = True,
+                     rotary: RotarySpec | None = None, pos: Tensor | None = None, keep: Tensor | None = None,
+                     eps: float = DEFAULT_EPS) -> tuple[Tensor, MemoryState]:
+    """Infini-attention over whole segments: (q, k, v, mem) -> (out, final mem).
+
+    q (B, H, T, K), k (B, G, T, K), v (B, G, T, V) un-rotated, T a multiple of S; beta (H,).
+    pos (B, T) overrides the in-segment RoPE positions (Mixture-of-Depths compaction); keep (B, T)
+    masks tokens out of attention and memory writes. Retrieval reads the state before each segment.
+    """
+    if update not in UPDATES:
+        raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
+    B, H, T, K = q.shape
+    G, Vd, S = k.shape[1], v.shape[-1], segment_len
+    if T % S:
+        raise ValueError(f"infini_attention needs whole segments: T={T} is not a multiple of S={S}")
+    N = T // S
+    if mem is None:
+        mem = zero_memory(B, G, K, Vd, q.device, acc(q).dtype)
+    # Memory path: un-rotated q/k (no PE on the memory, §4.1), fp32.
+    sq = sigma(q).view(B, H, N, S, K)
+    sk = sigma(k).view(B, G, N, S, K)
+    if keep is not None:
+        sk = sk * keep.view(B, 1, N, S, 1)
+    vf = acc(v).view(B, G, N, S, Vd)
+    if update == "linear":
+        before, final = memory_states_linear(sk, vf, mem)
+    else:
+        before, final = memory_states_delta(sk, vf, mem, eps)
+    sqg = _group(sq, G)  # (B, G, R, N, S, K)
+    num = sqg @ before.M[:, :, None]  # (B, G, R, N, S, V)
+    den = sqg @ before.z[:, :, None, :, :, None]  # (B, G, R, N, S, 1)
+    a_mem = (num / (den + eps)).reshape(B, H, T, Vd)
+    # Local path: rotated q/k, causal inside each segment.
+    if rotary is not None:
+        p = pos if pos is not None else _segment_positions(T, S, q.device)
+        q, k = apply_rotary(q, p, rotary), apply_rotary(k, p, rotary)
+    a_dot = local_attention(q, k, v, S, causal=causal, keep=keep)
+    return gate(beta, a_mem, a_dot), final
+
+
+# ---------------------------------------------------------------------------------------------
+# Naive twin: straight from the paper, one segment and one head at a time
+# ---------------------------------------------------------------------------------------------
+
+
+def infini_attention_naive(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: MemoryState | None = None, *,
+                           segment_len: int, update: Update = "linear", causal: bool = True,
+                           rotary: RotarySpec | None = None, pos: Tensor | None = None,
+                           keep: Tensor | None = None, eps: float = DEFAULT_EPS) -> tuple[Tensor, MemoryState]:
+    """Reference for ``infini_attention`` (same signature): loops over segments and heads."""
+    B, H, T, K = q.shape
+    G, Vd, S = k.shape[1], v.shape[-1], segment_len
+    R = H // G
+    if mem is None:
+        mem = zero_memory(B, G, K, Vd, q.device, acc(q).dtype)
+    M = [mem.M[:, g] for g in range(G)]  # per KV head: (B, K, V)
+    z = [mem.z[:, g] for g in range(G)]  # (B, K)
+    if rotary is not None:
+        p = pos if pos is not None else _segment_positions(T, S, q.device)
+        qr, kr = apply_rotary(q, p, rotary), apply_rotary(k, p, rotary)
+    else:
+        qr, kr = q, k
+    if keep is None:
+        keep = torch.ones(B, T, dtype=torch.bool, device=q.device)
+    outs = []
+    for s0 in range(0, T, S):
+        sl = slice(s0, s0 + S)
+        L = min(S, T - s0)
+        seg_out = []
+        for h in range(H):
+            g = h // R  # query head h reads KV head h // (H/G)
+            sq = F.elu(acc(q[:, h, sl])) + 1  # (B, L, K)
+            a_mem = (sq @ M[g]) / ((sq @ z[g][:, :, None]) + eps)  # Eq. 7
+            scores = acc(qr[:, h, sl] @ kr[:, g, sl].transpose(-1, -2)) / K ** 0.5  # Eq. 6
+            allowed = keep[:, None, sl] | torch.eye(L, dtype=torch.bool, device=q.device)
+            if causal:
+                allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            a_dot = torch.softmax(scores, -1) @ acc(v[:, g, sl])
+            gh = torch.sigmoid(acc(beta[h]))
+            seg_out.append(gh * a_mem + (1 - gh) * a_dot)  # Eq. 10
+        outs.append(torch.stack(seg_out, 1))
+        for g in range(G):  # retrieval above used M_{s-1}; now write segment s
+            sk = (F.elu(acc(k[:, g, sl])) + 1) * keep[:, sl, None]
+            vs = acc(v[:, g, sl])
+            if update == "linear":
+                M[g] = M[g] + sk.transpose(-1, -2) @ vs  # Eq. 8
+            else:
+                M[g] = M[g] + sk.transpose(-1, -2) @ (vs - (sk @ M[g]) / (sk @ z[g][:, :, None] + eps))  # Eq. 9
+            z[g] = z[g] + sk.sum(1)
+    out = torch.cat(outs, 2).to(v.dtype)
+    return out, MemoryState(torch.stack(M, 1), torch.stack(z, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming: any number of tokens per call, state carried
+# ---------------------------------------------------------------------------------------------
+
+
+def infini_attention_partial(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: MemoryState, *,
+                             causal: bool = True, rotary: RotarySpec | None = None,
+                             keep: Tensor | None = None, eps: float = DEFAULT_EPS) -> Tensor:
+    """Outputs for the last t tokens of an unfinished segment, without writing the memory.
+
+    q (B, H, t, K) are those tokens' queries; k (B, G, P+t, K), v (B, G, P+t, V) are every key/value
+    of the segment so far (un-rotated), so the queries sit at in-segment positions P .. P+t-1.
+    keep (B, P+t) masks dropped tokens.
+    """
+    B, H, t, K = q.shape
+    L = k.shape[2]
+    P = L - t
+    a_mem = retrieve(sigma(q), mem, eps)
+    if rotary is not None:
+        q = apply_rotary(q, torch.arange(P, L, device=q.device), rotary)
+        k = apply_rotary(k, torch.arange(L, device=q.device), rotary)
+    k, v = _expand_kv(k, H), _expand_kv(v, H)
+    mask = None
+    if causal or keep is not None:
+        qpos = torch.arange(P, L, device=q.device)[:, None]
+        kpos = torch.arange(L, device=q.device)[None, :]
+        mask = (kpos <= qpos) if causal else torch.ones(t, L, dtype=torch.bool, device=q.device)
+        if keep is not None:
+            mask = mask & (keep[:, None, None, :] | (kpos == qpos))  # (B, 1, t, L)
+    a_dot = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return gate(beta, a_mem, a_dot)
+
+
+def infini_attention_stream(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, state: AttnState | None = None, *,
+                            segment_len: int, update: Update = "linear", causal: bool = True,
+                            rotary: RotarySpec | None = None, keep: Tensor | None = None,
+                            eps: float = DEFAULT_EPS) -> tuple[Tensor, AttnState]:
+    """Feed any number of tokens (q (B, H, T, K), k/v (B, G, T, ·)) with the state carried.
+
+    Segments are counted from the start of the stream: the call first completes the unfinished
+    segment held in the state, then runs whole segments on the fast path, then keeps the remainder
+    as the new unfinished segment. One call over a stream equals any chunking of it, down to one
+    token per call (causal attention only: a bidirectional segment depends on its future tokens).
+    """
+    B, H, T, K = q.shape
+    G, Vd, S = k.shape[1], v.shape[-1], segment_len
+    if state is None:
+        state = zero_attn_state(B, G, K, Vd, k.dtype, q.device)
+    mem, kc, vc, keepc = state
+    if keep is not None and keepc is None:
+        keepc = torch.ones(B, kc.shape[2], dtype=torch.bool, device=q.device)
+    if keep is None and keepc is not None:
+        keep = torch.ones(B, T, dtype=torch.bool, device=q.device)
+    kw = dict(causal=causal, rotary=rotary, eps=eps)
+    outs = []
+    i = 0
+    P = kc.shape[2]
+    if P > 0:  # 1. complete the unfinished segment
+        i = min(T, S - P)
+        ks, vs = torch.cat((kc, k[:, :, :i]), 2), torch.cat((vc, v[:, :, :i]), 2)
+        keeps = None if keep is None else torch.cat((keepc, keep[:, :i]), 1)
+        outs.append(infini_attention_partial(q[:, :, :i], ks, vs, beta, mem, keep=keeps, **kw))
+        if P + i < S:
+            return outs[0], AttnState(mem, ks, vs, keeps)
+        mem = memory_update(ks, vs, mem, update, keeps, eps)
+    n_full = (T - i) // S * S
+    if n_full:  # 2. whole segments, fast path
+        j = i + n_full
+        o, mem = infini_attention(q[:, :, i:j], k[:, :, i:j], v[:, :, i:j], beta, mem, segment_len=S,
+                                  update=update, keep=None if keep is None else keep[:, i:j], **kw)
+        outs.append(o)
+        i = j
+    kt, vt = k[:, :, i:], v[:, :, i:]  # 3. the remainder starts a new unfinished segment
+    keept = None if keep is None else keep[:, i:]
+    if i < T:
+        outs.append(infini_attention_partial(q[:, :, i:], kt, vt, beta, mem, keep=keept, **kw))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+    return out, AttnState(mem, kt, vt, keept)

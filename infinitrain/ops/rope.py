@@ -1,0 +1,99 @@
+"""Rotary position embeddings (RoPE, arXiv 2104.09864) and YaRN (arXiv 2309.00071) as pure functions.
+
+Applied to the local-attention queries and keys only; the compressive-memory path has no positions
+(arXiv 2404.07143 §4.1). Convention: Hugging Face Llama's "rotate half" (dim i pairs with i + R/2),
+so Llama weights load without a permutation.
+
+Shape legend: B batch, H heads, T tokens, K head dim, R rotated dims (even, R <= K).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True, kw_only=True)
+class RotarySpec:
+    """What to rotate and how. ``scale`` > 1 turns RoPE into YaRN ("NTK-by-parts" + temperature)."""
+
+    head_dim: int
+    rot_dim: int
+    base: float = 10000.0
+    scale: float = 1.0  # YaRN s = L' / L
+    original_len: int = 2048  # YaRN L: the context the frequencies were trained for
+    alpha: float = 1.0  # YaRN ramp start, in rotations within L
+    beta: float = 32.0  # YaRN ramp end
+    mscale: float | None = None  # YaRN sqrt(1/t); None = 0.1 ln s + 1
+
+    def __post_init__(self) -> None:
+        if self.rot_dim <= 0 or self.rot_dim % 2 or self.rot_dim > self.head_dim:
+            raise ValueError(f"rot_dim must be even and in (0, head_dim={self.head_dim}], got {self.rot_dim}")
+        if self.base <= 1.0:
+            raise ValueError(f"rope base must be > 1, got {self.base}")
+        if self.scale < 1.0:
+            raise ValueError(f"YaRN scale must be >= 1, got {self.scale}")
+        if not 0 < self.alpha < self.beta:
+            raise ValueError(f"YaRN needs 0 < alpha < beta, got alpha={self.alpha} beta={self.beta}")
+        if self.original_len <= 0:
+            raise ValueError(f"original_len must be positive, got {self.original_len}")
+
+
+def rope_inv_freq(spec: RotarySpec) -> Tensor:
+    """Angular frequency per rotated pair, (R/2,) fp32; YaRN-interpolated when scale > 1."""
+    d = torch.arange(0, spec.rot_dim, 2, dtype=torch.float64)
+    theta = spec.base ** (-d / spec.rot_dim)  # θ_d = b^{-2d/|D|}
+    if spec.scale == 1.0:
+        return theta.float()
+    wavelength = 2 * math.pi / theta
+    r = spec.original_len / wavelength  # rotations within the original context
+    gamma = ((r - spec.alpha) / (spec.beta - spec.alpha)).clamp(0.0, 1.0)
+    return ((1 - gamma) * theta / spec.scale + gamma * theta).float()  # h(θ_d), YaRN Eq. 19
+
+
+def rope_mscale(spec: RotarySpec) -> float:
+    """YaRN's sqrt(1/t): multiplies q and k (logits by its square), never the angles."""
+    if spec.mscale is not None:
+        return spec.mscale
+    return 1.0 if spec.scale == 1.0 else 0.1 * math.log(spec.scale) + 1.0
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, pos: Tensor, spec: RotarySpec) -> Tensor:
+    """Rotate the first R dims of x (B, H, T, K) by positions pos, (T,) or (B, T) integers."""
+    inv_freq = rope_inv_freq(spec).to(x.device)
+    angles = pos.to(torch.float32)[..., None] * inv_freq  # (T, R/2) or (B, T, R/2)
+    if angles.dim() == 3:
+        angles = angles[:, None]  # (B, 1, T, R/2): broadcast over heads
+    cos = torch.cat((angles.cos(), angles.cos()), dim=-1)
+    sin = torch.cat((angles.sin(), angles.sin()), dim=-1)
+    xr, xp = x[..., : spec.rot_dim], x[..., spec.rot_dim :]
+    rotated = (xr.float() * cos + rotate_half(xr.float()) * sin).to(x.dtype)
+    out = torch.cat((rotated, xp), dim=-1) if spec.rot_dim < spec.head_dim else rotated
+    m = rope_mscale(spec)
+    return out if m == 1.0 else out * m
+
+
+def apply_rotary_naive(x: Tensor, pos: Tensor, spec: RotarySpec) -> Tensor:
+    """Loop twin of ``apply_rotary``: one explicit 2x2 rotation per (position, pair)."""
+    inv_freq = rope_inv_freq(spec).double()
+    half = spec.rot_dim // 2
+    out = x.double().clone()
+    T = x.shape[-2]
+    for t in range(T):
+        p = pos[..., t].double()
+        for i in range(half):
+            a = p * inv_freq[i]
+            if a.dim() == 1:  # per-batch positions
+                a = a[:, None]
+            x1, x2 = x[..., t, i].double(), x[..., t, i + half].double()
+            out[..., t, i] = x1 * torch.cos(a) - x2 * torch.sin(a)
+            out[..., t, i + half] = x1 * torch.sin(a) + x2 * torch.cos(a)
+    return (out * rope_mscale(spec)).to(x.dtype)

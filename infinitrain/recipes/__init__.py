@@ -1,0 +1,1 @@
+"""Shipped training recipes (YAML files a user can copy and edit)."""
