@@ -23,8 +23,24 @@ def presets_cmd() -> None:
                    f"heads={cfg.n_heads}/{cfg.n_kv_heads} ffn={cfg.d_ff} segment={cfg.segment_len} update={cfg.update}")
 
 
+# --- command registration (each module owns its commands; keep these lines sorted) ---------------
+
+
 def main() -> None:
-    cli()
+    """Console entry: user errors become one line on stderr and a distinct exit code, never a traceback."""
+    from infinitrain.errors import InfinitrainError
+
+    try:
+        cli(standalone_mode=False)
+    except InfinitrainError as err:
+        click.echo(f"error: {err}", err=True)
+        raise SystemExit(err.code) from None
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        raise SystemExit(130) from None
+    except click.ClickException as err:
+        err.show()
+        raise SystemExit(err.exit_code) from None
 
 
 if __name__ == "__main__":
