@@ -42,16 +42,16 @@ class RotarySpec:
             raise ValueError(f"original_len must be positive, got {self.original_len}")
 
 
-def rope_inv_freq(spec: RotarySpec) -> Tensor:
-    """Angular frequency per rotated pair, (R/2,) fp32; YaRN-interpolated when scale > 1."""
+def rope_inv_freq(spec: RotarySpec, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Angular frequency per rotated pair, (R/2,); YaRN-interpolated when scale > 1."""
     d = torch.arange(0, spec.rot_dim, 2, dtype=torch.float64)
     theta = spec.base ** (-d / spec.rot_dim)  # θ_d = b^{-2d/|D|}
     if spec.scale == 1.0:
-        return theta.float()
+        return theta.to(dtype)
     wavelength = 2 * math.pi / theta
     r = spec.original_len / wavelength  # rotations within the original context
     gamma = ((r - spec.alpha) / (spec.beta - spec.alpha)).clamp(0.0, 1.0)
-    return ((1 - gamma) * theta / spec.scale + gamma * theta).float()  # h(θ_d), YaRN Eq. 19
+    return ((1 - gamma) * theta / spec.scale + gamma * theta).to(dtype)  # h(θ_d) of the YaRN paper
 
 
 def rope_mscale(spec: RotarySpec) -> float:
@@ -68,14 +68,15 @@ def rotate_half(x: Tensor) -> Tensor:
 
 def apply_rotary(x: Tensor, pos: Tensor, spec: RotarySpec) -> Tensor:
     """Rotate the first R dims of x (B, H, T, K) by positions pos, (T,) or (B, T) integers."""
-    inv_freq = rope_inv_freq(spec).to(x.device)
-    angles = pos.to(torch.float32)[..., None] * inv_freq  # (T, R/2) or (B, T, R/2)
+    wide = torch.promote_types(x.dtype, torch.float32)  # fp32 math for bf16 inputs, fp64 kept for tests
+    inv_freq = rope_inv_freq(spec, wide).to(x.device)
+    angles = pos.to(wide)[..., None] * inv_freq  # (T, R/2) or (B, T, R/2)
     if angles.dim() == 3:
         angles = angles[:, None]  # (B, 1, T, R/2): broadcast over heads
     cos = torch.cat((angles.cos(), angles.cos()), dim=-1)
     sin = torch.cat((angles.sin(), angles.sin()), dim=-1)
     xr, xp = x[..., : spec.rot_dim], x[..., spec.rot_dim :]
-    rotated = (xr.float() * cos + rotate_half(xr.float()) * sin).to(x.dtype)
+    rotated = (xr.to(wide) * cos + rotate_half(xr.to(wide)) * sin).to(x.dtype)
     out = torch.cat((rotated, xp), dim=-1) if spec.rot_dim < spec.head_dim else rotated
     m = rope_mscale(spec)
     return out if m == 1.0 else out * m
@@ -83,7 +84,7 @@ def apply_rotary(x: Tensor, pos: Tensor, spec: RotarySpec) -> Tensor:
 
 def apply_rotary_naive(x: Tensor, pos: Tensor, spec: RotarySpec) -> Tensor:
     """Loop twin of ``apply_rotary``: one explicit 2x2 rotation per (position, pair)."""
-    inv_freq = rope_inv_freq(spec).double()
+    inv_freq = rope_inv_freq(spec, torch.float64)
     half = spec.rot_dim // 2
     out = x.double().clone()
     T = x.shape[-2]

@@ -1,0 +1,173 @@
+"""Model configuration: a frozen, validated ``ModelConfig`` and the named presets (debug, 1b, 1b-mod, 8b, 8b-mod)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from infinitrain.errors import ConfigError
+from infinitrain.ops.memory import UPDATES
+from infinitrain.ops.rope import RotarySpec
+
+ACTIVATIONS = ("relu", "abs", "gelu", "swish", "swiglu", "geglu", "ffnglu", "ffngeglu", "ffnswiglu")
+POS_EMBS = ("rope", "yarn", "none")
+
+Activation = Literal["relu", "abs", "gelu", "swish", "swiglu", "geglu", "ffnglu", "ffngeglu", "ffnswiglu"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Architecture of an ``InfiniLM``. Every field is validated; unknown keys are refused by ``from_dict``."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int | None = None  # None = n_heads (no GQA)
+    head_dim: int | None = None  # None = d_model // n_heads
+    d_ff: int
+    activation: Activation = "ffnswiglu"
+    segment_len: int = 2048
+    update: Literal["linear", "delta"] = "linear"
+    pos_emb: Literal["rope", "yarn", "none"] = "rope"
+    rope_theta: float = 10000.0
+    rope_pct: float = 1.0  # fraction of each head's dims that rotate
+    yarn_scale: float = 1.0
+    yarn_original_len: int = 2048
+    yarn_alpha: float = 1.0
+    yarn_beta: float = 32.0
+    norm_eps: float = 1e-5
+    memory_eps: float = 1e-6
+    dropout: float = 0.0
+    tie_embeddings: bool = False
+    gate_init: float = 0.0  # β at init: sigmoid(0) = 0.5 mixes memory and local attention equally
+    mod_every: int = 0  # 0: no Mixture-of-Depths; k: every k-th block is routed (k=2: every other block)
+    mod_capacity: float = 0.125  # fraction of each segment a routed block processes in training
+    init_std: float = 0.02
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # free-form notes
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.head_dim is None:
+            if self.n_heads <= 0 or self.d_model % self.n_heads:
+                raise ConfigError(f"model: d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}) "
+                                  "unless head_dim is given")
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "segment_len",
+                     "yarn_original_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"model.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"model.activation must be one of {', '.join(ACTIVATIONS)}; got {self.activation!r}")
+        if self.update not in UPDATES:
+            raise ConfigError(f"model.update must be one of {', '.join(UPDATES)}; got {self.update!r}")
+        if self.pos_emb not in POS_EMBS:
+            raise ConfigError(f"model.pos_emb must be one of {', '.join(POS_EMBS)}; got {self.pos_emb!r}")
+        if not 0.0 < self.rope_pct <= 1.0 or self.rot_dim == 0 and self.pos_emb != "none":
+            raise ConfigError(f"model.rope_pct must be in (0, 1] and rotate at least 2 dims; got {self.rope_pct}")
+        if self.rope_theta <= 1.0:
+            raise ConfigError(f"model.rope_theta must be > 1, got {self.rope_theta}")
+        if self.yarn_scale < 1.0 or (self.pos_emb != "yarn" and self.yarn_scale != 1.0):
+            raise ConfigError(f"model.yarn_scale must be >= 1 and only set with pos_emb: yarn; got {self.yarn_scale}")
+        if not 0.0 < self.yarn_alpha < self.yarn_beta:
+            raise ConfigError(f"model.yarn_alpha/yarn_beta need 0 < alpha < beta; got {self.yarn_alpha}, {self.yarn_beta}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        for name in ("norm_eps", "memory_eps", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"model.{name} must be > 0, got {getattr(self, name)}")
+        if not isinstance(self.mod_every, int) or self.mod_every < 0:
+            raise ConfigError(f"model.mod_every must be an integer >= 0, got {self.mod_every!r}")
+        if not 0.0 < self.mod_capacity <= 1.0:
+            raise ConfigError(f"model.mod_capacity must be in (0, 1], got {self.mod_capacity}")
+        if not math.isfinite(self.gate_init):
+            raise ConfigError(f"model.gate_init must be finite, got {self.gate_init}")
+
+    # --- derived -----------------------------------------------------------------------------
+    @property
+    def rot_dim(self) -> int:
+        return int(self.head_dim * self.rope_pct) // 2 * 2
+
+    def rotary(self) -> RotarySpec | None:
+        if self.pos_emb == "none":
+            return None
+        return RotarySpec(head_dim=self.head_dim, rot_dim=self.rot_dim, base=self.rope_theta,
+                          scale=self.yarn_scale if self.pos_emb == "yarn" else 1.0,
+                          original_len=self.yarn_original_len, alpha=self.yarn_alpha, beta=self.yarn_beta)
+
+    def is_routed(self, layer: int) -> bool:
+        """Mixture-of-Depths placement: with mod_every=k, blocks k-1, 2k-1, ... are routed (block 0 never)."""
+        return self.mod_every > 0 and layer % self.mod_every == self.mod_every - 1
+
+    def mod_tokens_per_segment(self) -> int:
+        return max(1, math.ceil(self.segment_len * self.mod_capacity))
+
+    def memory_bytes_per_sequence(self) -> int:
+        """Constant state per sequence: fp32 (M, z) per KV head per layer (paper Table 1: d_k (d_v + 1) H l)."""
+        return 4 * self.n_layers * self.n_kv_heads * self.head_dim * (self.head_dim + 1)
+
+    # --- (de)serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if not d["extra"]:
+            d.pop("extra")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, where: str = "model") -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        try:
+            return cls(**d)
+        except TypeError as err:  # a missing required field
+            raise ConfigError(f"{where}: {err}") from None
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return self.from_dict({**self.to_dict(), **changes})
+
+
+def _llama3_8b(**kw: Any) -> ModelConfig:
+    return ModelConfig(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
+                       rope_theta=500000.0, segment_len=2048, **kw)
+
+
+def _llama32_1b(**kw: Any) -> ModelConfig:
+    return ModelConfig(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192,
+                       rope_theta=500000.0, tie_embeddings=True, segment_len=2048, **kw)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Trains on a CPU in seconds; byte-sized vocabulary so any small tokenizer fits.
+    "debug": ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192, segment_len=64),
+    # Llama-3.2-1B shape (1.24 B): 16 layers, d 2048, 32 heads / 8 KV heads, FFN 8192, tied embeddings.
+    "1b": _llama32_1b(),
+    "1b-mod": _llama32_1b(mod_every=2, mod_capacity=0.125),
+    # Llama-3-8B shape (8.03 B): 32 layers, d 4096, 32 heads / 8 KV heads, FFN 14336, RoPE θ 500000.
+    "8b": _llama3_8b(),
+    "8b-mod": _llama3_8b(mod_every=2, mod_capacity=0.125),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r} (presets: {', '.join(PRESETS)})")
+    return PRESETS[name]
+
+
+def count_parameters(config: ModelConfig) -> int:
+    """Parameter count of ``InfiniLM(config)``, built on the meta device (no memory allocated)."""
+    import torch
+
+    from infinitrain.model.lm import InfiniLM
+
+    with torch.device("meta"):
+        model = InfiniLM(config)
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,226 @@
+"""Model layers: RMSNorm, the nine FFN activations, Infini attention, the pre-norm block and the Mixture-of-Depths block.
+
+Modules hold parameters only; the memory state is passed in and returned. No distributed code here.
+Shape legend: B batch, T tokens, D model dim, H query heads, G KV heads, K head dim, F FFN dim,
+N segments, S segment length, C routed tokens per segment (Mixture-of-Depths capacity).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from infinitrain.model.config import ACTIVATIONS, ModelConfig
+from infinitrain.ops.memory import AttnState, infini_attention, infini_attention_stream
+from infinitrain.ops.rope import RotarySpec
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32 (as Llama), scaled by a learned weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+_PLAIN = {"relu": F.relu, "abs": torch.abs, "gelu": F.gelu, "swish": F.silu}
+_GATED = {"swiglu": F.silu, "geglu": F.gelu, "ffnglu": torch.sigmoid, "ffngeglu": F.gelu, "ffnswiglu": F.silu}
+
+
+class GLU(nn.Module):
+    """Shazeer's GLU-variant activation layer (F -> F): act(xW + b) ⊙ (xV + c)."""
+
+    def __init__(self, dim: int, act):
+        super().__init__()
+        self.act = act
+        self.w = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.w(x)) * self.v(x)
+
+
+class MLP(nn.Module):
+    """Feed-forward network for each seed activation.
+
+    relu/abs/gelu/swish: down(act(up(x))). swiglu/geglu: down(GLU(up(x))), the GLU layer with its own
+    weights. ffnglu/ffngeglu/ffnswiglu: bias-free gated FFN down(act(gate(x)) ⊙ up(x)), as in Llama.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, activation: str):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.activation = activation
+        if activation.startswith("ffn"):
+            self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
+            self.up_proj = nn.Linear(d_model, d_ff, bias=False)
+            self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+        else:
+            self.up_proj = nn.Linear(d_model, d_ff)
+            self.down_proj = nn.Linear(d_ff, d_model)
+            if activation in _GATED:
+                self.glu = GLU(d_ff, _GATED[activation])
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.activation
+        if a.startswith("ffn"):
+            return self.down_proj(_GATED[a](self.gate_proj(x)) * self.up_proj(x))
+        h = self.up_proj(x)
+        return self.down_proj(self.glu(h) if a in _GATED else _PLAIN[a](h))
+
+
+class InfiniAttention(nn.Module):
+    """Multi-head Infini attention (Eqs. 5-11): shared Q/K/V projections, one memory per KV head, per-head gate β."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *, segment_len: int,
+                 update: str = "linear", rotary: RotarySpec | None = None, causal: bool = True,
+                 gate_init: float = 0.0, eps: float = 1e-6, bias: bool = False, value_dim: int | None = None):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.value_dim = value_dim or head_dim
+        self.segment_len, self.update, self.rotary, self.causal, self.eps = segment_len, update, rotary, causal, eps
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * self.value_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * self.value_dim, d_model, bias=bias)
+        self.betas = nn.Parameter(torch.full((n_heads,), float(gate_init)))  # Eq. 10, one scalar per head
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, K)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, K)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.value_dim).transpose(1, 2)  # (B, G, T, V)
+        return q, k, v
+
+    def merge(self, o: Tensor) -> Tensor:
+        B, H, T, V = o.shape
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, H * V))  # heads back next to each other, then W_O
+
+    def forward(self, x: Tensor, state: AttnState | None = None, *, keep: Tensor | None = None,
+                ) -> tuple[Tensor, AttnState]:
+        """Stream x (B, T, D) through the layer; segments count from the start of the stream."""
+        q, k, v = self.project(x)
+        o, state = infini_attention_stream(q, k, v, self.betas, state, segment_len=self.segment_len,
+                                           update=self.update, causal=self.causal, rotary=self.rotary,
+                                           keep=keep, eps=self.eps)
+        return self.merge(o), state
+
+    def forward_compact(self, x: Tensor, state: AttnState | None, *, pos: Tensor, tokens_per_segment: int,
+                        ) -> tuple[Tensor, AttnState]:
+        """Mixture-of-Depths training path: x (B, N*C, D) holds the C routed tokens of each of N whole
+        segments in order, pos (B, N*C) their in-segment positions. The memory sees only these tokens."""
+        if state is not None and state.k.shape[2]:
+            raise ValueError("Mixture-of-Depths training needs segment-aligned input: the state holds "
+                             f"{state.k.shape[2]} tokens of an unfinished segment")
+        q, k, v = self.project(x)
+        o, mem = infini_attention(q, k, v, self.betas, None if state is None else state.mem,
+                                  segment_len=tokens_per_segment, update=self.update, causal=self.causal,
+                                  rotary=self.rotary, pos=pos, eps=self.eps)
+        B = x.shape[0]
+        empty_k = k.new_zeros(B, self.n_kv_heads, 0, self.head_dim)
+        empty_v = v.new_zeros(B, self.n_kv_heads, 0, self.value_dim)
+        return self.merge(o), AttnState(mem, empty_k, empty_v, None)
+
+
+def attention_from_config(cfg: ModelConfig) -> InfiniAttention:
+    return InfiniAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, segment_len=cfg.segment_len,
+                           update=cfg.update, rotary=cfg.rotary(), gate_init=cfg.gate_init, eps=cfg.memory_eps)
+
+
+class Block(nn.Module):
+    """Pre-norm (RMSNorm) Llama-style block: x + Attn(norm(x)), then + MLP(norm(·)), with residual dropout."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = attention_from_config(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.activation)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def _mlp(self, h: Tensor) -> Tensor:
+        return h + self.drop(self.mlp(self.mlp_norm(h)))
+
+    def forward(self, x: Tensor, state: AttnState | None = None, *, keep: Tensor | None = None,
+                ) -> tuple[Tensor, AttnState, Tensor]:
+        a, state = self.attn(self.attn_norm(x), state, keep=keep)
+        return self._mlp(x + self.drop(a)), state, x.new_zeros((), dtype=torch.float32)
+
+    def forward_compact(self, x: Tensor, state: AttnState | None, *, pos: Tensor, tokens_per_segment: int,
+                        ) -> tuple[Tensor, AttnState]:
+        a, state = self.attn.forward_compact(self.attn_norm(x), state, pos=pos,
+                                             tokens_per_segment=tokens_per_segment)
+        return self._mlp(x + self.drop(a)), state
+
+
+class Routing(NamedTuple):
+    """What a Mixture-of-Depths block decided: router logits (B, T) and the chosen tokens (B, T) bool."""
+
+    logits: Tensor
+    chosen: Tensor
+
+
+def topk_per_segment(logits: Tensor, segment_len: int, k: int) -> Tensor:
+    """Indices (B, N*k) of the k highest logits inside each segment, in position order. T % S == 0."""
+    B, T = logits.shape
+    N = T // segment_len
+    top = logits.view(B, N, segment_len).topk(k, dim=-1).indices.sort(dim=-1).values  # (B, N, k)
+    return (top + torch.arange(N, device=logits.device)[:, None] * segment_len).view(B, N * k)
+
+
+class MoDBlock(nn.Module):
+    """Mixture-of-Depths block (arXiv 2404.02258) around a ``Block``.
+
+    Training: the top C tokens of every segment (C = ceil(S · capacity)) go through the block, the rest
+    ride the residual untouched; the output is x + sigmoid(r)·(block(x̃) − x̃), so the router is on the
+    gradient path; an auxiliary BCE loss teaches sigmoid(r) to predict membership of the top-C.
+    Inference: causal routing by sigmoid(r) > 0.5, batched (rows route different counts; dropped tokens
+    are masked out of attention and out of the memory).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.block = Block(cfg)
+        self.router = nn.Linear(cfg.d_model, 1, bias=False)
+        self.segment_len = cfg.segment_len
+        self.tokens_per_segment = cfg.mod_tokens_per_segment()
+
+    def route(self, x: Tensor) -> Tensor:
+        return self.router(x).squeeze(-1).float()  # (B, T) logits r
+
+    def forward(self, x: Tensor, state: AttnState | None = None, *, keep: Tensor | None = None,
+                ) -> tuple[Tensor, AttnState, Tensor]:
+        if keep is not None:
+            raise ValueError("a Mixture-of-Depths block routes by itself; nested routing is not supported")
+        logits = self.route(x)
+        if self.training:
+            return self._forward_topk(x, logits, state)
+        chosen = logits > 0  # sigmoid(r) > 0.5: decided from this token and the past only
+        y, state, _ = self.block(x, state, keep=chosen)
+        w = torch.sigmoid(logits).to(x.dtype)[..., None]
+        out = torch.where(chosen[..., None], x + w * (y - x), x)
+        return out, state, x.new_zeros((), dtype=torch.float32)  # the BCE target is top-k, defined in training only
+
+    def _forward_topk(self, x: Tensor, logits: Tensor, state: AttnState | None) -> tuple[Tensor, AttnState, Tensor]:
+        B, T, D = x.shape
+        S, C = self.segment_len, self.tokens_per_segment
+        if T % S:
+            raise ValueError(f"Mixture-of-Depths training routes whole segments: got {T} tokens, segment {S}")
+        idx = topk_per_segment(logits.detach(), S, C)  # (B, N*C)
+        xs = x.gather(1, idx[..., None].expand(B, idx.shape[1], D))  # (B, N*C, D)
+        ys, state = self.block.forward_compact(xs, state, pos=idx % S, tokens_per_segment=C)
+        w = torch.sigmoid(logits.gather(1, idx)).to(x.dtype)[..., None]  # router weight on the gradient path
+        out = x.scatter_add(1, idx[..., None].expand_as(xs), w * (ys - xs))  # out-of-place: x untouched
+        chosen = torch.zeros_like(logits, dtype=torch.bool).scatter(1, idx, True)
+        aux = F.binary_cross_entropy_with_logits(logits, chosen.float())
+        return out, state, aux

@@ -1,0 +1,84 @@
+"""The causal language model ``InfiniLM``: embeddings, Infini blocks (some Mixture-of-Depths routed), norm, LM head.
+
+``out = model(input_ids, state)`` returns logits, the state to pass back to continue the stream,
+and the Mixture-of-Depths auxiliary loss; any number of tokens per call (generation feeds one).
+Shape legend: B batch, T tokens, D model dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from infinitrain.model.config import ModelConfig
+from infinitrain.model.layers import Block, MoDBlock, RMSNorm
+from infinitrain.ops.memory import AttnState
+
+
+class ModelState(NamedTuple):
+    """Per-layer streaming state: each layer's memory (M, z) and the keys/values of the unfinished segment."""
+
+    layers: tuple[AttnState, ...]
+
+    def detach(self) -> "ModelState":
+        """Cut the gradient at a truncated-BPTT window boundary (the values are kept)."""
+        return ModelState(tuple(AttnState(
+            type(s.mem)(s.mem.M.detach(), s.mem.z.detach()), s.k.detach(), s.v.detach(),
+            None if s.keep is None else s.keep) for s in self.layers))
+
+    @property
+    def tokens_in_segment(self) -> int:
+        return self.layers[0].k.shape[2]
+
+
+class LMOutput(NamedTuple):
+    logits: Tensor  # (B, T, V)
+    state: ModelState
+    aux_loss: Tensor  # scalar: sum of the Mixture-of-Depths BCE losses (0 without MoD)
+
+
+class InfiniLM(nn.Module):
+    """Causal LM of Infini-attention blocks. Gate parameters (``betas``) are exposed by ``gate_parameters()``."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(
+            MoDBlock(config) if config.is_routed(i) else Block(config) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+        for p in self.gate_parameters():
+            p.fill_(self.config.gate_init)
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """The per-head gates β: train them with their own learning rate and no weight decay."""
+        return [p for n, p in self.named_parameters() if n.endswith("betas")]
+
+    def forward(self, input_ids: Tensor, state: ModelState | None = None) -> LMOutput:
+        x = self.embed(input_ids)  # (B, T, D)
+        layer_states = [None] * len(self.layers) if state is None else list(state.layers)
+        aux = x.new_zeros((), dtype=torch.float32)
+        new_states = []
+        for layer, s in zip(self.layers, layer_states):
+            x, s, a = layer(x, s)
+            new_states.append(s)
+            aux = aux + a
+        logits = self.lm_head(self.norm(x))
+        return LMOutput(logits, ModelState(tuple(new_states)), aux)

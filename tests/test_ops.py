@@ -1,0 +1,230 @@
+"""Ops against their naive twins (outputs, final states, every gradient), plus the paper's invariants."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from infinitrain.ops import (
+    MemoryState,
+    RotarySpec,
+    apply_rotary,
+    apply_rotary_naive,
+    delta_update,
+    infini_attention,
+    infini_attention_naive,
+    infini_attention_stream,
+    linear_update,
+    retrieve,
+    rope_inv_freq,
+    sigma,
+    zero_memory,
+)
+
+F64 = torch.float64
+
+
+def make_inputs(B=2, H=4, G=2, N=7, S=9, K=15, V=10, dtype=F64, seed=0, with_state=True):
+    g = torch.Generator().manual_seed(seed)
+    T = N * S
+    q = torch.randn(B, H, T, K, generator=g, dtype=dtype)
+    k = torch.randn(B, G, T, K, generator=g, dtype=dtype)
+    v = torch.randn(B, G, T, V, generator=g, dtype=dtype)
+    beta = torch.randn(H, generator=g, dtype=dtype)
+    mem = None
+    if with_state:  # a plausible carried state: M from real writes, z positive
+        mem = MemoryState(torch.randn(B, G, K, V, generator=g, dtype=dtype) * 3,
+                          torch.rand(B, G, K, generator=g, dtype=dtype) * 20 + 1)
+    return q, k, v, beta, mem
+
+
+@pytest.mark.parametrize("update", ["linear", "delta"])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (6, 1)])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_fast_equals_naive_outputs_states_and_gradients(update, heads, with_state):
+    H, G = heads
+    q, k, v, beta, mem = make_inputs(H=H, G=G, with_state=with_state)
+    rot = RotarySpec(head_dim=15, rot_dim=10)
+    leaves = [q, k, v, beta] + (list(mem) if mem is not None else [])
+
+    def run(fn):
+        xs = [t.clone().requires_grad_(True) for t in leaves]
+        m = MemoryState(*xs[4:]) if mem is not None else None
+        o, fin = fn(*xs[:4], m, segment_len=9, update=update, rotary=rot)
+        return xs, o, fin
+
+    xs_f, o_f, fin_f = run(infini_attention)
+    xs_n, o_n, fin_n = run(infini_attention_naive)
+    torch.testing.assert_close(o_f, o_n, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(fin_f.M, fin_n.M, rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(fin_f.z, fin_n.z, rtol=1e-10, atol=1e-10)
+    g = torch.Generator().manual_seed(1)  # random upstream gradients for the output and the final state
+    do, dM, dz = (torch.randn(t.shape, generator=g, dtype=F64) for t in (o_f, fin_f.M, fin_f.z))
+    for xs, o, fin in ((xs_f, o_f, fin_f), (xs_n, o_n, fin_n)):
+        ((o * do).sum() + (fin.M * dM).sum() + (fin.z * dz).sum()).backward()
+    for name, a, b in zip(["q", "k", "v", "beta", "M0", "z0"], xs_f, xs_n):
+        assert a.grad is not None and b.grad is not None, name
+        assert a.grad.abs().sum() > 0, f"no gradient reaches {name}"
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_first_segment_reads_zeros_never_nan():
+    sq = sigma(torch.randn(2, 4, 5, 8))
+    out = retrieve(sq, zero_memory(2, 4, 8, 6))
+    assert torch.equal(out, torch.zeros(2, 4, 5, 6))
+
+
+def test_gate_is_one_scalar_per_head_and_mixes_as_the_paper():
+    q, k, v, _, _ = make_inputs(N=2, H=2, G=2)
+    # β → +∞ reads only the memory: segment 1 (empty memory) outputs exactly zeros
+    o_mem, _ = infini_attention(q, k, v, torch.full((2,), 60.0, dtype=F64), segment_len=9)
+    assert o_mem[:, :, :9].abs().max() < 1e-20
+    # β → -∞ is plain local causal attention
+    o_dot, _ = infini_attention(q, k, v, torch.full((2,), -60.0, dtype=F64), segment_len=9)
+    ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, 9:], k[:, :, 9:], v[:, :, 9:], is_causal=True)
+    torch.testing.assert_close(o_dot[:, :, 9:], ref)
+
+
+def test_memory_is_fp32_under_bf16_and_output_keeps_dtype():
+    q, k, v, beta, _ = make_inputs(dtype=torch.bfloat16, with_state=False)
+    o, mem = infini_attention(q, k, v, beta, segment_len=9, update="delta")
+    assert o.dtype == torch.bfloat16 and mem.M.dtype == torch.float32 and mem.z.dtype == torch.float32
+    assert torch.isfinite(o.float()).all() and torch.isfinite(mem.M).all()
+    o32, mem32 = infini_attention(q.float(), k.float(), v.float(), beta.float(), segment_len=9, update="delta")
+    torch.testing.assert_close(mem.M, mem32.M)  # same fp32 memory math from the same bf16 values
+
+
+def test_delta_rule_leaves_an_existing_binding_unchanged():
+    g = torch.Generator().manual_seed(3)
+    M = torch.randn(1, 2, 6, 5, generator=g, dtype=F64)
+    z = torch.rand(1, 2, 6, generator=g, dtype=F64) + 1
+    sk = sigma(torch.randn(1, 2, 4, 6, generator=g, dtype=F64))
+    known = (sk @ M) / (sk @ z[..., None] + 1e-6)
+    new = delta_update(sk, known, MemoryState(M, z))
+    torch.testing.assert_close(new.M, M)
+    torch.testing.assert_close(new.z, z + sk.sum(-2))
+    lin = linear_update(sk, known, MemoryState(M, z))
+    assert (lin.M - M).abs().max() > 1e-3  # the linear rule writes it again
+
+
+def test_retrieval_before_update():
+    """Segment s must read M_{s-1}: changing segment s's own keys/values cannot change its memory read."""
+    q, k, v, _, _ = make_inputs(N=2, H=2, G=2)
+    beta = torch.full((2,), 60.0, dtype=F64)  # memory read only
+    o1, _ = infini_attention(q, k, v, beta, segment_len=9)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 9:] += 1.0
+    v2[:, :, 9:] -= 2.0
+    o2, _ = infini_attention(q, k2, v2, beta, segment_len=9)
+    torch.testing.assert_close(o1, o2)
+
+
+@pytest.mark.parametrize("update", ["linear", "delta"])
+def test_stream_in_random_chunks_equals_one_call(update):
+    q, k, v, beta, mem = make_inputs(N=5, S=9, H=4, G=2)
+    T = q.shape[2] - 4  # ends inside a segment
+    full, st_full = infini_attention_stream(q[:, :, :T], k[:, :, :T], v[:, :, :T], beta, None, segment_len=9,
+                                            update=update, rotary=RotarySpec(head_dim=15, rot_dim=14))
+    rng = random.Random(0)
+    for sizes in ([1] * T, None):
+        st, outs, i = None, [], 0
+        while i < T:
+            c = min(T - i, 1 if sizes else rng.randint(1, 20))
+            o, st = infini_attention_stream(q[:, :, i:i + c], k[:, :, i:i + c], v[:, :, i:i + c], beta, st,
+                                            segment_len=9, update=update,
+                                            rotary=RotarySpec(head_dim=15, rot_dim=14))
+            outs.append(o)
+            i += c
+        torch.testing.assert_close(torch.cat(outs, 2), full, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(st.mem.M, st_full.mem.M)
+        torch.testing.assert_close(st.k, st_full.k)
+
+
+def test_keep_mask_equals_dropping_the_tokens():
+    """A token masked by keep is invisible: same outputs for kept tokens as deleting it from every segment."""
+    q, k, v, beta, _ = make_inputs(N=3, S=8, H=2, G=2, with_state=False)
+    keep = torch.ones(2, 24, dtype=torch.bool)
+    keep[:, 2::4] = False  # two tokens of each segment of 8 dropped, same in both rows
+    o, mem = infini_attention(q, k, v, beta, segment_len=8, keep=keep, update="delta")
+    idx = keep[0].nonzero().squeeze(1)
+    pos = (idx % 8).expand(2, -1)
+    o2, mem2 = infini_attention(q[:, :, idx], k[:, :, idx], v[:, :, idx], beta, segment_len=6, pos=pos,
+                                update="delta")
+    torch.testing.assert_close(o[:, :, idx], o2)
+    torch.testing.assert_close(mem.M, mem2.M)
+
+
+# --- positional embeddings ----------------------------------------------------------------------
+
+
+def test_rope_rotates_and_matches_its_loop_twin():
+    spec = RotarySpec(head_dim=8, rot_dim=8, base=10000.0)
+    x = torch.randn(1, 2, 6, 8, dtype=F64)
+    pos = torch.arange(6)
+    y = apply_rotary(x, pos, spec)
+    torch.testing.assert_close(y, apply_rotary_naive(x, pos, spec))
+    # norms preserved, position 0 untouched, position 1 rotates the first pair by exactly 1 radian
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
+    torch.testing.assert_close(y[..., 0, :], x[..., 0, :])
+    assert rope_inv_freq(spec)[0] == 1.0
+    c, s = math.cos(1.0), math.sin(1.0)
+    torch.testing.assert_close(y[..., 1, 0], x[..., 1, 0] * c - x[..., 1, 4] * s)
+    # every pair actually rotates by a non-negligible angle over 2048 positions (the seed's does not)
+    assert (rope_inv_freq(spec) * 2048 > 0.1).all()
+
+
+def test_rope_scores_depend_on_relative_position_only():
+    spec = RotarySpec(head_dim=16, rot_dim=16)
+    q, k = torch.randn(16, dtype=F64), torch.randn(16, dtype=F64)
+
+    def score(i, j):
+        qi = apply_rotary(q.view(1, 1, 1, 16), torch.tensor([i]), spec)
+        kj = apply_rotary(k.view(1, 1, 1, 16), torch.tensor([j]), spec)
+        return (qi * kj).sum()
+
+    torch.testing.assert_close(score(7, 3), score(104, 100))
+    assert (score(7, 3) - score(7, 6)).abs() > 1e-6
+
+
+def test_partial_rotation_leaves_the_rest():
+    spec = RotarySpec(head_dim=16, rot_dim=8)
+    x = torch.randn(1, 1, 5, 16, dtype=F64)
+    y = apply_rotary(x, torch.arange(5), spec)
+    torch.testing.assert_close(y[..., 8:], x[..., 8:])
+    torch.testing.assert_close(y, apply_rotary_naive(x, torch.arange(5), spec))
+
+
+def test_yarn_scale_one_equals_rope():
+    x = torch.randn(2, 3, 11, 16, dtype=F64)
+    pos = torch.arange(11)
+    rope = RotarySpec(head_dim=16, rot_dim=16, base=500000.0)
+    yarn = RotarySpec(head_dim=16, rot_dim=16, base=500000.0, scale=1.0, original_len=4096)
+    torch.testing.assert_close(apply_rotary(x, pos, yarn), apply_rotary(x, pos, rope))
+
+
+def test_yarn_by_parts_and_temperature():
+    s = 16.0
+    rope = RotarySpec(head_dim=64, rot_dim=64)
+    yarn = RotarySpec(head_dim=64, rot_dim=64, scale=s, original_len=2048, alpha=1.0, beta=32.0)
+    f0, f1 = rope_inv_freq(rope).double(), rope_inv_freq(yarn).double()
+    rotations = 2048 * f0 / (2 * math.pi)  # r(d) = L / λ_d
+    hi, lo = rotations > 32, rotations < 1
+    assert hi.any() and lo.any() and (~hi & ~lo).any()
+    torch.testing.assert_close(f1[hi], f0[hi], rtol=1e-6, atol=0)  # high frequencies untouched
+    torch.testing.assert_close(f1[lo], f0[lo] / s, rtol=1e-6, atol=0)  # low frequencies interpolated by s
+    mid = ~hi & ~lo
+    assert ((f1[mid] < f0[mid]) & (f1[mid] > f0[mid] / s)).all()
+    # temperature: sqrt(1/t) = 0.1 ln s + 1 multiplies q and k, angles unchanged at position 0
+    x = torch.randn(1, 1, 1, 64, dtype=F64)
+    y = apply_rotary(x, torch.tensor([0]), yarn)
+    torch.testing.assert_close(y, x * (0.1 * math.log(s) + 1))
+
+
+def test_rotary_spec_validation():
+    with pytest.raises(ValueError):
+        RotarySpec(head_dim=8, rot_dim=7)
+    with pytest.raises(ValueError):
+        RotarySpec(head_dim=8, rot_dim=8, scale=0.5)
