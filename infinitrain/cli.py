@@ -24,6 +24,9 @@ def presets_cmd() -> None:
 
 
 # --- command registration (each module owns its commands; keep these lines sorted) ---------------
+from infinitrain.data_tools.commands import tokenizer_group  # noqa: E402
+
+cli.add_command(tokenizer_group)
 
 
 def main() -> None:

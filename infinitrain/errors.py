@@ -37,3 +37,12 @@ class TrainingAborted(InfinitrainError):
 
 
 EXIT_CODES = {cls.__name__: cls.code for cls in (InfinitrainError, ConfigError, DataError, CheckpointError, TrainingAborted)}
+
+
+class ShardCorruptError(DataError):
+    """A prepared shard or index whose bytes do not match its recorded size, sha256 or zstd checksum."""
+
+    code = 7
+
+
+EXIT_CODES[ShardCorruptError.__name__] = ShardCorruptError.code
