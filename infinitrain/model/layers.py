@@ -7,7 +7,7 @@ N segments, S segment length, C routed tokens per segment (Mixture-of-Depths cap
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -178,6 +178,43 @@ def topk_per_segment(logits: Tensor, segment_len: int, k: int) -> Tensor:
     return (top + torch.arange(N, device=logits.device)[:, None] * segment_len).view(B, N * k)
 
 
+# A routed block seen by the routing functions: the full path (x (B, T, D), state, keep (B, T)) -> (y, state)
+# and the compact path (x̃ (B, N*C, D), state, pos (B, N*C), C) -> (ỹ, state).
+FullPath = Callable[[Tensor, AttnState | None, Tensor], tuple[Tensor, AttnState]]
+CompactPath = Callable[[Tensor, AttnState | None, Tensor, int], tuple[Tensor, AttnState]]
+
+
+def route_topk(x: Tensor, logits: Tensor, state: AttnState | None, compact: CompactPath, *, segment_len: int,
+               tokens_per_segment: int) -> tuple[Tensor, AttnState, Tensor]:
+    """Mixture-of-Depths training: the top C tokens of each segment go through ``compact``.
+
+    Returns out = x + sigmoid(r)·(ỹ − x̃) on the chosen tokens (x elsewhere, x never written), the new
+    state and the chosen mask (B, T) bool, the BCE target. T must be a multiple of S.
+    """
+    B, T, D = x.shape
+    S, C = segment_len, tokens_per_segment
+    if T % S:
+        raise ValueError(f"Mixture-of-Depths training routes whole segments: got {T} tokens, segment {S}")
+    idx = topk_per_segment(logits.detach(), S, C)  # (B, N*C)
+    xs = x.gather(1, idx[..., None].expand(B, idx.shape[1], D))  # (B, N*C, D)
+    ys, state = compact(xs, state, idx % S, C)
+    w = torch.sigmoid(logits.gather(1, idx)).to(x.dtype)[..., None]  # router weight on the gradient path
+    out = x.scatter_add(1, idx[..., None].expand_as(xs), w * (ys - xs))  # out-of-place: x untouched
+    chosen = torch.zeros_like(logits, dtype=torch.bool).scatter(1, idx, True)
+    return out, state, chosen
+
+
+def route_causal(x: Tensor, logits: Tensor, state: AttnState | None, full: FullPath,
+                 ) -> tuple[Tensor, AttnState, Tensor]:
+    """Mixture-of-Depths inference: tokens with sigmoid(r) > 0.5 go through ``full``, batched (rows may
+    route different counts; dropped tokens are masked out). Returns (out, state, chosen (B, T) bool)."""
+    chosen = logits > 0  # sigmoid(r) > 0.5: decided from this token and the past only
+    y, state = full(x, state, chosen)
+    w = torch.sigmoid(logits).to(x.dtype)[..., None]
+    out = torch.where(chosen[..., None], x + w * (y - x), x)
+    return out, state, chosen
+
+
 class MoDBlock(nn.Module):
     """Mixture-of-Depths block (arXiv 2404.02258) around a ``Block``.
 
@@ -204,23 +241,16 @@ class MoDBlock(nn.Module):
             raise ValueError("a Mixture-of-Depths block routes by itself; nested routing is not supported")
         logits = self.route(x)
         if self.training:
-            return self._forward_topk(x, logits, state)
-        chosen = logits > 0  # sigmoid(r) > 0.5: decided from this token and the past only
-        y, state, _ = self.block(x, state, keep=chosen)
-        w = torch.sigmoid(logits).to(x.dtype)[..., None]
-        out = torch.where(chosen[..., None], x + w * (y - x), x)
+            out, state, chosen = route_topk(x, logits, state, self._compact, segment_len=self.segment_len,
+                                            tokens_per_segment=self.tokens_per_segment)
+            return out, state, F.binary_cross_entropy_with_logits(logits, chosen.float())
+        out, state, _ = route_causal(x, logits, state, self._full)
         return out, state, x.new_zeros((), dtype=torch.float32)  # the BCE target is top-k, defined in training only
 
-    def _forward_topk(self, x: Tensor, logits: Tensor, state: AttnState | None) -> tuple[Tensor, AttnState, Tensor]:
-        B, T, D = x.shape
-        S, C = self.segment_len, self.tokens_per_segment
-        if T % S:
-            raise ValueError(f"Mixture-of-Depths training routes whole segments: got {T} tokens, segment {S}")
-        idx = topk_per_segment(logits.detach(), S, C)  # (B, N*C)
-        xs = x.gather(1, idx[..., None].expand(B, idx.shape[1], D))  # (B, N*C, D)
-        ys, state = self.block.forward_compact(xs, state, pos=idx % S, tokens_per_segment=C)
-        w = torch.sigmoid(logits.gather(1, idx)).to(x.dtype)[..., None]  # router weight on the gradient path
-        out = x.scatter_add(1, idx[..., None].expand_as(xs), w * (ys - xs))  # out-of-place: x untouched
-        chosen = torch.zeros_like(logits, dtype=torch.bool).scatter(1, idx, True)
-        aux = F.binary_cross_entropy_with_logits(logits, chosen.float())
-        return out, state, aux
+    def _full(self, x: Tensor, state: AttnState | None, keep: Tensor) -> tuple[Tensor, AttnState]:
+        y, state, _ = self.block(x, state, keep=keep)
+        return y, state
+
+    def _compact(self, xs: Tensor, state: AttnState | None, pos: Tensor, tokens_per_segment: int,
+                 ) -> tuple[Tensor, AttnState]:
+        return self.block.forward_compact(xs, state, pos=pos, tokens_per_segment=tokens_per_segment)
