@@ -2,6 +2,7 @@
 
 from infinitrain.model.config import ACTIVATIONS, PRESETS, ModelConfig, count_parameters, get_preset
 from infinitrain.model.layers import MLP, Block, InfiniAttention, MoDBlock, RMSNorm
+from infinitrain.model.llama import LoadReport, load_llama
 from infinitrain.model.lm import InfiniLM, LMOutput, ModelState
 from infinitrain.model.seed import (
     CompressiveMemory,
@@ -16,4 +17,6 @@ __all__ = [
     "ModelState", "RMSNorm", "count_parameters", "get_preset",
     # seed-compatible building blocks (infinitrain.model.seed)
     "CompressiveMemory", "InfiniTransformer", "MoDInfiniTransformer", "RoPEEmbeddings", "YaRNEmbeddings",
+    # Hugging Face Llama import (infinitrain.model.llama)
+    "LoadReport", "load_llama",
 ]
