@@ -270,6 +270,9 @@ def load_llama(directory: str | Path, *, segment_len: int | None = None, update:
         _set_parameter(model, ours, value)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{directory}: InfiniLM tensor {left[0]} was not filled (see model/llama.py)")
     model.eval()  # as from_pretrained; call .train() to train
     used = {hf for hf in wanted.values() if hf is not None}
     report = LoadReport(
