@@ -14,7 +14,7 @@ API::
   so inside the first segment (empty memory) every attention output is scaled by 0.9933 and later segments
   mix in 0.67% of a memory read: the pretrained model is nearly unchanged at step 0. It is not -100
   (Beomi's Gemma choice): Adam's step is ~lr whatever the gradient's size, but only while the gradient
-  clears its eps, and sigmoid'(-100) = 4e-44 underflows to a dead gate; sigmoid'(-5) = 0.0066 does not.
+  clears its eps (1e-8); sigmoid'(-100) = 4e-44 leaves a dead gate, sigmoid'(-5) = 0.0066 does not.
   With the gate learning rate of 1e-2 (issue 2 item 6) β can reach -2 (gate 0.12) in ~300 steps and 0
   (0.5) in ~500. Pass a very negative value (e.g. -100) to close the gates for a parity check.
 - Mixture-of-Depths routers (``mod_every`` > 0) are new too, drawn N(0, init_std) from torch's global RNG
