@@ -360,7 +360,8 @@ class MoDInfiniTransformer(InfiniTransformer):
     router is on the gradient path; T must be a multiple of segment_len. Inference: causal routing by
     sigmoid(r) > 0.5, batched (rows route different counts; dropped tokens are masked out).
     select_target (B*T, 1) is top-C membership (float 0/1; in eval too, for a validation BCE, though eval
-    routing does not use it), select_pred (B*T, 1) the router logits: add
+    routing never reads it; a segment split across calls gets top-C of each call's part), select_pred
+    (B*T, 1) the router logits: add
     ``binary_cross_entropy_with_logits(select_pred, select_target)`` to the loss.
     """
 
@@ -378,7 +379,8 @@ class MoDInfiniTransformer(InfiniTransformer):
 
     def forward(self, x: Tensor, state: AttnState | None = None, return_state: bool = False,
                 ) -> tuple[Tensor, Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, AttnState]:
-        logits = self.proj_sampling(x).squeeze(-1).float()  # (B, T) router logits r
+        r = self.proj_sampling(x).squeeze(-1)
+        logits = r.to(torch.promote_types(r.dtype, torch.float32))  # (B, T) router logits, fp32 or wider
         S, C = self.segment_len, self.tokens_per_segment
         if self.training:
             out, state, chosen = route_topk(x, logits, state, self.block_compact, segment_len=S,
