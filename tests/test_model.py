@@ -111,9 +111,9 @@ def test_mod_training_routes_exactly_k_per_segment_and_leaves_others_untouched()
     seen = {}
     orig = block.block.forward_compact
 
-    def spy(xs, state, *, pos, tokens_per_segment):
+    def spy(xs, state, *, pos, tokens_per_segment, doc_start=None):
         seen["n"], seen["pos"], seen["C"] = xs.shape[1], pos, tokens_per_segment
-        return orig(xs, state, pos=pos, tokens_per_segment=tokens_per_segment)
+        return orig(xs, state, pos=pos, tokens_per_segment=tokens_per_segment, doc_start=doc_start)
 
     block.block.forward_compact = spy
     out, _, aux = block(x)
@@ -139,18 +139,26 @@ def test_mod_router_is_on_the_lm_gradient_path():
     assert routers and all(g is not None and g.abs().sum() > 0 for g in routers)
 
 
-def test_mod_compact_training_path_equals_masked_path_for_the_same_routing():
+@pytest.mark.parametrize("with_docs", [False, True])
+def test_mod_compact_training_path_equals_masked_path_for_the_same_routing(with_docs):
     torch.manual_seed(0)
     cfg = ModelConfig(**{**BASE, **CONFIGS["mod"], "update": "delta"})
     block = MoDBlock(cfg).train()
     x = torch.randn(2, 48, 48)
-    from infinitrain.model.layers import topk_per_segment
+    from infinitrain.model.layers import compact_doc_start, topk_per_segment
 
     idx = topk_per_segment(block.route(x), 16, cfg.mod_tokens_per_segment())
     keep = torch.zeros(2, 48, dtype=torch.bool).scatter(1, idx, True)
+    ds = None
+    if with_docs:  # documents starting mid-segment, on a routed and on an unrouted token
+        ds = torch.zeros(2, 48, dtype=torch.bool)
+        ds[0, idx[0, 5]] = True
+        ds[1, int((~keep[1]).nonzero()[7])] = True
     xs = x.gather(1, idx[..., None].expand(-1, -1, 48))
-    ys, st_c = block.block.forward_compact(xs, None, pos=idx % 16, tokens_per_segment=4)
-    y, st_m, _ = block.block(x, None, keep=keep)
+    ys, st_c = block.block.forward_compact(
+        xs, None, pos=idx % 16, tokens_per_segment=4,
+        doc_start=None if ds is None else compact_doc_start(ds, idx % 16, 16, 4))
+    y, st_m, _ = block.block(x, None, keep=keep, doc_start=ds)
     torch.testing.assert_close(ys, y.gather(1, idx[..., None].expand(-1, -1, 48)), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(st_c.mem.M, st_m.mem.M, atol=1e-5, rtol=1e-5)
 
@@ -233,3 +241,36 @@ def test_all_nine_activations_differ():
         assert outs[a].shape == x.shape and torch.isfinite(outs[a]).all()
     flat = [o.flatten() for o in outs.values()]
     assert len({tuple(f[:4].tolist()) for f in flat}) == len(ACTIVATIONS)
+
+
+# --- packed documents -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["linear", "delta", "gqa", "mod"])
+def test_packed_documents_do_not_see_each_other(name):
+    model = build(name)
+    ids = torch.randint(0, 97, (2, 64), generator=torch.Generator().manual_seed(7))
+    ds = torch.zeros(2, 64, dtype=torch.bool)
+    ds[0, 21] = ds[1, 40] = True  # mid-segment starts
+    ds[0, 50] = True  # and a third document
+    other = ids.clone()
+    other[0, :21] = (other[0, :21] + 1) % 97  # change every token of row 0's first document
+    other[1, :40] = (other[1, :40] + 3) % 97
+    with torch.no_grad():
+        a = model(ids, doc_start=ds).logits
+        b = model(other, doc_start=ds).logits
+    torch.testing.assert_close(a[0, 21:], b[0, 21:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(a[1, 40:], b[1, 40:], rtol=0, atol=1e-6)
+    assert (a[0, :21] - b[0, :21]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["linear", "delta", "mod"])
+def test_document_on_a_segment_boundary_equals_the_document_alone(name):
+    model = build(name)
+    ids = torch.randint(0, 97, (1, 64), generator=torch.Generator().manual_seed(8))
+    ds = torch.zeros(1, 64, dtype=torch.bool)
+    ds[0, 32] = True
+    with torch.no_grad():
+        packed = model(ids, doc_start=ds).logits
+        alone = model(ids[:, 32:]).logits
+    torch.testing.assert_close(packed[:, 32:], alone, rtol=1e-5, atol=1e-5)

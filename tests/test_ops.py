@@ -228,3 +228,69 @@ def test_rotary_spec_validation():
         RotarySpec(head_dim=8, rot_dim=7)
     with pytest.raises(ValueError):
         RotarySpec(head_dim=8, rot_dim=8, scale=0.5)
+
+
+# --- packed documents -----------------------------------------------------------------------------
+
+
+def doc_starts(B, T, positions):
+    ds = torch.zeros(B, T, dtype=torch.bool)
+    for b, ps in enumerate(positions):
+        ds[b, ps] = True
+    return ds
+
+
+@pytest.mark.parametrize("update", ["linear", "delta"])
+def test_documents_fast_equals_naive_with_gradients(update):
+    q, k, v, beta, mem = make_inputs(H=4, G=2, N=7, S=9)
+    # row 0: starts mid-segment, two in one segment, one exactly on a boundary; row 1: one at t=0
+    ds = doc_starts(2, 63, [[5, 13, 16, 27, 50], [0, 40]])
+    keep = torch.rand(2, 63, generator=torch.Generator().manual_seed(4)) > 0.2
+    rot = RotarySpec(head_dim=15, rot_dim=8)
+    for kp in (None, keep):
+        leaves = [q, k, v, beta, *mem]
+        res = []
+        for fn in (infini_attention, infini_attention_naive):
+            xs = [t.clone().requires_grad_(True) for t in leaves]
+            o, fin = fn(*xs[:4], MemoryState(*xs[4:]), segment_len=9, update=update, rotary=rot, keep=kp,
+                        doc_start=ds)
+            g = torch.Generator().manual_seed(1)
+            loss = sum((t * torch.randn(t.shape, generator=g, dtype=F64)).sum() for t in (o, fin.M, fin.z))
+            loss.backward()
+            res.append((o, fin, [x.grad for x in xs]))
+        (o1, f1, g1), (o2, f2, g2) = res
+        torch.testing.assert_close(o1, o2, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(f1.M, f2.M, rtol=1e-10, atol=1e-9)
+        torch.testing.assert_close(f1.z, f2.z, rtol=1e-10, atol=1e-9)
+        for a, b in zip(g1, g2):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("update", ["linear", "delta"])
+def test_packed_document_equals_the_document_alone(update):
+    """A document packed after another (starting mid-segment) gets exactly the outputs and final memory
+    it gets alone from an empty state, with the same segment grid (its first segment shortened)."""
+    q, k, v, beta, mem = make_inputs(H=2, G=2, N=6, S=8, with_state=True)
+    p = 21  # docB starts at offset 5 of segment 2
+    ds = doc_starts(2, 48, [[p], [p]])
+    o, fin = infini_attention(q, k, v, beta, mem, segment_len=8, update=update, doc_start=ds,
+                              rotary=RotarySpec(head_dim=15, rot_dim=10))
+    start = p // 8 * 8
+    keep = torch.ones(2, 48 - start, dtype=torch.bool)
+    keep[:, : p - start] = False  # the other document's tokens of that segment, invisible
+    sl = slice(start, None)
+    o_alone, fin_alone = infini_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], beta, None, segment_len=8,
+                                          update=update, keep=keep, rotary=RotarySpec(head_dim=15, rot_dim=10))
+    torch.testing.assert_close(o[:, :, p:], o_alone[:, :, p - start:], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(fin.M, fin_alone.M)
+    # and the first document is unaffected by the second (causality), equal to a call that stops early
+    o_first, _ = infini_attention(q[:, :, :24], k[:, :, :24], v[:, :, :24], beta, mem, segment_len=8,
+                                  update=update, rotary=RotarySpec(head_dim=15, rot_dim=10))
+    torch.testing.assert_close(o[:, :, :p], o_first[:, :, :p])
+
+
+def test_doc_start_needs_segment_aligned_stream_calls():
+    q, k, v, beta, _ = make_inputs(N=2, S=8, H=2, G=2, with_state=False)
+    with pytest.raises(ValueError, match="segment-aligned"):
+        infini_attention_stream(q[:, :, :10], k[:, :, :10], v[:, :, :10], beta, segment_len=8,
+                                doc_start=torch.zeros(2, 10, dtype=torch.bool))

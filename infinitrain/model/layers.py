@@ -7,6 +7,7 @@ N segments, S segment length, C routed tokens per segment (Mixture-of-Depths cap
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, NamedTuple
 
 import torch
@@ -107,16 +108,16 @@ class InfiniAttention(nn.Module):
         return self.o_proj(o.transpose(1, 2).reshape(B, T, H * V))  # heads back next to each other, then W_O
 
     def forward(self, x: Tensor, state: AttnState | None = None, *, keep: Tensor | None = None,
-                ) -> tuple[Tensor, AttnState]:
+                doc_start: Tensor | None = None) -> tuple[Tensor, AttnState]:
         """Stream x (B, T, D) through the layer; segments count from the start of the stream."""
         q, k, v = self.project(x)
         o, state = infini_attention_stream(q, k, v, self.betas, state, segment_len=self.segment_len,
                                            update=self.update, causal=self.causal, rotary=self.rotary,
-                                           keep=keep, eps=self.eps)
+                                           keep=keep, doc_start=doc_start, eps=self.eps)
         return self.merge(o), state
 
     def forward_compact(self, x: Tensor, state: AttnState | None, *, pos: Tensor, tokens_per_segment: int,
-                        ) -> tuple[Tensor, AttnState]:
+                        doc_start: Tensor | None = None) -> tuple[Tensor, AttnState]:
         """Mixture-of-Depths training path: x (B, N*C, D) holds the C routed tokens of each of N whole
         segments in order, pos (B, N*C) their in-segment positions. The memory sees only these tokens."""
         if state is not None and state.k.shape[2]:
@@ -125,7 +126,7 @@ class InfiniAttention(nn.Module):
         q, k, v = self.project(x)
         o, mem = infini_attention(q, k, v, self.betas, None if state is None else state.mem,
                                   segment_len=tokens_per_segment, update=self.update, causal=self.causal,
-                                  rotary=self.rotary, pos=pos, eps=self.eps)
+                                  rotary=self.rotary, pos=pos, doc_start=doc_start, eps=self.eps)
         B = x.shape[0]
         empty_k = k.new_zeros(B, self.n_kv_heads, 0, self.head_dim)
         empty_v = v.new_zeros(B, self.n_kv_heads, 0, self.value_dim)
@@ -152,14 +153,14 @@ class Block(nn.Module):
         return h + self.drop(self.mlp(self.mlp_norm(h)))
 
     def forward(self, x: Tensor, state: AttnState | None = None, *, keep: Tensor | None = None,
-                ) -> tuple[Tensor, AttnState, Tensor]:
-        a, state = self.attn(self.attn_norm(x), state, keep=keep)
+                doc_start: Tensor | None = None) -> tuple[Tensor, AttnState, Tensor]:
+        a, state = self.attn(self.attn_norm(x), state, keep=keep, doc_start=doc_start)
         return self._mlp(x + self.drop(a)), state, x.new_zeros((), dtype=torch.float32)
 
     def forward_compact(self, x: Tensor, state: AttnState | None, *, pos: Tensor, tokens_per_segment: int,
-                        ) -> tuple[Tensor, AttnState]:
+                        doc_start: Tensor | None = None) -> tuple[Tensor, AttnState]:
         a, state = self.attn.forward_compact(self.attn_norm(x), state, pos=pos,
-                                             tokens_per_segment=tokens_per_segment)
+                                             tokens_per_segment=tokens_per_segment, doc_start=doc_start)
         return self._mlp(x + self.drop(a)), state
 
 
@@ -236,21 +237,37 @@ class MoDBlock(nn.Module):
         return self.router(x).squeeze(-1).float()  # (B, T) logits r
 
     def forward(self, x: Tensor, state: AttnState | None = None, *, keep: Tensor | None = None,
-                ) -> tuple[Tensor, AttnState, Tensor]:
+                doc_start: Tensor | None = None) -> tuple[Tensor, AttnState, Tensor]:
         if keep is not None:
             raise ValueError("a Mixture-of-Depths block routes by itself; nested routing is not supported")
         logits = self.route(x)
         if self.training:
-            out, state, chosen = route_topk(x, logits, state, self._compact, segment_len=self.segment_len,
+            compact = self._compact if doc_start is None else partial(self._compact, doc_start=doc_start)
+            out, state, chosen = route_topk(x, logits, state, compact, segment_len=self.segment_len,
                                             tokens_per_segment=self.tokens_per_segment)
             return out, state, F.binary_cross_entropy_with_logits(logits, chosen.float())
-        out, state, _ = route_causal(x, logits, state, self._full)
+        full = self._full if doc_start is None else partial(self._full, doc_start=doc_start)
+        out, state, _ = route_causal(x, logits, state, full)
         return out, state, x.new_zeros((), dtype=torch.float32)  # the BCE target is top-k, defined in training only
 
-    def _full(self, x: Tensor, state: AttnState | None, keep: Tensor) -> tuple[Tensor, AttnState]:
-        y, state, _ = self.block(x, state, keep=keep)
+    def _full(self, x: Tensor, state: AttnState | None, keep: Tensor, doc_start: Tensor | None = None,
+              ) -> tuple[Tensor, AttnState]:
+        y, state, _ = self.block(x, state, keep=keep, doc_start=doc_start)
         return y, state
 
     def _compact(self, xs: Tensor, state: AttnState | None, pos: Tensor, tokens_per_segment: int,
-                 ) -> tuple[Tensor, AttnState]:
-        return self.block.forward_compact(xs, state, pos=pos, tokens_per_segment=tokens_per_segment)
+                 doc_start: Tensor | None = None) -> tuple[Tensor, AttnState]:
+        if doc_start is not None:
+            doc_start = compact_doc_start(doc_start, pos, self.segment_len, tokens_per_segment)
+        return self.block.forward_compact(xs, state, pos=pos, tokens_per_segment=tokens_per_segment,
+                                          doc_start=doc_start)
+
+
+def compact_doc_start(doc_start: Tensor, pos: Tensor, segment_len: int, tokens_per_segment: int) -> Tensor:
+    """Document starts (B, T) seen from the routed tokens (B, N*C) at in-segment positions pos: a routed
+    token starts a document when its document differs from the previous routed token's (or from 0)."""
+    B, NC = pos.shape
+    seg = torch.arange(NC, device=pos.device) // tokens_per_segment
+    idx = pos + seg * segment_len  # back to stream positions
+    doc = doc_start.long().cumsum(1).gather(1, idx)  # (B, N*C)
+    return doc != torch.cat((doc.new_zeros(B, 1), doc[:, :-1]), 1)

@@ -71,13 +71,16 @@ class InfiniLM(nn.Module):
         """The per-head gates β: train them with their own learning rate and no weight decay."""
         return [p for n, p in self.named_parameters() if n.endswith("betas")]
 
-    def forward(self, input_ids: Tensor, state: ModelState | None = None) -> LMOutput:
+    def forward(self, input_ids: Tensor, state: ModelState | None = None, *,
+                doc_start: Tensor | None = None) -> LMOutput:
+        """input_ids (B, T); state from the previous call (None starts fresh); doc_start (B, T) bool marks
+        the first token of each packed document (segment-aligned calls only): nothing crosses it."""
         x = self.embed(input_ids)  # (B, T, D)
         layer_states = [None] * len(self.layers) if state is None else list(state.layers)
         aux = x.new_zeros((), dtype=torch.float32)
         new_states = []
         for layer, s in zip(self.layers, layer_states):
-            x, s, a = layer(x, s)
+            x, s, a = layer(x, s, doc_start=doc_start)
             new_states.append(s)
             aux = aux + a
         logits = self.lm_head(self.norm(x))

@@ -134,23 +134,27 @@ def _expand_kv(x: Tensor, heads: int) -> Tensor:
 
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, segment_len: int, *, causal: bool = True,
-                    keep: Tensor | None = None) -> Tensor:
+                    keep: Tensor | None = None, doc: Tensor | None = None) -> Tensor:
     """Eq. 6 inside each segment: softmax(QKᵀ/sqrt(K)) V, block-diagonal over segments, one SDPA call.
 
     q (B, H, T, K) and k (B, G, T, K) already rotated; v (B, G, T, V); T % S == 0. keep (B, T) hides
-    dropped tokens from every other query (a dropped query still sees itself, so no row is empty).
+    dropped tokens from every other query (a dropped query still sees itself, so no row is empty);
+    doc (B, T) document ids restrict attention to the query's own document.
     """
     B, H, T, K = q.shape
     S = segment_len
     N = T // S
     k, v = _expand_kv(k, H), _expand_kv(v, H)
-    if keep is None:
+    if keep is None and doc is None:
         o = F.scaled_dot_product_attention(
             q.reshape(B, H * N, S, K), k.reshape(B, H * N, S, K), v.reshape(B, H * N, S, v.shape[-1]),
             is_causal=causal)
         return o.reshape(B, H, T, -1)
     eye = torch.eye(S, dtype=torch.bool, device=q.device)
-    allowed = keep.view(B, 1, N, 1, S) | eye  # key j visible if kept, or if it is the query itself
+    allowed = torch.ones_like(eye) if keep is None else keep.view(B, 1, N, 1, S) | eye  # kept keys, and self
+    if doc is not None:
+        d = doc.view(B, 1, N, S)
+        allowed = allowed & (d[..., :, None] == d[..., None, :])
     if causal:
         allowed = allowed & torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
     o = F.scaled_dot_product_attention(
@@ -170,28 +174,52 @@ def _exclusive_cumsum(x: Tensor, dim: int) -> Tensor:
     return torch.cat((zero, c.narrow(dim, 0, x.shape[dim] - 1)), dim)
 
 
-def memory_states_linear(sk: Tensor, v: Tensor, mem: MemoryState) -> tuple[MemoryState, MemoryState]:
+def _scan_with_resets(x: Tensor, x0: Tensor, reset: Tensor) -> tuple[Tensor, Tensor]:
+    """Running sum over dim 2 (segments) of x (B, G, N, ...) from x0 (B, G, ...), emptied where reset (B, N)
+    is set: after[s] = (0 if reset[s] else after[s-1]) + x[s]. Returns (after[s-1] for every s, after[-1])."""
+    live = (~reset).to(x.dtype)
+    before, cur = [], x0
+    for s in range(x.shape[2]):
+        before.append(cur)
+        cur = cur * live[:, s].view(-1, *([1] * (cur.dim() - 1))) + x[:, :, s]
+    return torch.stack(before, 2), cur
+
+
+def memory_states_linear(sk: Tensor, v: Tensor, mem: MemoryState, reset: Tensor | None = None,
+                         ) -> tuple[MemoryState, MemoryState]:
     """Linear rule for all segments at once. sk (B, G, N, S, K), v (B, G, N, S, V).
 
     Returns the state read by every segment, (B, G, N, K, V) / (B, G, N, K), and the final state.
+    reset (B, N): the memory is emptied before segment s writes (a document starts inside it).
     """
     U = sk.transpose(-1, -2) @ v  # (B, G, N, K, V): σ(K_s)ᵀ V_s
     kbar = sk.sum(-2)  # (B, G, N, K)
+    if reset is not None:  # a sum that restarts: N small K×V adds, exact (no cumsum cancellation)
+        M_before, M_final = _scan_with_resets(U, mem.M, reset)
+        z_before, z_final = _scan_with_resets(kbar, mem.z, reset)
+        return MemoryState(M_before, z_before), MemoryState(M_final, z_final)
     M_before = _exclusive_cumsum(U, 2) + mem.M[:, :, None]
     z_before = _exclusive_cumsum(kbar, 2) + mem.z[:, :, None]
     final = MemoryState(M_before[:, :, -1] + U[:, :, -1], z_before[:, :, -1] + kbar[:, :, -1])
     return MemoryState(M_before, z_before), final
 
 
-def memory_states_delta(sk: Tensor, v: Tensor, mem: MemoryState, eps: float) -> tuple[MemoryState, MemoryState]:
+def memory_states_delta(sk: Tensor, v: Tensor, mem: MemoryState, eps: float, reset: Tensor | None = None,
+                        ) -> tuple[MemoryState, MemoryState]:
     """Delta rule, two-phase: M_s = A_s M_{s-1} + B_s with A_s = I − σ(K_s)ᵀ D_s⁻¹ σ(K_s), B_s = σ(K_s)ᵀ V_s.
 
     z does not depend on M, so every A_s, B_s is built in one batched matmul; only the K×K recurrence
-    runs in order. Same shapes as ``memory_states_linear``.
+    runs in order. Same shapes as ``memory_states_linear``; a reset empties M and z before segment s writes.
     """
     kbar = sk.sum(-2)
-    z_before = _exclusive_cumsum(kbar, 2) + mem.z[:, :, None]  # (B, G, N, K)
-    d = sk @ z_before[..., None] + eps  # (B, G, N, S, 1): D_s = diag(σ(K_s) z_{s-1} + ε)
+    if reset is None:
+        z_before = _exclusive_cumsum(kbar, 2) + mem.z[:, :, None]  # (B, G, N, K)
+        z_final = z_before[:, :, -1] + kbar[:, :, -1]
+        z_write = z_before
+    else:
+        z_before, z_final = _scan_with_resets(kbar, mem.z, reset)
+        z_write = z_before * (~reset).to(sk.dtype)[:, None, :, None]  # what segment s writes onto
+    d = sk @ z_write[..., None] + eps  # (B, G, N, S, 1): D_s = diag(σ(K_s) z_{s-1} + ε)
     skT = sk.transpose(-1, -2)
     eye = torch.eye(sk.shape[-1], dtype=sk.dtype, device=sk.device)
     A = eye - skT @ (sk / d)  # (B, G, N, K, K)
@@ -200,20 +228,24 @@ def memory_states_delta(sk: Tensor, v: Tensor, mem: MemoryState, eps: float) -> 
     before = []
     for s in range(sk.shape[2]):  # the only sequential part: K×K by K×V per segment
         before.append(M)
+        if reset is not None:
+            M = M * (~reset[:, s]).to(M.dtype).view(-1, 1, 1, 1)
         M = torch.baddbmm(Bm[:, :, s].flatten(0, 1), A[:, :, s].flatten(0, 1), M.flatten(0, 1)).view_as(M)
-    final = MemoryState(M, z_before[:, :, -1] + kbar[:, :, -1])
-    return MemoryState(torch.stack(before, 2), z_before), final
+    return MemoryState(torch.stack(before, 2), z_before), MemoryState(M, z_final)
 
 
 def infini_attention(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: MemoryState | None = None, *,
                      segment_len: int, update: Update = "linear", causal: bool = True,
                      rotary: RotarySpec | None = None, pos: Tensor | None = None, keep: Tensor | None = None,
-                     eps: float = DEFAULT_EPS) -> tuple[Tensor, MemoryState]:
+                     doc_start: Tensor | None = None, eps: float = DEFAULT_EPS) -> tuple[Tensor, MemoryState]:
     """Infini-attention over whole segments: (q, k, v, mem) -> (out, final mem).
 
     q (B, H, T, K), k (B, G, T, K), v (B, G, T, V) un-rotated, T a multiple of S; beta (H,).
     pos (B, T) overrides the in-segment RoPE positions (Mixture-of-Depths compaction); keep (B, T)
     masks tokens out of attention and memory writes. Retrieval reads the state before each segment.
+    doc_start (B, T) marks the first token of each new document: no token sees another document,
+    through local attention or through the memory; the carried ``mem`` belongs to the document that
+    is current when the call starts (see ``document_masks``).
     """
     if update not in UPDATES:
         raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
@@ -227,23 +259,50 @@ def infini_attention(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: MemoryS
     # Memory path: un-rotated q/k (no PE on the memory, §4.1), fp32.
     sq = sigma(q).view(B, H, N, S, K)
     sk = sigma(k).view(B, G, N, S, K)
-    if keep is not None:
-        sk = sk * keep.view(B, 1, N, S, 1)
+    doc = reads = reset = None
+    write = keep
+    if doc_start is not None:
+        doc, reads, writes, reset = document_masks(doc_start, S)
+        write = writes if keep is None else keep & writes
+    if write is not None:
+        sk = sk * write.view(B, 1, N, S, 1)
     vf = acc(v).view(B, G, N, S, Vd)
     if update == "linear":
-        before, final = memory_states_linear(sk, vf, mem)
+        before, final = memory_states_linear(sk, vf, mem, reset)
     else:
-        before, final = memory_states_delta(sk, vf, mem, eps)
+        before, final = memory_states_delta(sk, vf, mem, eps, reset)
     sqg = _group(sq, G)  # (B, G, R, N, S, K)
     num = sqg @ before.M[:, :, None]  # (B, G, R, N, S, V)
     den = sqg @ before.z[:, :, None, :, :, None]  # (B, G, R, N, S, 1)
     a_mem = (num / (den + eps)).reshape(B, H, T, Vd)
+    if reads is not None:
+        a_mem = a_mem * reads.view(B, 1, T, 1)  # a document's first (partial) segment reads an empty memory
     # Local path: rotated q/k, causal inside each segment.
     if rotary is not None:
         p = pos if pos is not None else _segment_positions(T, S, q.device)
         q, k = apply_rotary(q, p, rotary), apply_rotary(k, p, rotary)
-    a_dot = local_attention(q, k, v, S, causal=causal, keep=keep)
+    a_dot = local_attention(q, k, v, S, causal=causal, keep=keep, doc=doc)
     return gate(beta, a_mem, a_dot), final
+
+
+def document_masks(doc_start: Tensor, segment_len: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Masks that keep packed documents apart, from doc_start (B, T) bool, T = N·S.
+
+    Returns doc (B, T) document index (0 = the document current when the call starts), reads (B, T):
+    the token's document began before its segment, so it may read the memory; writes (B, T): the
+    token belongs to the document still current at its segment's end, the only one later segments
+    can read; reset (B, N): a document starts inside segment s, so the memory is emptied before s writes.
+    """
+    B, T = doc_start.shape
+    S = segment_len
+    N = T // S
+    doc = doc_start.long().cumsum(1)  # (B, T)
+    seg = doc.view(B, N, S)
+    doc_before = torch.cat((doc.new_zeros(B, 1), seg[:, :-1, -1]), 1)  # (B, N): current before segment s
+    reads = (seg == doc_before[..., None]).view(B, T)
+    writes = (seg == seg[:, :, -1:]).view(B, T)
+    reset = seg[:, :, -1] != doc_before
+    return doc, reads, writes, reset
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,8 +313,14 @@ def infini_attention(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: MemoryS
 def infini_attention_naive(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: MemoryState | None = None, *,
                            segment_len: int, update: Update = "linear", causal: bool = True,
                            rotary: RotarySpec | None = None, pos: Tensor | None = None,
-                           keep: Tensor | None = None, eps: float = DEFAULT_EPS) -> tuple[Tensor, MemoryState]:
-    """Reference for ``infini_attention`` (same signature): loops over segments and heads."""
+                           keep: Tensor | None = None, doc_start: Tensor | None = None,
+                           eps: float = DEFAULT_EPS) -> tuple[Tensor, MemoryState]:
+    """Reference for ``infini_attention`` (same signature): loops over segments and heads.
+
+    Documents, from the definition: a token sees only earlier tokens of its own document; it reads the
+    memory only if its document began before its segment; a segment writes only the tokens of the
+    document still current at its end, onto an emptied memory if that document started inside it.
+    """
     B, H, T, K = q.shape
     G, Vd, S = k.shape[1], v.shape[-1], segment_len
     R = H // G
@@ -270,17 +335,26 @@ def infini_attention_naive(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: M
         qr, kr = q, k
     if keep is None:
         keep = torch.ones(B, T, dtype=torch.bool, device=q.device)
+    if doc_start is None:
+        doc_start = torch.zeros(B, T, dtype=torch.bool, device=q.device)
+    doc = doc_start.long().cumsum(1)
     outs = []
     for s0 in range(0, T, S):
         sl = slice(s0, s0 + S)
         L = min(S, T - s0)
+        d = doc[:, sl]  # (B, L)
+        current_before = doc[:, s0 - 1] if s0 else torch.zeros(B, dtype=torch.long, device=q.device)
+        may_read = (d == current_before[:, None]).to(M[0].dtype)[..., None]  # (B, L, 1)
+        same_doc = d[:, :, None] == d[:, None, :]
+        new_doc = d[:, -1] != current_before  # (B,): a document starts inside this segment
+        writer = keep[:, sl] & (d == d[:, -1:])
         seg_out = []
         for h in range(H):
             g = h // R  # query head h reads KV head h // (H/G)
             sq = F.elu(acc(q[:, h, sl])) + 1  # (B, L, K)
-            a_mem = (sq @ M[g]) / ((sq @ z[g][:, :, None]) + eps)  # Eq. 7
+            a_mem = (sq @ M[g]) / ((sq @ z[g][:, :, None]) + eps) * may_read  # Eq. 7
             scores = acc(qr[:, h, sl] @ kr[:, g, sl].transpose(-1, -2)) / K ** 0.5  # Eq. 6
-            allowed = keep[:, None, sl] | torch.eye(L, dtype=torch.bool, device=q.device)
+            allowed = (keep[:, None, sl] | torch.eye(L, dtype=torch.bool, device=q.device)) & same_doc
             if causal:
                 allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
             scores = scores.masked_fill(~allowed, float("-inf"))
@@ -289,7 +363,9 @@ def infini_attention_naive(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: M
             seg_out.append(gh * a_mem + (1 - gh) * a_dot)  # Eq. 10
         outs.append(torch.stack(seg_out, 1))
         for g in range(G):  # retrieval above used M_{s-1}; now write segment s
-            sk = (F.elu(acc(k[:, g, sl])) + 1) * keep[:, sl, None]
+            live = (~new_doc).to(M[g].dtype)
+            M[g], z[g] = M[g] * live[:, None, None], z[g] * live[:, None]
+            sk = (F.elu(acc(k[:, g, sl])) + 1) * writer[:, :, None]
             vs = acc(v[:, g, sl])
             if update == "linear":
                 M[g] = M[g] + sk.transpose(-1, -2) @ vs  # Eq. 8
@@ -336,19 +412,23 @@ def infini_attention_partial(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem:
 def infini_attention_stream(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, state: AttnState | None = None, *,
                             segment_len: int, update: Update = "linear", causal: bool = True,
                             rotary: RotarySpec | None = None, keep: Tensor | None = None,
-                            eps: float = DEFAULT_EPS) -> tuple[Tensor, AttnState]:
+                            doc_start: Tensor | None = None, eps: float = DEFAULT_EPS) -> tuple[Tensor, AttnState]:
     """Feed any number of tokens (q (B, H, T, K), k/v (B, G, T, ·)) with the state carried.
 
     Segments are counted from the start of the stream: the call first completes the unfinished
     segment held in the state, then runs whole segments on the fast path, then keeps the remainder
     as the new unfinished segment. One call over a stream equals any chunking of it, down to one
     token per call (causal attention only: a bidirectional segment depends on its future tokens).
+    doc_start (B, T) document starts are supported on segment-aligned calls (the trainer's windows).
     """
     B, H, T, K = q.shape
     G, Vd, S = k.shape[1], v.shape[-1], segment_len
     if state is None:
         state = zero_attn_state(B, G, K, Vd, k.dtype, q.device)
     mem, kc, vc, keepc = state
+    if doc_start is not None and (kc.shape[2] or T % S):
+        raise ValueError("doc_start needs a segment-aligned call: whole segments and no unfinished segment "
+                         f"in the state (got {T} tokens, {kc.shape[2]} held, segment {S})")
     if keep is not None and keepc is None:
         keepc = torch.ones(B, kc.shape[2], dtype=torch.bool, device=q.device)
     if keep is None and keepc is not None:
@@ -369,7 +449,8 @@ def infini_attention_stream(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, state
     if n_full:  # 2. whole segments, fast path
         j = i + n_full
         o, mem = infini_attention(q[:, :, i:j], k[:, :, i:j], v[:, :, i:j], beta, mem, segment_len=S,
-                                  update=update, keep=None if keep is None else keep[:, i:j], **kw)
+                                  update=update, keep=None if keep is None else keep[:, i:j], doc_start=doc_start,
+                                  **kw)
         outs.append(o)
         i = j
     kt, vt = k[:, :, i:], v[:, :, i:]  # 3. the remainder starts a new unfinished segment
