@@ -1,0 +1,448 @@
+"""Forward+backward tokens/s and saved-for-backward memory of one Infini attention layer vs local-only, full causal SDPA and the naive loop.
+
+Reproduce (default, about 5 minutes on 2 cores; ``--quick`` is a smoke run up to T=8K with 2 rounds):
+
+    /work/venv/bin/python benchmarks/attention.py --json out.json
+
+Implementations, each timed as forward+backward (``--level layer``: with the q/k/v/o projections, i.e. the
+``InfiniAttention`` module; ``--level op``: the core op on given q/k/v; ``--level both``):
+
+* ``infini-linear`` / ``infini-delta``: ``infini_attention`` fast path (``InfiniAttention.forward`` at layer level);
+* ``local-only``: the same layer with the memory path removed (RoPE + block-diagonal causal SDPA, ``local_attention``);
+* ``full-causal``: RoPE + one causal SDPA over all T tokens (measured once when a single run is already long);
+* ``naive-linear``: ``infini_attention_naive`` (loops over segments and heads; small T only).
+
+Cells run interleaved in a fresh random order in every round; each cell's first run is a warm-up that also
+records memory: bytes of the unique storages saved for backward (``saved_tensors_hooks``; parameters and
+inputs excluded; deterministic) plus the process peak-RSS delta on CPU (VmHWM reset through
+/proc/self/clear_refs; allocator-dependent, indicative only), or ``torch.cuda.max_memory_allocated`` minus the
+allocation before the pass on CUDA. Throughput is reported as best and median over the rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from infinitrain.model.layers import InfiniAttention
+from infinitrain.ops.memory import infini_attention, infini_attention_naive, local_attention, _expand_kv
+from infinitrain.ops.rope import RotarySpec, apply_rotary
+
+IMPLS = ("infini-linear", "infini-delta", "local-only", "full-causal", "naive-linear")
+MiB = 2.0 ** 20
+
+
+# ---------------------------------------------------------------------------------------------
+# The implementations: core ops on (q, k, v, beta) and layers on x
+# ---------------------------------------------------------------------------------------------
+
+
+def _segment_rope(q: Tensor, k: Tensor, segment_len: int, rotary: RotarySpec | None) -> tuple[Tensor, Tensor]:
+    if rotary is None:
+        return q, k
+    pos = torch.arange(q.shape[2], device=q.device) % segment_len
+    return apply_rotary(q, pos, rotary), apply_rotary(k, pos, rotary)
+
+
+def op_local(q, k, v, beta, *, segment_len, rotary):
+    q, k = _segment_rope(q, k, segment_len, rotary)
+    return local_attention(q, k, v, segment_len)
+
+
+def op_full(q, k, v, beta, *, segment_len, rotary):
+    if rotary is not None:
+        pos = torch.arange(q.shape[2], device=q.device)  # positions run over the whole sequence
+        q, k = apply_rotary(q, pos, rotary), apply_rotary(k, pos, rotary)
+    H = q.shape[1]
+    return F.scaled_dot_product_attention(q, _expand_kv(k, H), _expand_kv(v, H), is_causal=True)
+
+
+def _infini(update: str, fn=infini_attention):
+    def run(q, k, v, beta, *, segment_len, rotary):
+        return fn(q, k, v, beta, segment_len=segment_len, update=update, rotary=rotary)[0]
+    return run
+
+
+OPS: dict[str, Callable] = {
+    "infini-linear": _infini("linear"),
+    "infini-delta": _infini("delta"),
+    "local-only": op_local,
+    "full-causal": op_full,
+    "naive-linear": _infini("linear", infini_attention_naive),
+}
+
+
+class CoreLayer(torch.nn.Module):
+    """``InfiniAttention``'s projections around another core op (the memory path removed, full attention, naive)."""
+
+    def __init__(self, attn: InfiniAttention, op: Callable):
+        super().__init__()
+        self.attn, self.op = attn, op
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.attn
+        q, k, v = a.project(x)
+        return a.merge(self.op(q, k, v, a.betas, segment_len=a.segment_len, rotary=a.rotary))
+
+
+class InfiniLayer(torch.nn.Module):
+    """The real ``InfiniAttention.forward`` (streaming entry point; whole segments take the fast path)."""
+
+    def __init__(self, attn: InfiniAttention):
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.attn(x)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Cell:
+    level: str
+    impl: str
+    T: int
+    step: Callable[[], None]  # one forward+backward
+    keep: set  # storage pointers of parameters and inputs (not counted as saved activations)
+    reps: int = 1
+    once: bool = False
+    times: list = field(default_factory=list)  # seconds per forward+backward, one entry per round
+    first: float = math.nan
+    saved_bytes: int | None = None
+    peak_bytes: int | None = None  # RSS delta (CPU) or max_memory_allocated delta (CUDA)
+    note: str = ""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _status_kib(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def measure_first(cell: Cell, device: torch.device) -> None:
+    """Warm-up run that also records saved-for-backward bytes and the peak-memory delta."""
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor):
+        s = t.untyped_storage()
+        ptr = s.data_ptr()
+        if ptr not in cell.keep and ptr not in seen:
+            seen[ptr] = s.nbytes()
+        return t
+
+    rss_ok = False
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        rss_ok = _reset_peak_rss()
+        base = _status_kib("VmRSS")
+    t0 = time.perf_counter()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        cell.step()
+    _sync(device)
+    cell.first = time.perf_counter() - t0
+    cell.saved_bytes = sum(seen.values())
+    if device.type == "cuda":
+        cell.peak_bytes = torch.cuda.max_memory_allocated(device) - base
+    elif rss_ok and base is not None:
+        hwm = _status_kib("VmHWM")
+        cell.peak_bytes = None if hwm is None else max(0, hwm - base) * 1024
+
+
+def time_cell(cell: Cell, device: torch.device) -> None:
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(cell.reps):
+        cell.step()
+    _sync(device)
+    cell.times.append((time.perf_counter() - t0) / cell.reps)
+
+
+def make_cell(level: str, impl: str, T: int, args, device: torch.device, gen: torch.Generator) -> Cell:
+    B, H, G, K, S = args.batch, args.heads, args.kv_heads, args.head_dim, args.segment
+    dtype = getattr(torch, args.dtype)
+    rotary = None if args.no_rope else RotarySpec(head_dim=K, rot_dim=K)
+    if level == "layer":
+        update = "delta" if impl == "infini-delta" else "linear"
+        attn = InfiniAttention(H * K, H, G, K, segment_len=S, update=update, rotary=rotary)
+        attn = attn.to(device=device, dtype=dtype)
+        module = InfiniLayer(attn) if impl.startswith("infini-") else CoreLayer(attn, OPS[impl])
+        x = torch.randn(B, T, H * K, generator=gen, dtype=torch.float32).to(device, dtype).requires_grad_()
+        params = list(module.parameters())
+        grad = torch.randn(B, T, H * K, generator=gen, dtype=torch.float32).to(device, dtype)
+        inputs = [x, *params]
+
+        def step():
+            for p in inputs:
+                p.grad = None
+            module(x).backward(grad)
+    else:
+        q = torch.randn(B, H, T, K, generator=gen).to(device, dtype).requires_grad_()
+        k = torch.randn(B, G, T, K, generator=gen).to(device, dtype).requires_grad_()
+        v = torch.randn(B, G, T, K, generator=gen).to(device, dtype).requires_grad_()
+        beta = torch.zeros(H, device=device, dtype=dtype).requires_grad_()
+        grad = torch.randn(B, H, T, K, generator=gen).to(device, dtype)
+        inputs = [q, k, v, beta]
+        op = OPS[impl]
+
+        def step():
+            for p in inputs:
+                p.grad = None
+            op(q, k, v, beta, segment_len=S, rotary=rotary).backward(grad)
+    keep = {p.untyped_storage().data_ptr() for p in inputs}
+    return Cell(level, impl, T, step, keep)
+
+
+def _skip_reason(impl: str, T: int, args) -> str:
+    if impl == "full-causal" and T > args.full_max_t:
+        return f"skipped: T > --full-max-t {args.full_max_t}"
+    if impl == "naive-linear" and T > args.naive_max_t:
+        return f"skipped: slow loop, T > --naive-max-t {args.naive_max_t}"
+    return ""
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    rng = random.Random(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    levels = ("op", "layer") if args.level == "both" else (args.level,)
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    t_start = time.perf_counter()
+    cells: list[Cell] = []
+    skipped: list[Cell] = []
+    for level in levels:
+        for T in args.T:
+            if T % args.segment:
+                raise SystemExit(f"T={T} is not a multiple of the segment length {args.segment}")
+            for impl in args.impls:
+                reason = _skip_reason(impl, T, args)
+                if reason:
+                    skipped.append(Cell(level, impl, T, lambda: None, set(), note=reason))
+                else:
+                    cells.append(make_cell(level, impl, T, args, device, gen))
+
+    # Warm-up + memory pass, smallest T first so the budget estimate for full attention has data.
+    for cell in sorted(cells, key=lambda c: (c.T, c.impl == "full-causal")):
+        if cell.impl == "full-causal":
+            prev = [c for c in cells if c.level == cell.level and c.impl == "full-causal" and c.T < cell.T
+                    and not math.isnan(c.first)]
+            if prev:  # causal attention is quadratic: estimate from the largest measured T
+                p = max(prev, key=lambda c: c.T)
+                est = min(p.first, *p.times) if p.times else p.first
+                est *= (cell.T / p.T) ** 2
+                if est > args.full_budget:
+                    cell.note = f"skipped: estimated {est:.0f} s per run > --full-budget {args.full_budget:.0f} s"
+                    continue
+        measure_first(cell, device)
+        if cell.first * 2 > args.once_above:
+            cell.once = True
+            cell.times.append(cell.first)
+            cell.note = f"measured once ({cell.first:.1f} s per run > --once-above {args.once_above:.0f} s / 2)"
+        else:
+            cell.reps = max(1, min(20, round(args.min_time / max(cell.first, 1e-6))))
+    active = [c for c in cells if not c.once and not c.note]
+    for _ in range(args.rounds):
+        rng.shuffle(active)
+        for cell in active:
+            time_cell(cell, device)
+    elapsed = time.perf_counter() - t_start
+    load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
+
+    results = []
+    for cell in sorted(cells + skipped, key=lambda c: (levels.index(c.level), c.T, IMPLS.index(c.impl))):
+        r = dict(level=cell.level, impl=cell.impl, T=cell.T, note=cell.note, runs=len(cell.times),
+                 reps_per_run=cell.reps, seconds=cell.times, saved_bytes=cell.saved_bytes,
+                 peak_bytes=cell.peak_bytes)
+        if cell.times:
+            tok = args.batch * cell.T
+            r["best_tok_s"] = tok / min(cell.times)
+            r["median_tok_s"] = tok / statistics.median(cell.times)
+        results.append(r)
+    return dict(
+        config=dict(device=str(device), dtype=args.dtype, batch=args.batch, heads=args.heads,
+                    kv_heads=args.kv_heads, head_dim=args.head_dim, segment=args.segment, T=args.T,
+                    rope=not args.no_rope, threads=torch.get_num_threads(), rounds=args.rounds,
+                    levels=list(levels), impls=list(args.impls), seed=args.seed),
+        env=dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
+                 cpu_count=os.cpu_count(), load_before=load_before, load_after=load_after,
+                 elapsed_s=elapsed, argv=sys.argv),
+        results=results,
+        ratios=ratios(results, args),
+    )
+
+
+def _get(results, level, impl, T):
+    for r in results:
+        if r["level"] == level and r["impl"] == impl and r["T"] == T and "best_tok_s" in r:
+            return r
+    return None
+
+
+def ratios(results: list[dict], args) -> list[dict]:
+    """Throughput ratios against the targets (best over best, median over median)."""
+    out = []
+    levels = sorted({r["level"] for r in results}, key=("op", "layer").index)
+    specs = [("infini-linear", "local-only", args.ratio_local_t, 0.85),
+             ("infini-delta", "local-only", args.ratio_local_t, None),
+             ("infini-linear", "full-causal", args.ratio_full_t, 5.0),
+             ("infini-delta", "full-causal", args.ratio_full_t, None)]
+    for level in levels:
+        for num, den, T, target in specs:
+            a, b = _get(results, level, num, T), _get(results, level, den, T)
+            row = dict(level=level, ratio=f"{num} / {den}", T=T, target=target, best=None, median=None)
+            if a and b:
+                row["best"] = a["best_tok_s"] / b["best_tok_s"]
+                row["median"] = a["median_tok_s"] / b["median_tok_s"]
+                if b["runs"] == 1:
+                    row["note"] = f"{den} measured once"
+                if target is not None:
+                    row["met"] = row["best"] >= target
+            else:
+                row["note"] = "not measured"
+            out.append(row)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt_tok(x):
+    return "-" if x is None else (f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}")
+
+
+def _fmt_mib(x):
+    return "-" if x is None else f"{x / MiB:.1f}"
+
+
+def format_table(report: dict) -> str:
+    c, e = report["config"], report["env"]
+    lines = [
+        f"one Infini attention {'/'.join(c['levels'])}, forward+backward: {c['device']} {c['dtype']} B={c['batch']} "
+        f"H={c['heads']} G={c['kv_heads']} d={c['head_dim']} segment={c['segment']} rope={c['rope']} "
+        f"threads={c['threads']} rounds={c['rounds']}",
+        f"torch {e['torch']}; load avg before {_fmt_load(e['load_before'])}, after {_fmt_load(e['load_after'])}; "
+        f"{e['elapsed_s']:.0f} s",
+        "",
+        f"{'level':<6} {'T':>6} {'impl':<14} {'best tok/s':>10} {'median':>8} {'runs':>4} "
+        f"{'saved MiB':>9} {'peak MiB':>8}  note",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"{r['level']:<6} {r['T']:>6} {r['impl']:<14} {_fmt_tok(r.get('best_tok_s')):>10} "
+            f"{_fmt_tok(r.get('median_tok_s')):>8} {r['runs']:>4} {_fmt_mib(r['saved_bytes']):>9} "
+            f"{_fmt_mib(r['peak_bytes']):>8}  {r['note']}".rstrip())
+    lines += ["", f"{'level':<6} {'ratio (throughput)':<30} {'T':>6} {'best':>6} {'median':>6}  target"]
+    for r in report["ratios"]:
+        tgt = "" if r["target"] is None else f">= {r['target']:g}: " + ("met" if r.get("met") else "MISSED")
+        if r["best"] is None:
+            tgt = (tgt.split(":")[0] + ": " if tgt else "") + "n/a"
+        b = "-" if r["best"] is None else f"{r['best']:.2f}"
+        m = "-" if r["median"] is None else f"{r['median']:.2f}"
+        note = f" ({r['note']})" if r.get("note") else ""
+        lines.append(f"{r['level']:<6} {r['ratio']:<30} {r['T']:>6} {b:>6} {m:>6}  {tgt}{note}")
+    lines += ["", "saved MiB: unique storages saved for backward, parameters and inputs excluded (deterministic); "
+              "peak MiB: " + ("max_memory_allocated delta" if c["device"].startswith("cuda")
+                              else "process peak-RSS delta of the warm-up run (allocator-dependent)")]
+    return "\n".join(lines)
+
+
+def _fmt_load(load):
+    return "n/a" if load is None else " ".join(f"{x:.2f}" for x in load)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--level", choices=("op", "layer", "both"), default="both")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
+    p.add_argument("--T", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="comma-separated sequence lengths (default 2048,8192,32768; --quick 2048,8192)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=None, help="default: --heads (no GQA)")
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--segment", type=int, default=512)
+    p.add_argument("--no-rope", action="store_true", help="leave RoPE out of the local/full attention paths")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5; --quick 2)")
+    p.add_argument("--min-time", type=float, default=0.25, help="repeat fast cells to at least this many s per run")
+    p.add_argument("--impls", type=lambda s: s.split(","), default=list(IMPLS))
+    p.add_argument("--naive-max-t", type=int, default=2048)
+    p.add_argument("--full-max-t", type=int, default=32768)
+    p.add_argument("--full-budget", type=float, default=150.0,
+                   help="skip full causal SDPA when one run is estimated to take longer (s)")
+    p.add_argument("--once-above", type=float, default=20.0,
+                   help="measure a cell only once when one run takes more than half of this (s)")
+    p.add_argument("--ratio-local-t", type=int, default=8192)
+    p.add_argument("--ratio-full-t", type=int, default=32768)
+    p.add_argument("--quick", action="store_true", help="smoke run: T up to 8K, 2 rounds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the full report here")
+    args = p.parse_args(argv)
+    if args.T is None:
+        args.T = [2048, 8192] if args.quick else [2048, 8192, 32768]
+    if args.rounds is None:
+        args.rounds = 2 if args.quick else 5
+    if args.kv_heads is None:
+        args.kv_heads = args.heads
+    bad = set(args.impls) - set(IMPLS)
+    if bad:
+        p.error(f"unknown --impls {sorted(bad)}; choose from {', '.join(IMPLS)}")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    report = run(args)
+    print(format_table(report), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+if __name__ == "__main__":
+    main()
