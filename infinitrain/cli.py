@@ -24,9 +24,13 @@ def presets_cmd() -> None:
 
 
 # --- command registration (each module owns its commands; keep these lines sorted) ---------------
-from infinitrain.data_tools.commands import tokenizer_group  # noqa: E402
+from infinitrain.data_tools.commands import data_group, prepare_cmd, tokenizer_group  # noqa: E402
+from infinitrain.train.commands import train_cmd  # noqa: E402
 
+cli.add_command(data_group)
+cli.add_command(prepare_cmd)
 cli.add_command(tokenizer_group)
+cli.add_command(train_cmd)
 
 
 def main() -> None:

@@ -32,3 +32,114 @@ def tokenizer_train_cmd(inputs, vocab_size, out, fmt, text_field, min_frequency)
     tok = train_bpe(texts, vocab_size=vocab_size, min_frequency=min_frequency)
     save_tokenizer(tok, out)
     click.echo(f"wrote {out}: vocab {tok.get_vocab_size()} from {len(paths)} file(s)")
+
+
+def _default_workers() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@click.command("prepare")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--tokenizer", required=True, help="A Hugging Face tokenizer.json (or a folder holding one).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--segment-len", "segment_len", type=int, required=True, help="S: tokens per segment.")
+@click.option("--sample-segments", "sample_segments", type=int, required=True, help="K: segments per sample.")
+@click.option("--format", "fmt", type=click.Choice(["auto", "text", "jsonl", "summarization"]), default="auto",
+              show_default=True, help="auto: .jsonl files are JSONL records, other files one document each.")
+@click.option("--text-field", default=None, help="JSONL text field [default: text; summarization: document].")
+@click.option("--summary-field", default="summary", show_default=True, help="Summarization: the summary field.")
+@click.option("--separator", default="\n\nSummary:\n", show_default=True,
+              help="Summarization: text between document and summary.")
+@click.option("--eos-token", default=None, help="End-of-document token, if the tokenizer's is not found.")
+@click.option("--workers", type=int, default=None, help="Tokenizer processes [default: usable CPUs].")
+@click.option("--min-doc-tokens", type=int, default=0, show_default=True, help="Skip shorter documents.")
+@click.option("--val-fraction", type=float, default=0.0, show_default=True, help="Share of documents held out.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val assignment.")
+@click.option("--strict", is_flag=True, help="Fail on the first bad input record instead of skipping it.")
+@click.option("--shard-mb", type=float, default=64.0, show_default=True, help="Raw MiB of samples per shard.")
+@click.option("--zstd-level", type=int, default=3, show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def prepare_cmd(inputs, tokenizer, out, segment_len, sample_segments, fmt, text_field, summary_field, separator,
+                eos_token, workers, min_doc_tokens, val_fraction, seed, strict, shard_mb, zstd_level, progress) -> None:
+    """Tokenize INPUT files, folders or globs into segment-aligned, checksummed zstd shards in OUT."""
+    from infinitrain.data_tools.prepare import PrepareConfig, prepare
+
+    cfg = PrepareConfig(inputs=tuple(inputs), tokenizer=tokenizer, out=out, segment_len=segment_len,
+                        sample_segments=sample_segments, format=fmt, text_field=text_field,
+                        summary_field=summary_field, separator=separator, eos_token=eos_token,
+                        workers=workers or _default_workers(), min_doc_tokens=min_doc_tokens,
+                        val_fraction=val_fraction, seed=seed, strict=strict, shard_bytes=int(shard_mb * (1 << 20)),
+                        zstd_level=zstd_level, progress=progress)
+    res = prepare(cfg)
+    if res.up_to_date:
+        click.echo(f"{res.out}: up to date (same arguments, inputs and tokenizer); nothing to do")
+        return
+    sp = res.index["splits"]
+    tokens = sum(s["num_tokens"] for s in sp.values())
+    resumed = f", resumed {res.units_resumed}/{res.units_total} tokenized units" if res.units_resumed else ""
+    click.echo(f"{res.out}: " + ", ".join(f"{k} {v['num_documents']} docs {v['num_samples']} samples "
+                                          f"{v['num_tokens']} tokens" for k, v in sp.items())
+               + f"; {tokens / max(res.seconds, 1e-9):,.0f} tokens/s{resumed}")
+    issues = res.index.get("report", {})
+    if issues:
+        click.echo("skipped or repaired: " + ", ".join(f"{k} {v}" for k, v in issues.items())
+                   + f" (details in {res.out}/report.json)")
+
+
+@click.group("data")
+def data_group() -> None:
+    """Check, inspect and generate prepared data."""
+
+
+@data_group.command("verify")
+@click.argument("directory", type=click.Path(file_okay=False))
+def data_verify_cmd(directory) -> None:
+    """Check the index and every byte of every shard (sha256, zstd checksums, contents)."""
+    from infinitrain.data_tools.verify import verify_dir
+    from infinitrain.errors import ShardCorruptError
+
+    report = verify_dir(directory)
+    for problem in report.problems[1:]:
+        click.echo(f"error: {problem}", err=True)
+    if report.problems:
+        raise ShardCorruptError(report.problems[0] + (f" (and {len(report.problems) - 1} more)"
+                                                      if len(report.problems) > 1 else ""))
+    click.echo(f"{directory}: ok ({report.files_checked} files, {report.samples} samples)")
+
+
+@data_group.command("inspect")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--sample", "sample", type=int, default=None, help="Decode this sample.")
+@click.option("--split", default="train", show_default=True)
+@click.option("--tokenizer", default=None, help="tokenizer.json to decode with (required with --sample).")
+def data_inspect_cmd(directory, sample, split, tokenizer) -> None:
+    """Documents, tokens, samples, the document-length histogram; decode sample i."""
+    from infinitrain.data_tools.verify import decode_sample, inspect_dir
+    from infinitrain.errors import ConfigError
+
+    if sample is None:
+        click.echo(json.dumps(inspect_dir(directory), indent=1))
+        return
+    if tokenizer is None:
+        raise ConfigError("--sample needs --tokenizer to decode")
+    click.echo(json.dumps(decode_sample(directory, split, sample, tokenizer), indent=1, ensure_ascii=False))
+
+
+@data_group.command("passkey")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSONL file to write.")
+@click.option("--tokenizer", required=True, help="tokenizer.json that measures --length.")
+@click.option("--length", type=int, required=True, help="Tokens per sample (at most).")
+@click.option("--depths", default="0,25,50,75,100", show_default=True, help="Needle depths, percent or fractions.")
+@click.option("--count", type=int, default=10, show_default=True, help="Samples per depth.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def data_passkey_cmd(out, tokenizer, length, depths, count, seed) -> None:
+    """Write the paper's passkey-retrieval samples as JSONL (fields text, prompt, answer, pass_key, depth, ...)."""
+    from infinitrain.data_tools.passkey import parse_depths, passkey_records
+    from infinitrain.data_tools.tokenizer import load_tokenizer, write_atomic
+
+    tok, _ = load_tokenizer(tokenizer)
+    records = passkey_records(tok, length=length, depths=parse_depths(depths), count=count, seed=seed)
+    write_atomic(Path(out), "".join(json.dumps(r) + "\n" for r in records).encode())
+    click.echo(f"wrote {out}: {len(records)} samples of <= {length} tokens")

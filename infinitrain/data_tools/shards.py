@@ -88,7 +88,7 @@ class ShardWriter:
     def __init__(self, directory: Path, prefix: str, dtype: np.dtype, *, shard_bytes: int = 64 << 20,
                  frame_bytes: int = 1 << 20, level: int = 3):
         self.directory, self.prefix, self.dtype = Path(directory), prefix, np.dtype(dtype)
-        self.shard_bytes, self.frame_bytes = shard_bytes, frame_bytes
+        self.shard_bytes, self.frame_bytes = shard_bytes, min(frame_bytes, shard_bytes)
         self.cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
         self.entries: list[dict] = []
         self._file = None
@@ -258,6 +258,22 @@ class ShardFile:
         if len(samples) != n:
             raise ShardCorruptError(f"{self.path}: frame at byte {off} holds {len(samples)} samples, table says {n}")
         return samples
+
+
+def decompress_stream(data: bytes, path: Path) -> bytes:
+    """Every frame of a zstd stream (content checksums verified); a truncated stream raises ShardCorruptError."""
+    out, pos = [], 0
+    dctx = zstandard.ZstdDecompressor()
+    while pos < len(data):
+        dobj = dctx.decompressobj()
+        try:
+            out.append(dobj.decompress(data[pos:]))
+        except zstandard.ZstdError as err:
+            raise ShardCorruptError(f"{path}: zstd frame at byte {pos}: {err}") from None
+        if not dobj.eof:
+            raise ShardCorruptError(f"{path}: truncated zstd frame at byte {pos}")
+        pos = len(data) - len(dobj.unused_data)
+    return b"".join(out)
 
 
 # --- index ----------------------------------------------------------------------------------------

@@ -1,0 +1,474 @@
+"""`infinitrain prepare`: read, tokenize (multiprocess, resumable), split, pack and write checksummed shards.
+
+Two stages. (1) The main process reads documents in input order and groups them into work units of about
+``unit_chars`` characters; workers tokenize each unit and write it to ``DIR/.work/unit-NNNNNN.bin`` atomically,
+so a killed run resumes by skipping the units already on disk. (2) The main process reads the units in order,
+assigns each document to train or val, packs, and writes the shards, documents file, report, ``index.json``
+(last) and the done-file. Unit boundaries never show in the output, and stage 2 is sequential, so the output
+is byte-identical whatever the worker count and however often the run was interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import struct
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zstandard
+
+from infinitrain.data_tools.inputs import (FORMATS, Document, Issue, ReadOptions, ReadProgress, expand_inputs,
+                                           input_fingerprint, read_documents)
+from infinitrain.data_tools.pack import StreamPacker, summary_sample
+from infinitrain.data_tools.shards import (FORMAT_VERSION, INDEX_NAME, SHARD_SUFFIX, ShardWriter, make_index,
+                                           write_index)
+from infinitrain.data_tools.tokenizer import TokenizerInfo, encoder, load_tokenizer, write_atomic
+from infinitrain.errors import ConfigError, DataError
+
+DONE_NAME = ".prepare-done.json"
+WORK_NAME = ".work"
+DOCS_NAME = "documents.jsonl.zst"
+REPORT_NAME = "report.json"
+SPLITS = ("train", "val")
+MAX_REPORTED_ISSUES = 1000
+FAULT_ENV = "INFINITRAIN_FAULT"  # test hook: "prepare.unit:N" / "prepare.shard:N" SIGKILLs the run there
+UNIT_HEADER = struct.Struct("<Q")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrepareConfig:
+    """Arguments of `infinitrain prepare` (see its --help)."""
+
+    inputs: tuple[str, ...]
+    tokenizer: str
+    out: str
+    segment_len: int
+    sample_segments: int
+    format: str = "auto"
+    text_field: str | None = None
+    summary_field: str = "summary"
+    separator: str = "\n\nSummary:\n"
+    eos_token: str | None = None
+    min_doc_tokens: int = 0
+    val_fraction: float = 0.0
+    seed: int = 0
+    strict: bool = False
+    workers: int = 1
+    shard_bytes: int = 64 << 20
+    frame_bytes: int = 1 << 20
+    zstd_level: int = 3
+    unit_chars: int = 4 << 20  # text per resumable work unit (does not change the output)
+    max_piece_chars: int = 1 << 16  # long documents are tokenized in pieces of at most this many characters
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [(self.segment_len >= 1, "--segment-len must be >= 1"),
+                  (self.sample_segments >= 1, "--sample-segments must be >= 1"),
+                  (self.format in FORMATS, f"--format must be one of {', '.join(FORMATS)}"),
+                  (self.min_doc_tokens >= 0, "--min-doc-tokens must be >= 0"),
+                  (0.0 <= self.val_fraction < 1.0, "--val-fraction must be in [0, 1)"),
+                  (self.workers >= 1, "--workers must be >= 1"),
+                  (1 <= self.zstd_level <= 22, "--zstd-level must be in 1..22"),
+                  (self.shard_bytes >= 1 << 10 and self.frame_bytes >= 1 << 8, "shard/frame size too small"),
+                  (self.unit_chars >= 1 and self.max_piece_chars >= 64, "unit/piece size too small")]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+        if not self.inputs:
+            raise ConfigError("no INPUT given")
+
+    @property
+    def read_options(self) -> ReadOptions:
+        return ReadOptions(format=self.format, text_field=self.text_field, summary_field=self.summary_field,
+                           strict=self.strict)
+
+    def output_args(self) -> dict:
+        """The arguments that shape the output (worker count, progress and unit size do not)."""
+        skip = {"inputs", "tokenizer", "out", "workers", "progress", "unit_chars"}
+        args = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        args["text_field"] = self.read_options.field
+        if self.format != "summarization":
+            args.pop("separator"), args.pop("summary_field")
+        return args
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrepareResult:
+    out: Path
+    up_to_date: bool
+    index: dict
+    units_total: int = 0
+    units_resumed: int = 0
+    seconds: float = 0.0
+
+
+# --- public entry ---------------------------------------------------------------------------------
+
+
+def prepare(cfg: PrepareConfig) -> PrepareResult:
+    t0 = time.perf_counter()
+    paths = expand_inputs(cfg.inputs)
+    tokenizer, tok_info = load_tokenizer(cfg.tokenizer, eos_token=cfg.eos_token)
+    separator = np.array(tokenizer.encode(cfg.separator, add_special_tokens=False).ids, tok_info.dtype)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = {"format_version": FORMAT_VERSION, "args": cfg.output_args(), "tokenizer": tok_info.to_dict(),
+                   "inputs": input_fingerprint(paths)}
+    index = up_to_date_index(out, fingerprint)
+    if index is not None:
+        return PrepareResult(out=out, up_to_date=True, index=index, seconds=time.perf_counter() - t0)
+    for name in (DONE_NAME, INDEX_NAME):  # from here on the folder is "incomplete" until index.json is back
+        (out / name).unlink(missing_ok=True)
+    work = _work_dir(out, fingerprint, cfg)
+    n_units, resumed = tokenize_units(cfg, paths, tok_info, work)
+    index = write_output(cfg, paths, tok_info, separator, work, n_units)
+    write_atomic(out / DONE_NAME, json.dumps(fingerprint, indent=1, sort_keys=True).encode())
+    _remove_stale(out, index)
+    shutil.rmtree(work, ignore_errors=True)
+    return PrepareResult(out=out, up_to_date=False, index=index, units_total=n_units, units_resumed=resumed,
+                         seconds=time.perf_counter() - t0)
+
+
+def up_to_date_index(out: Path, fingerprint: dict) -> dict | None:
+    """The existing index when the done-file matches and every shard is there with its size, else None."""
+    try:
+        done = json.loads((out / DONE_NAME).read_bytes())
+        index = json.loads((out / INDEX_NAME).read_bytes())
+    except (OSError, ValueError):
+        return None
+    if done != fingerprint:
+        return None
+    files = [e for split in index["splits"].values() for e in split["shards"]] + [index["documents"]]
+    if all((out / e["name"]).is_file() and (out / e["name"]).stat().st_size == e["bytes"] for e in files):
+        return index
+    return None
+
+
+def _work_dir(out: Path, fingerprint: dict, cfg: PrepareConfig) -> Path:
+    """``.work`` reused only when it was made for exactly this fingerprint and unit layout, else emptied."""
+    work = out / WORK_NAME
+    key = json.dumps({**fingerprint, "unit_chars": cfg.unit_chars}, sort_keys=True).encode()
+    try:
+        if (work / "fingerprint.json").read_bytes() == key:
+            return work
+    except OSError:
+        pass
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    write_atomic(work / "fingerprint.json", key)
+    return work
+
+
+def _fault(site: str, count: int) -> None:
+    if os.environ.get(FAULT_ENV) == f"{site}:{count}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --- stage 1: tokenize units ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UnitJob:
+    """What a worker needs to tokenize one unit and write it."""
+
+    number: int
+    path: str
+    docs: list  # (source, line, text, summary | None)
+    issues: list  # (source, line, reason, detail, kept) met while reading these documents
+
+
+def iter_units(cfg: PrepareConfig, paths: list[Path], work: Path, progress: ReadProgress) -> Iterator[UnitJob]:
+    docs, issues, chars, number = [], [], 0, 0
+    for item in read_documents(paths, cfg.read_options, progress):
+        if isinstance(item, Issue):
+            issues.append((item.source, item.line, item.reason, item.detail, item.kept))
+            continue
+        docs.append((item.source, item.line, item.text, item.summary))
+        chars += len(item.text) + len(item.summary or "")
+        if chars >= cfg.unit_chars:
+            yield UnitJob(number, str(work / f"unit-{number:06d}.bin"), docs, issues)
+            docs, issues, chars, number = [], [], 0, number + 1
+    if docs or issues:
+        yield UnitJob(number, str(work / f"unit-{number:06d}.bin"), docs, issues)
+
+
+def tokenize_units(cfg: PrepareConfig, paths: list[Path], tok_info: TokenizerInfo, work: Path) -> tuple[int, int]:
+    """Tokenize every unit not already in ``work``; returns (units, units found done)."""
+    from tqdm import tqdm
+
+    progress = ReadProgress()
+    total = sum(p.stat().st_size for p in paths)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenize", disable=not cfg.progress or None,
+               dynamic_ncols=True, mininterval=0.5)
+    settings = (Path(tok_info.path).read_text(encoding="utf-8"), tok_info.dtype.str, cfg.format == "summarization",
+                cfg.max_piece_chars)
+    n_units = resumed = docs = tokens = 0
+    t0 = time.perf_counter()
+
+    def account(stats: tuple[int, int]) -> None:
+        nonlocal docs, tokens
+        docs, tokens = docs + stats[0], tokens + stats[1]
+        bar.update(progress.bytes_read - bar.n)
+        dt = max(time.perf_counter() - t0, 1e-9)
+        bar.set_postfix_str(f"{docs / dt:,.0f} docs/s {tokens / dt:,.0f} tok/s", refresh=False)
+
+    pool, saved_env = None, os.environ.get("TOKENIZERS_PARALLELISM")
+    try:
+        if cfg.workers > 1:
+            ctx = multiprocessing.get_context("spawn")
+            pool = ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(settings,))
+        else:
+            _init_worker(settings)
+        pending = []
+        for job in iter_units(cfg, paths, work, progress):
+            n_units += 1
+            if _unit_ok(Path(job.path)):
+                resumed += 1
+                account((0, 0))
+                continue
+            if pool is None:
+                account(_tokenize_job(job))
+                _fault("prepare.unit", n_units)
+                continue
+            pending.append(pool.apply_async(_tokenize_job, (job,)))
+            while len(pending) >= 2 * cfg.workers or (pending and pending[0].ready()):
+                account(pending.pop(0).get())
+                _fault("prepare.unit", n_units - len(pending))
+        for result in pending:
+            account(result.get())
+        bar.update(progress.bytes_read - bar.n)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        elif saved_env is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved_env
+        bar.close()
+    return n_units, resumed
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(settings: tuple) -> None:
+    from tokenizers import Tokenizer
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one worker = one core
+    tok_json, dtype, summarization, max_piece = settings
+    _WORKER.update(tok=encoder(Tokenizer.from_str(tok_json)), dtype=np.dtype(dtype), summarization=summarization,
+                   max_piece=max_piece)
+
+
+def split_text(text: str, max_chars: int) -> list[str]:
+    """Cut a long text into pieces of at most ``max_chars`` characters, before a space that follows a non-space.
+
+    Byte-level BPE pre-tokenizers (GPT-2, Llama 3, ours) start a new pre-token there, so the pieces encode to
+    exactly the ids of the whole text; only a text with no such space in the second half of a window is cut
+    hard. Keeps tokenization time and memory bounded for single-line documents of many megabytes.
+    """
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        end = start + max_chars
+        cut = text.rfind(" ", start + max_chars // 2, end)
+        while cut > start and text[cut - 1].isspace():
+            cut = text.rfind(" ", start + max_chars // 2, cut)
+        if cut <= start:
+            cut = end
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def encode_texts(texts: list[str]) -> list[np.ndarray]:
+    """Token ids of each text (long texts through :func:`split_text`), in the worker's tokenizer."""
+    tok, max_piece = _WORKER["tok"], _WORKER["max_piece"]
+    pieces, owner = [], []
+    for i, text in enumerate(texts):
+        parts = split_text(text, max_piece) if len(text) > max_piece else [text]
+        pieces += parts
+        owner += [i] * len(parts)
+    encs = tok.encode_batch(pieces, add_special_tokens=False)
+    out: list[list[int]] = [[] for _ in texts]
+    for i, enc in zip(owner, encs):
+        out[i].extend(enc.ids)
+    return [np.array(ids, np.int64) for ids in out]
+
+
+def _tokenize_job(job: UnitJob) -> tuple[int, int]:
+    """Tokenize one unit and write it; returns (documents, tokens)."""
+    docs = encode_texts([d[2] for d in job.docs])
+    summaries = encode_texts([d[3] for d in job.docs]) if _WORKER["summarization"] else [np.zeros(0, np.int64)] * len(docs)
+    meta = {"docs": [[d[0], d[1], _split_key(d[2], d[3])] for d in job.docs], "issues": job.issues}
+    lengths = np.array([[len(a), len(b)] for a, b in zip(docs, summaries)], np.int64).reshape(-1, 2)
+    dtype = _WORKER["dtype"]
+    body = np.concatenate([*docs, *summaries]).astype(dtype) if docs else np.zeros(0, dtype)
+    head = json.dumps(meta, separators=(",", ":")).encode()
+    raw = b"".join([UNIT_HEADER.pack(len(head)), head, lengths.tobytes(), body.tobytes()])
+    write_atomic(Path(job.path), zstandard.ZstdCompressor(level=1, write_checksum=True).compress(raw))
+    return len(docs), int(lengths.sum())
+
+
+def _split_key(text: str, summary: str | None) -> str:
+    """A content hash, so identical documents always land in the same split (no train/val leak by duplicates)."""
+    h = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8)
+    if summary is not None:
+        h.update(b"\0" + summary.encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+def is_val(split_key: str, seed: int, fraction: float) -> bool:
+    """Pure: whether a document goes to val, from its content hash and the seed."""
+    if fraction <= 0:
+        return False
+    h = hashlib.blake2b(f"{seed}:{split_key}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") < fraction * 2**64
+
+
+def _unit_ok(path: Path) -> bool:
+    try:
+        read_unit(path, np.dtype("<u4"), check_only=True)
+        return True
+    except (OSError, ValueError, zstandard.ZstdError):
+        return False
+
+
+def read_unit(path: Path, dtype: np.dtype, check_only: bool = False):
+    raw = zstandard.ZstdDecompressor().decompress(path.read_bytes())
+    (n,) = UNIT_HEADER.unpack_from(raw)
+    meta = json.loads(raw[UNIT_HEADER.size:UNIT_HEADER.size + n])
+    if check_only:
+        return None
+    pos = UNIT_HEADER.size + n
+    lengths = np.frombuffer(raw, np.int64, 2 * len(meta["docs"]), pos).reshape(-1, 2)
+    body = np.frombuffer(raw, dtype, offset=pos + lengths.nbytes)
+    ends = np.cumsum(np.concatenate([lengths[:, 0], lengths[:, 1]]))
+    parts = np.split(body, ends[:-1]) if len(ends) else []
+    k = len(meta["docs"])
+    return meta, lengths, parts[:k], parts[k:]
+
+
+# --- stage 2: pack and write ----------------------------------------------------------------------
+
+
+def write_output(cfg: PrepareConfig, paths: list[Path], tok: TokenizerInfo, separator: np.ndarray, work: Path,
+                 n_units: int) -> dict:
+    from tqdm import tqdm
+
+    out = Path(cfg.out)
+    L = cfg.segment_len * cfg.sample_segments
+    summarization = cfg.format == "summarization"
+    writers = {s: ShardWriter(out, s, tok.dtype, shard_bytes=cfg.shard_bytes, frame_bytes=cfg.frame_bytes,
+                              level=cfg.zstd_level) for s in SPLITS}
+    packers = {s: StreamPacker(sample_tokens=L, pad_id=tok.pad_id, dtype=tok.dtype) for s in SPLITS}
+    n_samples = dict.fromkeys(SPLITS, 0)
+    n_docs = dict.fromkeys(SPLITS, 0)
+    counts: Counter = Counter()
+    issues: list[dict] = []
+    shards_done = 0
+
+    def note(source, line, reason, detail="", kept=False):
+        counts[reason] += 1
+        if len(issues) < MAX_REPORTED_ISSUES:
+            issues.append({"file": str(paths[source]), "line": line, "reason": reason, "detail": detail, "kept": kept})
+
+    def emit(split, samples):
+        nonlocal shards_done
+        for s in samples:
+            writers[split].add(s)
+        n_samples[split] += len(samples)
+        if len(writers[split].entries) + len(writers["val" if split == "train" else "train"].entries) > shards_done:
+            shards_done += 1
+            _fault("prepare.shard", shards_done)
+
+    docs_tmp = out / (DOCS_NAME + ".tmp")
+    docs_sha = hashlib.sha256()
+    doc_id = 0
+    docs_file = open(docs_tmp, "wb")
+    with zstandard.ZstdCompressor(level=3, write_checksum=True).stream_writer(
+            _HashingWriter(docs_file, docs_sha), closefd=False) as docs_out:
+        for k in tqdm(range(n_units), desc="pack", unit="unit", disable=not cfg.progress or None, dynamic_ncols=True):
+            meta, lengths, doc_tokens, summ_tokens = read_unit(work / f"unit-{k:06d}.bin", tok.dtype)
+            for issue in meta["issues"]:
+                note(*issue)
+            for (source, line, key), toks, summ in zip(meta["docs"], doc_tokens, summ_tokens):
+                if len(toks) < max(cfg.min_doc_tokens, 1):
+                    note(source, line, "too_short", f"{len(toks)} tokens")
+                    continue
+                split = "val" if is_val(key, cfg.seed, cfg.val_fraction) else "train"
+                if summarization:
+                    sample, position = n_samples[split], 0
+                    emit(split, [summary_sample(doc_id, toks, separator, summ, eos_id=tok.eos_id,
+                                                pad_id=tok.pad_id, segment_len=cfg.segment_len,
+                                                sample_segments=cfg.sample_segments, dtype=tok.dtype)])
+                else:
+                    sample, position = divmod(packers[split].total, L)
+                    emit(split, packers[split].add(doc_id, np.append(toks, np.array([tok.eos_id], tok.dtype))))
+                docs_out.write((json.dumps({"id": doc_id, "split": split, "source": source, "line": line,
+                                            "tokens": len(toks), "sample": sample, "position": position},
+                                           separators=(",", ":")) + "\n").encode())
+                n_docs[split] += 1
+                doc_id += 1
+        for split in SPLITS:
+            emit(split, packers[split].finish())
+    with docs_file:
+        docs_file.flush()
+        os.fsync(docs_file.fileno())
+    os.replace(docs_tmp, out / DOCS_NAME)
+    splits = {s: writers[s].close() for s in SPLITS}
+    if doc_id == 0:
+        raise DataError(f"{cfg.inputs[0]}: no usable documents in the input ({_summarize(counts)})")
+    report = {"documents": {"kept": doc_id, **{s: n_docs[s] for s in SPLITS}}, "issue_counts": dict(sorted(counts.items())),
+              "issues": issues, "issues_listed": len(issues)}
+    write_atomic(out / REPORT_NAME, (json.dumps(report, indent=1, sort_keys=True) + "\n").encode())
+    index = make_index(tokenizer=tok.to_dict(), dtype=tok.dtype, segment_len=cfg.segment_len,
+                       sample_segments=cfg.sample_segments, mode="summarization" if summarization else "pretrain",
+                       splits=splits, zstd_level=cfg.zstd_level,
+                       documents={"name": DOCS_NAME, "bytes": (out / DOCS_NAME).stat().st_size,
+                                  "sha256": docs_sha.hexdigest(), "num_documents": doc_id},
+                       sources=[{"path": str(p), "bytes": p.stat().st_size} for p in paths],
+                       args=cfg.output_args(), report=dict(sorted(counts.items())))
+    for s in SPLITS:
+        index["splits"][s]["num_documents"] = n_docs[s]
+    write_index(out, index)
+    return index
+
+
+def _summarize(counts: Counter) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "empty input"
+
+
+class _HashingWriter:
+    """A file wrapper that feeds every written byte to a hash (the documents file's sha256)."""
+
+    def __init__(self, f, h):
+        self.f, self.h = f, h
+
+    def write(self, data) -> int:
+        self.h.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _remove_stale(out: Path, index: dict) -> None:
+    """Delete shards of earlier builds that the new index does not list (only our own file names)."""
+    keep = {e["name"] for split in index["splits"].values() for e in split["shards"]}
+    for split in SPLITS:
+        for f in out.glob(f"{split}-*{SHARD_SUFFIX}*"):
+            if f.name not in keep:
+                f.unlink(missing_ok=True)
+    (out / (DOCS_NAME + ".tmp")).unlink(missing_ok=True)

