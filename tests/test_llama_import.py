@@ -187,7 +187,7 @@ WHERE = Path("ckpt/config.json")
     ({"attention_bias": True}, "attention_bias true is not supported"),
     ({"mlp_bias": True}, "mlp_bias true is not supported"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling type 'linear' is not supported"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling type 'llama3' is not supported yet"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling of type 'llama3' needs numeric"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_parameters type 'yarn' is not supported"),
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor must be 1"),
     ({"hidden_size": None}, "missing key 'hidden_size'"),
@@ -236,3 +236,28 @@ def test_llama3_rope_is_yarn_ramp_without_temperature():
                       mscale=1.0)
     torch.testing.assert_close(rope_inv_freq(spec), hf.inv_freq, atol=1e-7, rtol=1e-6)
     assert hf.attention_scaling == 1.0
+
+
+def test_llama3_rope_scaling_checkpoint_matches_transformers(tmp_path, ids):
+    """Llama 3.1/3.2 checkpoints ("llama3" rope scaling) load as YaRN with mscale 1 and match HF to 1e-4."""
+    torch.manual_seed(3)
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8}
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=96, rope_theta=10000.0, rope_scaling=scaling,
+                      max_position_embeddings=128, initializer_range=0.1)
+    hf = LlamaForCausalLM(cfg).eval()
+    model, _ = load_llama(save(hf, tmp_path / "l3"), segment_len=32, gate_init=CLOSED)
+    c = model.config
+    assert (c.pos_emb, c.yarn_scale, c.yarn_original_len, c.yarn_alpha, c.yarn_beta, c.yarn_mscale) == \
+        ("yarn", 8.0, 8, 1.0, 4.0, 1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, hf_logits(hf, ids), atol=1e-4, rtol=0)
+    # the scaling matters at these positions: plain RoPE (same weights) would not match
+    cfg2 = c.replace(pos_emb="rope", yarn_scale=1.0, yarn_mscale=None)
+    from infinitrain.model import InfiniLM
+
+    rope_model = InfiniLM(cfg2).eval()
+    rope_model.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert (rope_model(ids).logits - hf_logits(hf, ids)).abs().max() > 1e-3

@@ -38,6 +38,7 @@ class ModelConfig:
     yarn_original_len: int = 2048
     yarn_alpha: float = 1.0
     yarn_beta: float = 32.0
+    yarn_mscale: float | None = None  # YaRN sqrt(1/t) on q and k; None = 0.1 ln s + 1 (1.0 = Llama 3.1 scaling)
     norm_eps: float = 1e-5
     memory_eps: float = 1e-6
     dropout: float = 0.0
@@ -77,6 +78,8 @@ class ModelConfig:
             raise ConfigError(f"model.yarn_scale must be >= 1 and only set with pos_emb: yarn; got {self.yarn_scale}")
         if not 0.0 < self.yarn_alpha < self.yarn_beta:
             raise ConfigError(f"model.yarn_alpha/yarn_beta need 0 < alpha < beta; got {self.yarn_alpha}, {self.yarn_beta}")
+        if self.yarn_mscale is not None and not self.yarn_mscale > 0:
+            raise ConfigError(f"model.yarn_mscale must be > 0 or null, got {self.yarn_mscale}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         for name in ("norm_eps", "memory_eps", "init_std"):
@@ -99,7 +102,8 @@ class ModelConfig:
             return None
         return RotarySpec(head_dim=self.head_dim, rot_dim=self.rot_dim, base=self.rope_theta,
                           scale=self.yarn_scale if self.pos_emb == "yarn" else 1.0,
-                          original_len=self.yarn_original_len, alpha=self.yarn_alpha, beta=self.yarn_beta)
+                          original_len=self.yarn_original_len, alpha=self.yarn_alpha, beta=self.yarn_beta,
+                          mscale=self.yarn_mscale if self.pos_emb == "yarn" else None)
 
     def is_routed(self, layer: int) -> bool:
         """Mixture-of-Depths placement: with mod_every=k, blocks k-1, 2k-1, ... are routed (block 0 never)."""

@@ -28,7 +28,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 for bf16/fp16, fp64 kept for references
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
@@ -234,7 +234,8 @@ class MoDBlock(nn.Module):
         self.tokens_per_segment = cfg.mod_tokens_per_segment()
 
     def route(self, x: Tensor) -> Tensor:
-        return self.router(x).squeeze(-1).float()  # (B, T) logits r
+        r = self.router(x).squeeze(-1)
+        return r.to(torch.promote_types(r.dtype, torch.float32))  # (B, T) logits r
 
     def forward(self, x: Tensor, state: AttnState | None = None, *, keep: Tensor | None = None,
                 doc_start: Tensor | None = None) -> tuple[Tensor, AttnState, Tensor]:

@@ -25,10 +25,9 @@ API::
   one segment with the gates closed the logits equal the original's.
 - Refused with one line naming the file and key: ``model_type`` other than llama, ``hidden_act`` other than
   silu, attention or MLP biases, partial rotary, any ``rope_scaling``/``rope_parameters`` type other than
-  default. Llama 3.1's "llama3" scaling is refused too: its frequencies are YaRN's ramp (scale = factor,
-  alpha = low_freq_factor, beta = high_freq_factor) *without* the temperature, which ``RotarySpec`` can
-  express (``mscale=1``) but ``ModelConfig`` cannot yet, and a model its own config does not describe would
-  change behaviour when rebuilt from that config.
+  default or "llama3". Llama 3.1/3.2's "llama3" scaling maps exactly onto YaRN's by-parts ramp without the
+  temperature (``pos_emb: yarn``, scale = factor, alpha = low_freq_factor, beta = high_freq_factor,
+  ``yarn_mscale: 1``).
 - Missing tensors and shape mismatches raise ``CheckpointError`` naming the tensor and the file; tensors
   the model does not use (e.g. ``rotary_emb.inv_freq``, a tied checkpoint's ``lm_head.weight``) are listed
   in the report.
@@ -103,18 +102,33 @@ def _key(hf: dict[str, Any], key: str, where: Path) -> Any:
     return hf[key]
 
 
-def _rope_theta(hf: dict[str, Any], where: Path) -> float:
-    """RoPE base from either layout: transformers 5 ``rope_parameters`` or 4.x ``rope_theta`` + ``rope_scaling``."""
+def _llama3_rope(p: dict[str, Any], key: str, where: Path) -> dict[str, Any]:
+    """Llama 3.1 "llama3" scaling is YaRN's by-parts ramp without the temperature: scale = factor,
+    alpha = low_freq_factor, beta = high_freq_factor (in rotations within the original context), mscale 1."""
+    try:
+        fields = dict(pos_emb="yarn", yarn_scale=float(p["factor"]),
+                      yarn_original_len=int(p["original_max_position_embeddings"]),
+                      yarn_alpha=float(p.get("low_freq_factor", 1.0)), yarn_beta=float(p.get("high_freq_factor", 4.0)),
+                      yarn_mscale=1.0)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: {key} of type 'llama3' needs numeric factor and "
+                              f"original_max_position_embeddings ({err})") from None
+    return fields
+
+
+def _rope_fields(hf: dict[str, Any], where: Path) -> dict[str, Any]:
+    """RoPE fields of ModelConfig from either layout: transformers 5 ``rope_parameters`` or 4.x ``rope_theta`` +
+    ``rope_scaling``; default RoPE or Llama 3.1's "llama3" scaling."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
+    fields: dict[str, Any] = {}
     for key, p in (("rope_parameters", params), ("rope_scaling", scaling)):
         if not isinstance(p, dict):
             raise CheckpointError(f"{where}: {key} must be an object or null, got {p!r}")
         kind = p.get("rope_type", p.get("type", "default"))
         if kind == "llama3":
-            raise CheckpointError(f"{where}: {key} type 'llama3' is not supported yet (YaRN ramp without temperature; "
-                                  "ModelConfig cannot express it)")
-        if kind != "default":
+            fields.update(_llama3_rope(p, key, where))
+        elif kind != "default":
             raise CheckpointError(f"{where}: {key} type {kind!r} is not supported (only default RoPE)")
         if p.get("partial_rotary_factor", 1.0) != 1.0:
             raise CheckpointError(f"{where}: {key}.partial_rotary_factor must be 1 for Llama")
@@ -123,7 +137,7 @@ def _rope_theta(hf: dict[str, Any], where: Path) -> float:
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     if not isinstance(theta, (int, float)) or isinstance(theta, bool):
         raise CheckpointError(f"{where}: rope_theta must be a number, got {theta!r}")
-    return float(theta)
+    return {"pos_emb": "rope", **fields, "rope_theta": float(theta)}
 
 
 def _refuse_unsupported(hf: dict[str, Any], where: Path) -> None:
@@ -144,7 +158,7 @@ def llama_model_config(hf: dict[str, Any], *, where: Path, segment_len: int | No
     ``segment_len`` None: 2048 (the paper's N), or ``max_position_embeddings`` if that is smaller.
     """
     _refuse_unsupported(hf, where)
-    theta = _rope_theta(hf, where)
+    rope = _rope_fields(hf, where)
     max_pos = hf.get("max_position_embeddings")
     if not isinstance(max_pos, int) or isinstance(max_pos, bool) or max_pos <= 0:
         max_pos = None
@@ -158,7 +172,7 @@ def llama_model_config(hf: dict[str, Any], *, where: Path, segment_len: int | No
         vocab_size=_key(hf, "vocab_size", where), d_model=_key(hf, "hidden_size", where),
         n_layers=_key(hf, "num_hidden_layers", where), n_heads=heads,
         n_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim"),
-        d_ff=_key(hf, "intermediate_size", where), activation="ffnswiglu", pos_emb="rope", rope_theta=theta,
+        d_ff=_key(hf, "intermediate_size", where), activation="ffnswiglu", **rope,
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         segment_len=segment_len, update=update, gate_init=gate_init, mod_every=mod_every,
         init_std=float(hf.get("initializer_range", 0.02)),
