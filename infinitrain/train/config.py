@@ -1,0 +1,312 @@
+"""Run configuration: frozen, validated dataclasses built from a recipe (YAML) plus ``key.sub=value`` overrides.
+
+Recipe schema (every key optional except ``model``; see ``infinitrain/recipes/debug.yaml``)::
+
+    model: debug                  # a preset name, or a mapping: {preset: debug, segment_len: 32, ...}
+                                  # or a full ModelConfig mapping without ``preset``
+    data:      {path, segments_per_sample, micro_batch_size, grad_accum, val_fraction, val_samples, seed}
+    optim:     {lr, gate_lr, weight_decay, beta1, beta2, eps, grad_clip}
+    schedule:  {steps, warmup, min_lr_ratio}
+    tbptt:     {window, checkpointing: none|layer|segment, mod_aux_weight}
+    checkpoint:{save_every, keep_last}
+    log:       {every, eval_every, tensorboard, progress}
+    run:       {precision: bf16|fp32, zero_stage: 0-3, zero_init: auto|true|false, seed,
+                max_nonfinite, deterministic}
+    deepspeed: {}                 # merged last into the generated DeepSpeed config (pass-through)
+
+Overrides are trailing ``key.sub=value`` tokens; the value is parsed as YAML (``1e-3``, ``[0.9, 0.95]``,
+``null``). An unknown key anywhere but under ``deepspeed`` is a ``ConfigError`` naming it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from infinitrain.errors import ConfigError
+from infinitrain.model.config import ModelConfig, get_preset
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+CHECKPOINTING = ("none", "layer", "segment")
+PRECISIONS = ("bf16", "fp32")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _from_dict(cls, d: Any, where: str):
+    """Build a section dataclass from a mapping; unknown keys and wrong types are one-line ConfigErrors."""
+    if d is None:
+        d = {}
+    _check(isinstance(d, dict), f"{where}: expected a mapping, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    _check(not unknown, f"{where}: unknown key {where}.{unknown[0] if unknown else ''!s} (known: {', '.join(sorted(known))})")
+    try:
+        return cls(**d)
+    except TypeError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _positive_int(where: str, value: Any, zero_ok: bool = False) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if zero_ok else value > 0)
+    _check(ok, f"{where} must be a {'non-negative' if zero_ok else 'positive'} integer, got {value!r}")
+
+
+def _number(where: str, value: Any, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > lo if lo_open else value >= lo) and value <= hi
+    _check(ok, f"{where} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    path: str | None = None  # prepared shard dir, or a text file / dir of .txt files (byte-level ids); --data
+    segments_per_sample: int = 4  # N: a sample is N * segment_len tokens
+    micro_batch_size: int = 2  # samples per rank per micro-batch
+    grad_accum: int = 1  # micro-batches per rank per optimizer step
+    val_fraction: float = 0.05  # text sources: tail of the corpus held out for validation
+    val_samples: int = 16  # validation samples evaluated (in order, sharded over ranks)
+    seed: int = 0  # shuffle seed of the sampler
+
+    def __post_init__(self) -> None:
+        for name in ("segments_per_sample", "micro_batch_size", "grad_accum", "val_samples"):
+            _positive_int(f"data.{name}", getattr(self, name))
+        _number("data.val_fraction", self.val_fraction, 0.0, 0.5, lo_open=True)
+        _positive_int("data.seed", self.seed, zero_ok=True)
+        _check(self.path is None or isinstance(self.path, str), f"data.path must be a string, got {self.path!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    lr: float = 3e-4
+    gate_lr: float = 1e-2  # the per-head gates β (HF's reproduction: β barely moves at the global lr)
+    weight_decay: float = 0.1  # not applied to gates, norms and biases
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # always passed to DeepSpeed (its default changed to 1.0 in 0.19.3); 0 = off
+
+    def __post_init__(self) -> None:
+        _number("optim.lr", self.lr, 0.0, lo_open=True)
+        _number("optim.gate_lr", self.gate_lr, 0.0)
+        _number("optim.weight_decay", self.weight_decay, 0.0)
+        _number("optim.beta1", self.beta1, 0.0, 1.0)
+        _number("optim.beta2", self.beta2, 0.0, 1.0)
+        _number("optim.eps", self.eps, 0.0, lo_open=True)
+        _number("optim.grad_clip", self.grad_clip, 0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScheduleConfig:
+    steps: int = 1000  # optimizer steps of the run
+    warmup: int = 100  # linear warmup steps, then cosine down to min_lr_ratio * lr at ``steps``
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        _positive_int("schedule.steps", self.steps)
+        _positive_int("schedule.warmup", self.warmup, zero_ok=True)
+        _number("schedule.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TBPTTConfig:
+    window: int = 0  # W segments per backward; 0 = the whole sample (full BPTT)
+    checkpointing: Literal["none", "layer", "segment"] = "none"
+    mod_aux_weight: float = 0.01  # weight of the Mixture-of-Depths router BCE in the loss
+
+    def __post_init__(self) -> None:
+        _positive_int("tbptt.window", self.window, zero_ok=True)
+        _check(self.checkpointing in CHECKPOINTING,
+               f"tbptt.checkpointing must be one of {', '.join(CHECKPOINTING)}; got {self.checkpointing!r}")
+        _number("tbptt.mod_aux_weight", self.mod_aux_weight, 0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    save_every: int = 0  # steps between checkpoints; 0 = only at the end and on SIGTERM/SIGINT
+    keep_last: int = 2  # committed checkpoints kept (older ones pruned); 0 = keep all
+
+    def __post_init__(self) -> None:
+        _positive_int("checkpoint.save_every", self.save_every, zero_ok=True)
+        _positive_int("checkpoint.keep_last", self.keep_last, zero_ok=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogConfig:
+    every: int = 10  # steps between metrics.jsonl rows
+    eval_every: int = 0  # steps between validation passes; 0 = only at the end
+    tensorboard: bool = True  # when tensorboard is installed
+    progress: bool = True  # rank-0 tqdm bar
+
+    def __post_init__(self) -> None:
+        _positive_int("log.every", self.every)
+        _positive_int("log.eval_every", self.eval_every, zero_ok=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    precision: Literal["bf16", "fp32"] = "bf16"
+    zero_stage: int = 3
+    zero_init: Literal["auto", True, False] = "auto"  # auto: deepspeed.zero.Init for stage 3 and >= 0.5 B params
+    seed: int = 0  # model init and per-rank RNG
+    max_nonfinite: int = 5  # consecutive skipped (non-finite) steps before the run aborts
+    deterministic: bool = True  # torch.use_deterministic_algorithms (bitwise resume on CPU)
+
+    def __post_init__(self) -> None:
+        _check(self.precision in PRECISIONS, f"run.precision must be one of {', '.join(PRECISIONS)}; "
+                                             f"got {self.precision!r}")
+        _check(self.zero_stage in (0, 1, 2, 3) and not isinstance(self.zero_stage, bool),
+               f"run.zero_stage must be 0, 1, 2 or 3; got {self.zero_stage!r}")
+        _check(self.zero_init in ("auto", True, False), f"run.zero_init must be auto, true or false; "
+                                                          f"got {self.zero_init!r}")
+        _positive_int("run.seed", self.seed, zero_ok=True)
+        _positive_int("run.max_nonfinite", self.max_nonfinite)
+        _check(isinstance(self.deterministic, bool), f"run.deterministic must be true or false")
+
+
+SECTIONS = {"data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig, "tbptt": TBPTTConfig,
+            "checkpoint": CheckpointConfig, "log": LogConfig, "run": RunConfig}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything a run needs. ``to_dict()`` is the resolved recipe (``run_dir/config.yaml``)."""
+
+    model: ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    tbptt: TBPTTConfig = field(default_factory=TBPTTConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        N = self.data.segments_per_sample
+        _check(self.tbptt.window <= N, f"tbptt.window ({self.tbptt.window}) must be <= data.segments_per_sample ({N})")
+        _check(self.schedule.warmup <= self.schedule.steps,
+               f"schedule.warmup ({self.schedule.warmup}) must be <= schedule.steps ({self.schedule.steps})")
+        _check(isinstance(self.deepspeed, dict), "deepspeed: expected a mapping")
+
+    # --- derived ---------------------------------------------------------------------------
+    @property
+    def window(self) -> int:
+        """W, segments per backward (the whole sample when tbptt.window is 0)."""
+        return self.tbptt.window or self.data.segments_per_sample
+
+    @property
+    def n_windows(self) -> int:
+        return math.ceil(self.data.segments_per_sample / self.window)
+
+    @property
+    def sample_len(self) -> int:
+        return self.data.segments_per_sample * self.model.segment_len
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"model": self.model.to_dict()}
+        for name in SECTIONS:
+            d[name] = dataclasses.asdict(getattr(self, name))
+        d["deepspeed"] = copy.deepcopy(self.deepspeed)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        _check(isinstance(d, dict), f"recipe: expected a mapping at the top level, got {type(d).__name__}")
+        known = {"model", "deepspeed", *SECTIONS}
+        unknown = sorted(set(d) - known)
+        _check(not unknown, f"recipe: unknown key {unknown[0] if unknown else ''!s} (known: {', '.join(sorted(known))})")
+        _check("model" in d, "recipe: 'model' is required (a preset name or a mapping)")
+        sections = {name: _from_dict(sec, d.get(name), name) for name, sec in SECTIONS.items()}
+        return cls(model=_model_from(d["model"]), deepspeed=dict(d.get("deepspeed") or {}), **sections)
+
+    def replace(self, **sections: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **sections)
+
+
+def _model_from(m: Any) -> ModelConfig:
+    if isinstance(m, str):
+        return get_preset(m)
+    _check(isinstance(m, dict), f"model: expected a preset name or a mapping, got {type(m).__name__}")
+    m = dict(m)
+    preset = m.pop("preset", None)
+    if preset is None:
+        return ModelConfig.from_dict(m, where="model")
+    base = get_preset(preset).to_dict()
+    unknown = sorted(set(m) - set(base) - {"extra"})
+    _check(not unknown, f"model: unknown key model.{unknown[0] if unknown else ''} (known: preset, {', '.join(sorted(base))})")
+    return ModelConfig.from_dict({**base, **m}, where="model")
+
+
+# --- recipes and overrides ------------------------------------------------------------------------
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A shipped recipe name (``debug``) or a path to a YAML file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        _check(p.is_file(), f"recipe file not found: {p}")
+        return p
+    shipped = RECIPE_DIR / f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        names = ", ".join(sorted(q.stem for q in RECIPE_DIR.glob("*.yaml")))
+        raise ConfigError(f"unknown recipe {name_or_path!r} (shipped: {names}; or give a path to a .yaml file)")
+    return shipped
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    _check(isinstance(d, dict), f"{path}: a recipe must be a YAML mapping")
+    return d
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``key.sub=value`` tokens applied to the raw recipe; unknown keys are caught when sections are built."""
+    d = copy.deepcopy(d)
+    for token in overrides:
+        key, sep, raw = token.partition("=")
+        _check(bool(sep) and bool(key) and all(key.split(".")), f"override {token!r}: expected key.sub=value")
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError:
+            value = raw
+        parts = key.split(".")
+        if parts[0] == "model" and isinstance(d.get("model"), str):
+            d["model"] = {"preset": d["model"]}
+        _check(parts[0] in {"model", "deepspeed", *SECTIONS},
+               f"override {token!r}: unknown key {parts[0]} (known: deepspeed, model, {', '.join(SECTIONS)})")
+        if len(parts) > 1 and parts[0] in SECTIONS:
+            names = {f.name for f in dataclasses.fields(SECTIONS[parts[0]])}
+            _check(parts[1] in names and len(parts) == 2,
+                   f"override {token!r}: unknown key {key} (known: {', '.join(sorted(names))})")
+        node = d
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = value
+    return d
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), data: str | None = None,
+                ) -> TrainConfig:
+    """Recipe file -> overrides -> ``--data`` -> validated TrainConfig."""
+    d = apply_overrides(load_yaml(recipe_path(name_or_path)), list(overrides))
+    if data is not None:
+        d.setdefault("data", {})
+        d["data"] = {**(d["data"] or {}), "path": str(data)}
+    return TrainConfig.from_dict(d)

@@ -1,0 +1,171 @@
+"""What the trainer reads: a small sample-source protocol, a deterministic resumable rank-sharded sampler, batches.
+
+The trainer needs only :class:`SampleSource`: ``len(src)`` samples, each ``src[i]`` a :class:`Sample` of
+L = N·S tokens (input ids, next-token targets, loss mask, document starts, sample id). In-memory sources
+(:class:`TokenSource`, built from raw text by :func:`text_source`) serve tests and quick runs; prepared shards
+(``infinitrain prepare``) plug in through :func:`open_source` once the shard reader exposes the same shape.
+
+The sampler is a pure function of (seed, global sample position): optimizer step t consumes global positions
+[t·G, (t+1)·G) of an epoch-wise permutation, G = micro_batch × grad_accum × world. Rank r's micro-batch j of
+that step takes positions t·G + (j·world + r)·B + [0, B). Its state is one integer (``consumed``), so resume is
+exact and O(1).
+Shape legend: B micro-batch, L sample length (N segments × S tokens).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+from infinitrain.errors import ConfigError, DataError
+
+
+class Sample(NamedTuple):
+    input_ids: Tensor  # (L,) int64
+    targets: Tensor  # (L,) int64, the next token of each position
+    loss_mask: Tensor  # (L,) bool, False where the target does not count (padding, cross-document)
+    doc_start: Tensor  # (L,) bool, True where a document starts (memory resets there)
+    sample_id: int
+
+
+class Batch(NamedTuple):
+    input_ids: Tensor  # (B, L)
+    targets: Tensor  # (B, L)
+    loss_mask: Tensor  # (B, L) bool
+    doc_start: Tensor  # (B, L) bool
+    sample_ids: Tensor  # (B,)
+
+
+class SampleSource(Protocol):
+    """Random-access samples of a fixed length ``sample_len``; ``vocab_size`` bounds the ids."""
+
+    sample_len: int
+    vocab_size: int
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> Sample: ...
+
+
+def collate(samples: list[Sample]) -> Batch:
+    return Batch(torch.stack([s.input_ids for s in samples]), torch.stack([s.targets for s in samples]),
+                 torch.stack([s.loss_mask for s in samples]), torch.stack([s.doc_start for s in samples]),
+                 torch.tensor([s.sample_id for s in samples], dtype=torch.long))
+
+
+class TokenSource:
+    """Samples cut from one token stream: sample i is tokens [i·L, (i+1)·L] (inputs and shifted targets)."""
+
+    def __init__(self, tokens: Tensor, doc_starts: Tensor, sample_len: int, vocab_size: int, id_offset: int = 0):
+        self.tokens, self.doc_starts = tokens.long(), doc_starts.bool()  # (T,) each
+        self.sample_len, self.vocab_size, self.id_offset = sample_len, vocab_size, id_offset
+        self.n = (len(self.tokens) - 1) // sample_len
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Sample:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        a, L = i * self.sample_len, self.sample_len
+        chunk = self.tokens[a:a + L + 1]
+        doc = self.doc_starts[a:a + L + 1].clone()
+        # a target that starts a new document is not predictable from the previous document
+        return Sample(chunk[:-1], chunk[1:], ~doc[1:], doc[:-1], self.id_offset + i)
+
+
+def byte_tokens(text: str) -> Tensor:
+    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+
+
+def text_source(path: str | Path, sample_len: int, vocab_size: int, val_fraction: float,
+                ) -> tuple[TokenSource, TokenSource]:
+    """Byte-level (ids 0..255) train and validation sources from a .txt file or a directory of .txt files
+    (one document per file, sorted by name). The tail ``val_fraction`` of the stream is held out."""
+    p = Path(path)
+    files = sorted(p.glob("**/*.txt")) if p.is_dir() else [p]
+    if not files or not all(f.is_file() for f in files):
+        raise DataError(f"{p}: no text files found (expected a .txt file or a directory of them)")
+    if vocab_size < 256:
+        raise ConfigError(f"byte-level text data needs model.vocab_size >= 256, got {vocab_size}")
+    parts, starts = [], []
+    for f in files:
+        try:
+            ids = byte_tokens(f.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise DataError(f"{f}: not UTF-8 text (byte {err.start})") from None
+        parts.append(ids)
+        s = torch.zeros(len(ids), dtype=torch.bool)
+        s[:1] = True
+        starts.append(s)
+    tokens, doc = torch.cat(parts), torch.cat(starts)
+    n_val = max(sample_len + 1, int(len(tokens) * val_fraction))
+    if len(tokens) - n_val < sample_len + 1:
+        raise DataError(f"{p}: {len(tokens)} tokens are too few for samples of {sample_len} plus validation")
+    cut = len(tokens) - n_val
+    train = TokenSource(tokens[:cut], doc[:cut], sample_len, vocab_size)
+    val = TokenSource(tokens[cut:], doc[cut:], sample_len, vocab_size, id_offset=len(train))
+    return train, val
+
+
+def open_source(path: str, sample_len: int, vocab_size: int, val_fraction: float,
+                ) -> tuple[SampleSource, SampleSource]:
+    """The train and validation sources for ``data.path``."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: data path does not exist")
+    if (p / "index.json").is_file():
+        raise DataError(f"{p}: prepared shards are not readable by the trainer yet (the shard reader of "
+                        "issue 3 has not landed); pass a .txt file or a directory of .txt files")
+    return text_source(p, sample_len, vocab_size, val_fraction)
+
+
+class Sampler:
+    """Deterministic, resumable, rank-sharded order over ``size`` samples (see the module docstring)."""
+
+    def __init__(self, size: int, *, micro_batch: int, grad_accum: int, rank: int, world: int, seed: int):
+        if size < micro_batch * world:
+            raise DataError(f"{size} samples are fewer than one micro-batch on every rank ({micro_batch} x {world})")
+        self.size, self.B, self.accum, self.rank, self.world, self.seed = size, micro_batch, grad_accum, rank, world, seed
+        self.consumed = 0  # global samples consumed (all ranks)
+        self._perm: tuple[int, Tensor] | None = None
+
+    @property
+    def global_batch(self) -> int:
+        return self.B * self.accum * self.world
+
+    def _position(self, pos: int) -> int:
+        epoch, i = divmod(pos, self.size)
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.size, generator=g))
+        return int(self._perm[1][i])
+
+    def next_step(self) -> list[list[int]]:
+        """This rank's sample indices for the next optimizer step: ``grad_accum`` lists of B."""
+        base = self.consumed
+        out = [[self._position(base + (j * self.world + self.rank) * self.B + b) for b in range(self.B)]
+               for j in range(self.accum)]
+        self.consumed += self.global_batch
+        return out
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed, "seed": self.seed, "size": self.size, "global_batch": self.global_batch}
+
+    def load_state_dict(self, sd: dict) -> None:
+        now = self.state_dict()
+        for key in ("seed", "size", "global_batch"):
+            if sd[key] != now[key]:
+                raise ConfigError(f"cannot resume: the data {key} changed ({sd[key]} in the checkpoint, {now[key]} now)")
+        self.consumed = int(sd["consumed"])
+
+
+def val_batches(source: SampleSource, n_samples: int, micro_batch: int, rank: int, world: int) -> list[Batch]:
+    """The first ``n_samples`` validation samples (rounded down to whole micro-batches on every rank, so all
+    ranks run the same number of forwards, which ZeRO-3 needs), rank r taking every world-th."""
+    n = min(n_samples, len(source)) // (micro_batch * world) * (micro_batch * world)
+    idx = list(range(n))[rank::world]
+    return [collate([source[i] for i in idx[a:a + micro_batch]]) for a in range(0, len(idx), micro_batch)]

@@ -1,0 +1,213 @@
+"""The DeepSpeed side: process group set-up, the DeepSpeed config (built in ONE function), the engine, and
+activation checkpointing applied to the model's layers from outside (the model has no distributed code).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import os
+import socket
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from infinitrain.model import InfiniLM, count_parameters
+from infinitrain.train.config import TrainConfig
+
+ZERO_INIT_MIN_PARAMS = 500_000_000  # run.zero_init=auto: build partitioned from the start above this size
+
+
+# --- process group ----------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_environment(local_rank: int | None = None) -> None:
+    """Make torchrun, the ``deepspeed`` launcher (``--local_rank``) and a bare single process look the same:
+    RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* set, DS_ACCELERATOR=cpu when there is no CUDA. Call before
+    ``import deepspeed``."""
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    if "RANK" not in os.environ:  # no launcher: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"), WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size) after the process group is up (gloo on CPU, nccl on CUDA)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# --- the DeepSpeed config ------------------------------------------------------------------------------
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The whole DeepSpeed JSON, from the run config; the recipe's ``deepspeed:`` block is merged last.
+
+    DeepSpeed counts one "micro-batch" per backward, and we run one backward per TBPTT window, so its
+    gradient_accumulation_steps is grad_accum × windows (the trainer marks the boundary itself).
+    """
+    gas = cfg.data.grad_accum * cfg.n_windows
+    micro = cfg.data.micro_batch_size
+    zero: dict[str, Any] = {"stage": cfg.run.zero_stage}
+    if cfg.run.zero_stage == 3:
+        zero.update(overlap_comm=False, contiguous_gradients=True, stage3_gather_16bit_weights_on_model_save=False)
+    ds = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": micro * gas * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,  # always stated: DeepSpeed's default became 1.0 in 0.19.3
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.run.precision == "bf16"},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,  # our optimizer is torch AdamW (no JIT-built FusedAdam)
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(ds, cfg.deepspeed)
+
+
+# --- model, optimizer, schedule ---------------------------------------------------------------------------
+
+
+def lr_lambda(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the base lr for optimizer step ``step`` (0-based): linear warmup, then cosine."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model: InfiniLM, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Three groups: matrices (weight decay), norms/biases/embedding-free vectors (no decay), gates β (own lr)."""
+    gate_ids = {id(p) for p in model.gate_parameters()}
+    decay, no_decay, gates = [], [], []
+    for p in model.parameters():
+        if id(p) in gate_ids:
+            gates.append(p)
+        elif getattr(p, "ds_shape", p.shape).__len__() >= 2:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    o = cfg.optim
+    groups = [{"params": decay, "weight_decay": o.weight_decay, "lr": o.lr, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "lr": o.lr, "name": "no_decay"},
+              {"params": gates, "weight_decay": 0.0, "lr": o.gate_lr, "name": "gates"}]
+    return [g for g in groups if g["params"]]
+
+
+def _init_module(module: nn.Module, std: float, gate_init: float) -> None:
+    """``InfiniLM.reset_parameters`` one module at a time, for models built under ``zero.Init`` (whose
+    ``module.apply`` gathers each module's own parameters around the call)."""
+    with torch.no_grad():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        if hasattr(module, "betas") and isinstance(module.betas, nn.Parameter):
+            module.betas.fill_(gate_init)
+
+
+def build_model(cfg: TrainConfig, ds_config: dict[str, Any]) -> InfiniLM:
+    """The model, seeded by run.seed; partitioned at construction under zero.Init for big stage-3 runs."""
+    import deepspeed
+
+    use_init = cfg.run.zero_stage == 3 and (
+        cfg.run.zero_init is True or (cfg.run.zero_init == "auto" and count_parameters(cfg.model) >= ZERO_INIT_MIN_PARAMS))
+    torch.manual_seed(cfg.run.seed)
+    if not use_init:
+        return InfiniLM(cfg.model)
+    dtype = torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+        model = InfiniLM(cfg.model)
+    # reset_parameters ran on already-partitioned (empty) tensors; redo it module by module, gathered
+    model.apply(functools.partial(_init_module, std=cfg.model.init_std, gate_init=cfg.model.gate_init))
+    return model
+
+
+def build_engine(cfg: TrainConfig, ds_config: dict[str, Any], model: InfiniLM | None = None):
+    """(engine, model): DeepSpeed engine over torch AdamW with the gate group and a warmup+cosine LambdaLR."""
+    import deepspeed
+
+    model = model if model is not None else build_model(cfg, ds_config)
+    apply_activation_checkpointing(model, cfg.tbptt.checkpointing, cfg.model.segment_len)
+    o, s = cfg.optim, cfg.schedule
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                            foreach=False)
+    sched = functools.partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=functools.partial(
+        lr_lambda, warmup=s.warmup, total=s.steps, min_ratio=s.min_lr_ratio))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
+    return engine, model
+
+
+# --- activation checkpointing (non-reentrant), applied from outside -----------------------------------------
+
+
+def _slice_time(kw: dict[str, Any], T: int, a: int, b: int) -> dict[str, Any]:
+    """Per-token keyword tensors (B, T, ...) such as ``doc_start`` cut to tokens [a, b)."""
+    return {k: v[:, a:b] if isinstance(v, Tensor) and v.dim() >= 2 and v.shape[1] == T else v for k, v in kw.items()}
+
+
+def _layer_checkpointed(forward, x: Tensor, state=None, **kw):
+    """Recompute the whole layer (all W segments of the window) in backward; keep only its input."""
+    return checkpoint(forward, x, state, use_reentrant=False, **kw)
+
+
+def _segment_checkpointed(forward, segment_len: int, x: Tensor, state=None, **kw):
+    """The paper's scheme: one checkpoint per (layer, segment); keeps segment inputs and memory states only."""
+    T = x.shape[1]
+    ys, aux = [], x.new_zeros((), dtype=torch.float32)
+    starts = range(0, T, segment_len)
+    for a in starts:
+        b = min(T, a + segment_len)
+        y, state, a_loss = checkpoint(forward, x[:, a:b], state, use_reentrant=False, **_slice_time(kw, T, a, b))
+        ys.append(y)
+        aux = aux + a_loss
+    return torch.cat(ys, dim=1), state, aux / len(starts)  # the aux loss is a per-token mean: average segments
+
+
+def apply_activation_checkpointing(model: InfiniLM, mode: str, segment_len: int) -> None:
+    """Wrap each block's forward ``(x, state) -> (x, state, aux)`` in torch's non-reentrant checkpoint
+    (reentrant checkpointing crashes ZeRO-3 when blocks are reused across segments). Names and
+    parameters are untouched, so checkpoints are the same with or without it."""
+    if mode == "none":
+        return
+    for block in model.layers:
+        inner = type(block).forward.__get__(block)
+        if mode == "layer":
+            block.forward = functools.partial(_layer_checkpointed, inner)
+        elif mode == "segment":
+            block.forward = functools.partial(_segment_checkpointed, inner, segment_len)
+        else:
+            raise ValueError(f"checkpointing must be none, layer or segment; got {mode!r}")

@@ -1,0 +1,254 @@
+"""``train(cfg, run_dir, resume)``: a TrainState plus a short loop of explicit calls.
+
+    for each step: sampler -> micro-batches -> backward over TBPTT windows -> engine.step()
+                   -> reduce stats -> skip or count -> log / eval / save -> stop on signal
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import signal
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from infinitrain.errors import ConfigError, DataError, InfinitrainError, TrainingAborted
+from infinitrain.train import checkpoint as ckpt
+from infinitrain.train.config import TrainConfig
+from infinitrain.train.data import SampleSource, Sampler, collate, open_source, val_batches
+from infinitrain.train.engine import build_engine, deepspeed_config, init_distributed, setup_environment
+from infinitrain.train.step import all_reduce, backward_windows, evaluate, reduce_stats
+
+
+class Preempted(InfinitrainError):
+    """SIGTERM/SIGINT: a checkpoint was committed and the run stopped; exit code 128 + signal number."""
+
+    def __init__(self, signum: int, path: Path | None):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after committing {path}")
+        self.code = 128 + signum
+
+
+@dataclass
+class TrainState:
+    """What resumes the loop: saved with every checkpoint, together with the engine and the RNG."""
+
+    step: int = 0  # optimizer steps applied
+    tokens: int = 0  # tokens of applied steps (all ranks)
+    data: dict[str, Any] = field(default_factory=dict)  # sampler state
+    skipped_total: int = 0  # steps skipped for a non-finite loss or gradient
+    skipped_in_row: int = 0
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop agrees on it across ranks at the end of the step and saves."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def agreed(self) -> int:
+        return int(all_reduce(torch.tensor([float(self.signum)], dtype=torch.float64)).max())
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class Metrics:
+    """Rank 0: metrics.jsonl rows, optional TensorBoard and the tqdm bar."""
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig, start: int, enabled: bool):
+        self.enabled = enabled
+        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        self.tb = None
+        if enabled and cfg.log.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:
+                pass
+        self.bar = None
+        if enabled and cfg.log.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.schedule.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def progress(self, n: int, **postfix: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def gate_values(model) -> list[list[float]]:
+    """sigmoid(β) per layer and head (collective under ZeRO-3: every rank calls it)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return [torch.sigmoid(safe_get_full_fp32_param(p).float()).tolist() for p in model.gate_parameters()]
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _configure_determinism(cfg: TrainConfig, rank: int) -> None:
+    if cfg.run.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(cfg.run.seed + 1000 * (rank + 1))  # per-rank stream (dropout); model init reseeds
+
+
+def _discard_gradients_stage0(engine) -> None:
+    """ZeRO stage 0 in fp32 has no overflow check: drop the gradients so AdamW skips every parameter."""
+    for p in engine.module.parameters():
+        p.grad = None
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, resume: str = "auto",
+          sources: tuple[SampleSource, SampleSource] | None = None, local_rank: int | None = None,
+          ) -> dict[str, Any]:
+    """Train to ``cfg.schedule.steps``; returns a summary. ``sources`` (train, val) replace ``data.path``."""
+    setup_environment(local_rank)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    rank, world = init_distributed()
+    _configure_determinism(cfg, rank)
+    run_dir = Path(run_dir)
+    ds_config = deepspeed_config(cfg, world)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
+        ckpt.clean_partial(run_dir / "checkpoints")
+    dist.barrier()
+
+    if sources is None:
+        if cfg.data.path is None:
+            raise ConfigError("no training data: pass --data DIR or set data.path in the recipe")
+        sources = open_source(cfg.data.path, cfg.sample_len, cfg.model.vocab_size, cfg.data.val_fraction)
+    train_src, val_src = sources
+    if train_src.sample_len != cfg.sample_len:
+        raise DataError(f"data samples have {train_src.sample_len} tokens, the recipe needs "
+                        f"{cfg.data.segments_per_sample} x {cfg.model.segment_len} = {cfg.sample_len}")
+    if train_src.vocab_size > cfg.model.vocab_size:
+        raise DataError(f"data vocabulary ({train_src.vocab_size}) exceeds model.vocab_size ({cfg.model.vocab_size})")
+
+    engine, model = build_engine(cfg, ds_config)
+    sampler = Sampler(len(train_src), micro_batch=cfg.data.micro_batch_size, grad_accum=cfg.data.grad_accum,
+                      rank=rank, world=world, seed=cfg.data.seed)
+    state = TrainState()
+    resume_from = ckpt.find_resume(run_dir, resume)
+    if resume == "none" and ckpt.committed(run_dir / "checkpoints"):
+        raise ConfigError(f"{run_dir / 'checkpoints'} already holds checkpoints; use --resume auto or a new --run-dir")
+    if resume_from is not None:
+        state = TrainState(**ckpt.load(engine, resume_from)["train_state"])
+        sampler.load_state_dict(state.data)
+    val = val_batches(val_src, cfg.data.val_samples, cfg.data.micro_batch_size, rank, world)
+
+    S, W = cfg.model.segment_len, cfg.window
+    tokens_per_step = sampler.global_batch * cfg.sample_len
+    stop = _StopFlag()
+    metrics = Metrics(run_dir, cfg, state.step, enabled=rank == 0)
+    last_saved, last_val, loss, window_start, window_tokens = state.step, math.nan, math.nan, time.time(), 0
+
+    def save() -> Path:
+        state.data = sampler.state_dict()
+        return ckpt.save(engine, run_dir / "checkpoints", state.step, {"train_state": dataclasses.asdict(state)},
+                         cfg.checkpoint.keep_last)
+
+    try:
+        while state.step < cfg.schedule.steps:
+            micro = [collate([train_src[i] for i in idx]) for idx in sampler.next_step()]
+            stats = backward_windows(engine, micro, segment_len=S, window=W, aux_weight=cfg.tbptt.mod_aux_weight,
+                                     step=state.step + 1)
+            stats = reduce_stats(stats)
+            bad_loss = bool(stats.nonfinite > 0)
+            if bad_loss and cfg.run.zero_stage == 0 and cfg.run.precision == "fp32":
+                _discard_gradients_stage0(engine)
+            lr_state = engine.lr_scheduler.state_dict()
+            engine.step()
+            skipped = bad_loss or not engine.was_step_applied()
+            if skipped and engine.was_step_applied():  # stage 0 path: AdamW saw no gradient; undo the lr tick
+                engine.lr_scheduler.load_state_dict(lr_state)
+            if skipped:
+                state.skipped_total += 1
+                state.skipped_in_row += 1
+                metrics.write({"step": state.step + 1, "skipped": True, "skipped_total": state.skipped_total,
+                               "reason": "non-finite loss" if bad_loss else "non-finite gradient"})
+                if state.skipped_in_row >= cfg.run.max_nonfinite:
+                    raise TrainingAborted(f"{state.skipped_in_row} steps in a row had a non-finite loss or gradient "
+                                          f"(run.max_nonfinite={cfg.run.max_nonfinite}); stopped at step {state.step}")
+            else:
+                state.skipped_in_row = 0
+                state.step += 1
+                state.tokens += tokens_per_step
+                window_tokens += tokens_per_step
+                loss = float(stats.loss_sum / stats.targets)
+                metrics.progress(1, loss=f"{loss:.4f}",
+                                 tok_s=f"{window_tokens / max(1e-9, time.time() - window_start):.0f}")
+
+            step = state.step
+            if not skipped and (step % cfg.log.every == 0 or step == cfg.schedule.steps):
+                gates = gate_values(model)
+                elapsed = max(1e-9, time.time() - window_start)
+                metrics.write({
+                    "step": step, "tokens": state.tokens, "loss": loss,
+                    "loss_per_segment": (stats.seg_loss / stats.seg_targets.clamp(min=1)).tolist(),
+                    "lr": engine.lr_scheduler.get_last_lr()[0], "gate_lr": engine.lr_scheduler.get_last_lr()[-1],
+                    "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens_per_s": window_tokens / elapsed,
+                    "peak_mem_mb": peak_memory_mb(), "mod_aux_loss": float(stats.aux), "gates": gates,
+                    "skipped_total": state.skipped_total})
+                window_start, window_tokens = time.time(), 0
+            if not skipped and cfg.log.eval_every and step % cfg.log.eval_every == 0 and val:
+                last_val = evaluate(engine, val, segment_len=S, window=W)
+                metrics.write({"step": step, "val_loss": last_val})
+            if not skipped and cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0:
+                save()
+                last_saved = step
+            signum = stop.agreed()
+            if signum:
+                done = ckpt.committed(run_dir / "checkpoints")
+                path = done[-1] if last_saved == state.step and done else save()
+                raise Preempted(signum, path)
+
+        if val and not (cfg.log.eval_every and state.step % cfg.log.eval_every == 0):
+            last_val = evaluate(engine, val, segment_len=S, window=W)
+            metrics.write({"step": state.step, "val_loss": last_val})
+        done = ckpt.committed(run_dir / "checkpoints")
+        path = done[-1] if last_saved == state.step and done else save()
+        return {"step": state.step, "tokens": state.tokens, "loss": loss, "val_loss": last_val,
+                "skipped_total": state.skipped_total, "checkpoint": str(path) if path else None}
+    finally:
+        metrics.close()
+        stop.restore()

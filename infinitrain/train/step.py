@@ -1,0 +1,132 @@
+"""One optimizer step of truncated BPTT, and validation: the loss function and the window loop.
+
+A sample of N segments runs in windows of W segments; each window is one layer-major model call (every
+layer processes all W segments at once, so ZeRO-3 gathers each layer once per window) and one backward;
+the memory state is carried to the next window and detached there. The loss of every window is its
+summed token cross-entropy divided by the number of target tokens in the whole global batch (all
+micro-batches, windows and ranks), so the step is the same for any W.
+Shape legend: B micro-batch, L = N·S sample tokens, W segments per window, S segment length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from infinitrain.train.data import Batch
+
+
+def token_loss_sum(logits: Tensor, targets: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy over the masked-in targets (fp32), and the per-token loss (B, T) detached."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    ce = ce * mask  # (B, T); masked targets contribute exactly 0
+    return ce.sum(), ce.detach()
+
+
+class StepStats(NamedTuple):
+    """This rank's sums for one step; ``reduce`` adds them over ranks."""
+
+    loss_sum: Tensor  # () summed token cross-entropy
+    targets: Tensor  # () target tokens
+    seg_loss: Tensor  # (N,) summed cross-entropy per segment index
+    seg_targets: Tensor  # (N,)
+    aux: Tensor  # () token-weighted MoD router BCE
+    nonfinite: Tensor  # () 1 if this rank saw a non-finite loss
+
+
+def _fault(step: int) -> bool:
+    """Test hook INFINITRAIN_FAULT=nan:<step>[+<step>...]:<rank>: this rank's loss becomes NaN at those steps."""
+    spec = os.environ.get("INFINITRAIN_FAULT", "")
+    if not spec.startswith("nan:"):
+        return False
+    _, steps, rank = spec.split(":")
+    return str(step) in steps.split("+") and int(rank) == dist.get_rank()
+
+
+def all_reduce(t: Tensor) -> Tensor:
+    """Sum over ranks of a small CPU tensor (through the accelerator when the backend is nccl)."""
+    if dist.get_backend() == "nccl":
+        t_dev = t.cuda()
+        dist.all_reduce(t_dev)
+        return t_dev.cpu()
+    dist.all_reduce(t)
+    return t
+
+
+def global_target_count(micro_batches: list[Batch]) -> Tensor:
+    return all_reduce(sum(mb.loss_mask.sum() for mb in micro_batches).to(torch.float64))
+
+
+def backward_windows(engine, micro_batches: list[Batch], *, segment_len: int, window: int, aux_weight: float,
+                     step: int = -1) -> StepStats:
+    """Forward and backward every window of every micro-batch of this rank; leaves the reduced gradient of
+    the global batch in the engine (DeepSpeed averages over ranks, hence the world-size factor)."""
+    world = dist.get_world_size()
+    n_targets = global_target_count(micro_batches)
+    scale = world / max(1.0, float(n_targets))  # × world because DeepSpeed averages gradients over ranks
+    tokens_per_rank = sum(mb.input_ids.numel() for mb in micro_batches)
+    B, L = micro_batches[0].input_ids.shape
+    N, span = L // segment_len, window * segment_len
+    windows = [(a, min(L, a + span)) for a in range(0, L, span)]
+    stats = dict(loss=torch.zeros((), dtype=torch.float64), aux=torch.zeros((), dtype=torch.float64),
+                 seg=torch.zeros(N, dtype=torch.float64))
+    nonfinite = torch.zeros(())
+    n_backward, total = 0, len(micro_batches) * len(windows)
+    for mb in micro_batches:
+        state = None  # memory resets at every sample start
+        for a, b in windows:
+            n_backward += 1
+            engine.set_gradient_accumulation_boundary(n_backward == total)
+            # doc_start: wire here once InfiniLM.forward takes it (doc_start=mb.doc_start[:, a:b].to(dev))
+            dev = engine.device
+            out = engine(mb.input_ids[:, a:b].to(dev), state)
+            loss_sum, ce = token_loss_sum(out.logits, mb.targets[:, a:b].to(dev), mb.loss_mask[:, a:b].to(dev))
+            aux_share = (b - a) * B / tokens_per_rank  # token-weighted mean of the per-window router loss
+            loss = loss_sum * scale + (aux_weight * world * aux_share) * out.aux_loss
+            if _fault(step):
+                loss = loss * float("nan")
+            engine.backward(loss, scale_wrt_gas=False)
+            state = out.state.detach()
+            if not torch.isfinite(loss.detach()):
+                nonfinite.fill_(1.0)
+            stats["loss"] += loss_sum.detach().double().cpu()
+            stats["aux"] += out.aux_loss.detach().double().cpu() * aux_share
+            stats["seg"][a // segment_len:math.ceil(b / segment_len)] += (
+                ce.double().cpu().view(B, -1, segment_len).sum(dim=(0, 2)))
+    seg_targets = torch.stack([mb.loss_mask.view(B, N, segment_len).sum(dim=(0, 2)) for mb in micro_batches]).sum(0)
+    return StepStats(stats["loss"], n_targets, stats["seg"], seg_targets.double(), stats["aux"], nonfinite.double())
+
+
+def reduce_stats(s: StepStats) -> StepStats:
+    """Sum every field over ranks in one collective (targets is already global)."""
+    flat = all_reduce(torch.cat([s.loss_sum.view(1), s.seg_loss, s.seg_targets, s.aux.view(1), s.nonfinite.view(1)]))
+    N = s.seg_loss.numel()
+    return StepStats(flat[0], s.targets, flat[1:1 + N], flat[1 + N:1 + 2 * N], flat[1 + 2 * N] / dist.get_world_size(),
+                     flat[2 + 2 * N])
+
+
+@torch.no_grad()
+def evaluate(engine, batches: list[Batch], *, segment_len: int, window: int) -> float:
+    """Mean validation cross-entropy per target token over all ranks (eval mode; memory carried, no grad)."""
+    was_training = engine.module.training
+    engine.module.eval()
+    tot = torch.zeros(2, dtype=torch.float64)
+    for mb in batches:
+        state, L = None, mb.input_ids.shape[1]
+        for a in range(0, L, window * segment_len):
+            b = min(L, a + window * segment_len)
+            # doc_start: wire here too once InfiniLM.forward takes it
+            out = engine(mb.input_ids[:, a:b].to(engine.device), state)
+            s, _ = token_loss_sum(out.logits, mb.targets[:, a:b].to(engine.device), mb.loss_mask[:, a:b].to(engine.device))
+            tot[0] += s.double().cpu()
+            tot[1] += mb.loss_mask[:, a:b].sum()
+            state = out.state
+    tot = all_reduce(tot)
+    engine.module.train(was_training)
+    return float(tot[0] / tot[1]) if tot[1] > 0 else math.nan
