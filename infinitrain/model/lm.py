@@ -85,3 +85,13 @@ class InfiniLM(nn.Module):
             aux = aux + a
         logits = self.lm_head(self.norm(x))
         return LMOutput(logits, ModelState(tuple(new_states)), aux)
+
+    def generate(self, prompts, *, max_new_tokens: int = 128, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, eos_id: int | None = None, generator: torch.Generator | None = None,
+                 **callbacks) -> list[list[int]]:
+        """Continue each prompt (lists of token ids) at constant memory; see ``infinitrain.generate.generate``."""
+        from infinitrain.generate import Sampling, generate
+
+        sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            eos_id=eos_id)
+        return generate(self, prompts, sampling, generator=generator, **callbacks)

@@ -1,0 +1,131 @@
+"""Streaming generation at constant memory: segment-wise prefill with the memory carried, then one token per step.
+
+The model's state is the whole cache: each layer's compressive memory (M, z) plus the keys/values of
+the current unfinished segment, compressed into the memory at every segment boundary. So the cost per
+token is the same at 1K or 1M tokens of context. Several prompts are batched; prompts of different
+lengths stay exact (each row's segments start at its own first token): the shared prefix length is
+prefilled in one call, and from there every row moves one token per step, feeding its prompt until it
+runs out, then its samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from infinitrain.errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sampling:
+    """How the next token is chosen. temperature 0 is greedy (argmax)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    eos_id: int | None = None  # a row stops after emitting it
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise ConfigError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ConfigError(f"top_k must be a positive integer, got {self.top_k!r}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def filter_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None) -> Tensor:
+    """Scaled and truncated logits (B, V): temperature, then top-k, then nucleus (top-p); removed = -inf.
+
+    Top-p keeps the smallest set of most likely tokens whose probability reaches p (always >= 1 token).
+    """
+    logits = logits.float() / max(temperature, 1e-8)
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        before = probs.cumsum(-1) - probs  # probability mass strictly ahead of each token
+        drop_sorted = before >= top_p  # the first token is never dropped (before = 0)
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(logits: Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> Tensor:
+    """Next token ids (B,) from the last-position logits (B, V)."""
+    if sampling.temperature == 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits, temperature=sampling.temperature, top_k=sampling.top_k,
+                          top_p=sampling.top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence[Sequence[int]], sampling: Sampling, *,
+             generator: torch.Generator | None = None, on_tokens: Callable[[Tensor, Tensor], None] | None = None,
+             on_prefill: Callable[[int, int], None] | None = None, prefill_chunk: int | None = None,
+             ) -> list[list[int]]:
+    """Continue every prompt (a list of token ids, at least one each); returns the new tokens per prompt.
+
+    on_tokens(ids (B,), active (B,) bool) is called after each decoding step (for streaming output);
+    on_prefill(done, total) reports prefill progress. The prefill runs in chunks of ``prefill_chunk``
+    tokens (default: one segment), so activation memory stays bounded whatever the prompt length.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ConfigError("every prompt needs at least one token")
+    if sampling.max_new_tokens == 0:
+        return [[] for _ in prompts]
+    was_training = model.training
+    model.eval()
+    try:
+        return _generate(model, prompts, sampling, generator, on_tokens, on_prefill,
+                         prefill_chunk or model.config.segment_len)
+    finally:
+        model.train(was_training)
+
+
+def _generate(model, prompts, sampling, generator, on_tokens, on_prefill, chunk) -> list[list[int]]:
+    device = next(model.parameters()).device
+    B = len(prompts)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    longest = int(lengths.max())
+    padded = torch.zeros(B, longest, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        padded[b, : len(p)] = torch.as_tensor(list(p), dtype=torch.long, device=device)
+    shared = int(lengths.min()) - 1  # prefill all but the last token of the shortest prompt in bulk
+    state = None
+    for i in range(0, shared, chunk):
+        state = model(padded[:, i:min(shared, i + chunk)], state).state
+        if on_prefill:
+            on_prefill(min(shared, i + chunk), longest)
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    pos = shared  # every row is at this stream position
+    token = padded[:, pos]
+    while True:
+        logits, state = model(token[:, None], state)[:2]
+        pos += 1
+        in_prompt = pos < lengths  # these rows still have prompt tokens to feed
+        if on_prefill and bool(in_prompt.any()):
+            on_prefill(pos, longest)
+        sampled = sample_next(logits[:, -1], sampling, generator)
+        emitting = ~in_prompt & ~done
+        for b in emitting.nonzero().flatten().tolist():
+            out[b].append(int(sampled[b]))
+        if on_tokens and bool(emitting.any()):
+            on_tokens(sampled, emitting)
+        if sampling.eos_id is not None:
+            done |= emitting & (sampled == sampling.eos_id)
+        done |= torch.tensor([len(o) >= sampling.max_new_tokens for o in out], device=device)
+        if bool(done.all()):
+            return out
+        token = torch.where(in_prompt, padded[:, min(pos, longest - 1)], sampled)
