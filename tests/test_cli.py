@@ -1,0 +1,34 @@
+"""The CLI entry point: version, presets listing, and user errors as one line with their exit code."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from infinitrain import __version__
+from infinitrain.cli import cli
+
+ENTRY = [sys.executable, "-c", "from infinitrain.cli import main; main()"]
+
+
+def test_presets_lists_every_preset_with_its_size():
+    result = CliRunner().invoke(cli, ["presets"])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line for line in result.output.splitlines()}
+    assert set(lines) == {"debug", "1b", "1b-mod", "8b", "8b-mod"}
+    assert "8.030 B" in lines["8b"] and "1.236 B" in lines["1b"]
+
+
+def test_version_and_help_as_a_subprocess():
+    out = subprocess.run(ENTRY + ["--version"], capture_output=True, text=True, check=True)
+    assert __version__ in out.stdout
+    out = subprocess.run(ENTRY + ["--help"], capture_output=True, text=True, check=True)
+    assert "presets" in out.stdout
+
+
+def test_unknown_command_is_a_usage_error_without_traceback():
+    out = subprocess.run(ENTRY + ["trian"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and "No such command" in out.stderr
