@@ -5,10 +5,9 @@ L = N·S tokens (input ids, next-token targets, loss mask, document starts, samp
 (:class:`TokenSource`, built from raw text by :func:`text_source`) serve tests and quick runs; prepared shards
 (``infinitrain prepare``) plug in through :func:`open_source` once the shard reader exposes the same shape.
 
-The sampler is a pure function of (seed, global sample position): optimizer step t consumes global positions
-[t·G, (t+1)·G) of an epoch-wise permutation, G = micro_batch × grad_accum × world. Rank r's micro-batch j of
-that step takes positions t·G + (j·world + r)·B + [0, B). Its state is one integer (``consumed``), so resume is
-exact and O(1).
+The order comes from ``infinitrain.data_tools.dataset.ShardSampler`` (a pure function of seed and epoch,
+world-size independent, resumable from a small dict): each optimizer step takes one global batch of
+micro_batch × grad_accum × world samples; this rank's contiguous slice is cut into grad_accum micro-batches.
 Shape legend: B micro-batch, L sample length (N segments × S tokens).
 """
 
@@ -111,61 +110,66 @@ def text_source(path: str | Path, sample_len: int, vocab_size: int, val_fraction
     return train, val
 
 
+class ShardSource:
+    """A split of prepared shards (``infinitrain prepare``) as a SampleSource: shorter samples (summarization)
+    are padded to N·S with the pad id and loss mask 0."""
+
+    def __init__(self, directory: str | Path, split: str):
+        from infinitrain.data_tools.dataset import ShardDataset
+
+        self.ds = ShardDataset(directory, split)
+        self.segment_len = self.ds.segment_len
+        self.sample_len = self.ds.sample_segments * self.ds.segment_len
+        self.vocab_size = int(self.ds.index["tokenizer"]["vocab_size"])
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> Sample:
+        s, L = self.ds[i], self.sample_len
+        n = len(s.input_ids)
+        ids = torch.full((L,), self.ds.pad_id, dtype=torch.long)
+        tgt, mask, doc = ids.clone(), torch.zeros(L, dtype=torch.bool), torch.zeros(L, dtype=torch.bool)
+        ids[:n], tgt[:n] = torch.from_numpy(s.input_ids), torch.from_numpy(s.targets)
+        mask[:n] = torch.from_numpy(s.loss_mask) > 0
+        doc[torch.from_numpy(s.doc_starts)] = True
+        return Sample(ids, tgt, mask, doc, s.sample_id)
+
+
 def open_source(path: str, sample_len: int, vocab_size: int, val_fraction: float,
-                ) -> tuple[SampleSource, SampleSource]:
-    """The train and validation sources for ``data.path``."""
+                ) -> tuple[SampleSource, SampleSource | None]:
+    """The train and validation sources for ``data.path``: prepared shards (a folder with index.json; its own
+    val split, None when it has none), else raw text (byte-level, the tail held out)."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: data path does not exist")
     if (p / "index.json").is_file():
-        raise DataError(f"{p}: prepared shards are not readable by the trainer yet (the shard reader of "
-                        "issue 3 has not landed); pass a .txt file or a directory of .txt files")
+        train = ShardSource(p, "train")
+        splits = train.ds.index["splits"]
+        val = ShardSource(p, "val") if splits.get("val", {}).get("num_samples") else None
+        return train, val
     return text_source(p, sample_len, vocab_size, val_fraction)
 
 
-class Sampler:
-    """Deterministic, resumable, rank-sharded order over ``size`` samples (see the module docstring)."""
+def make_sampler(size: int, *, micro_batch: int, grad_accum: int, rank: int, world: int, seed: int):
+    from infinitrain.data_tools.dataset import ShardSampler
 
-    def __init__(self, size: int, *, micro_batch: int, grad_accum: int, rank: int, world: int, seed: int):
-        if size < micro_batch * world:
-            raise DataError(f"{size} samples are fewer than one micro-batch on every rank ({micro_batch} x {world})")
-        self.size, self.B, self.accum, self.rank, self.world, self.seed = size, micro_batch, grad_accum, rank, world, seed
-        self.consumed = 0  # global samples consumed (all ranks)
-        self._perm: tuple[int, Tensor] | None = None
-
-    @property
-    def global_batch(self) -> int:
-        return self.B * self.accum * self.world
-
-    def _position(self, pos: int) -> int:
-        epoch, i = divmod(pos, self.size)
-        if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = (epoch, torch.randperm(self.size, generator=g))
-        return int(self._perm[1][i])
-
-    def next_step(self) -> list[list[int]]:
-        """This rank's sample indices for the next optimizer step: ``grad_accum`` lists of B."""
-        base = self.consumed
-        out = [[self._position(base + (j * self.world + self.rank) * self.B + b) for b in range(self.B)]
-               for j in range(self.accum)]
-        self.consumed += self.global_batch
-        return out
-
-    def state_dict(self) -> dict:
-        return {"consumed": self.consumed, "seed": self.seed, "size": self.size, "global_batch": self.global_batch}
-
-    def load_state_dict(self, sd: dict) -> None:
-        now = self.state_dict()
-        for key in ("seed", "size", "global_batch"):
-            if sd[key] != now[key]:
-                raise ConfigError(f"cannot resume: the data {key} changed ({sd[key]} in the checkpoint, {now[key]} now)")
-        self.consumed = int(sd["consumed"])
+    return ShardSampler(size, global_batch_size=micro_batch * grad_accum * world, rank=rank, world_size=world,
+                        seed=seed)
 
 
-def val_batches(source: SampleSource, n_samples: int, micro_batch: int, rank: int, world: int) -> list[Batch]:
+def next_micro_batches(sampler, micro_batch: int) -> list[list[int]]:
+    """This rank's sample indices for the next optimizer step, as grad_accum lists of ``micro_batch``."""
+    idx = [int(i) for i in sampler.next_batch()]
+    return [idx[a:a + micro_batch] for a in range(0, len(idx), micro_batch)]
+
+
+def val_batches(source: SampleSource | None, n_samples: int, micro_batch: int, rank: int, world: int,
+                ) -> list[Batch]:
     """The first ``n_samples`` validation samples (rounded down to whole micro-batches on every rank, so all
     ranks run the same number of forwards, which ZeRO-3 needs), rank r taking every world-th."""
+    if source is None:
+        return []
     n = min(n_samples, len(source)) // (micro_batch * world) * (micro_batch * world)
     idx = list(range(n))[rank::world]
     return [collate([source[i] for i in idx[a:a + micro_batch]]) for a in range(0, len(idx), micro_batch)]

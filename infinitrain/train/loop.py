@@ -25,7 +25,7 @@ import yaml
 from infinitrain.errors import ConfigError, DataError, InfinitrainError, TrainingAborted
 from infinitrain.train import checkpoint as ckpt
 from infinitrain.train.config import TrainConfig
-from infinitrain.train.data import SampleSource, Sampler, collate, open_source, val_batches
+from infinitrain.train.data import SampleSource, collate, make_sampler, next_micro_batches, open_source, val_batches
 from infinitrain.train.engine import build_engine, deepspeed_config, init_distributed, setup_environment
 from infinitrain.train.step import all_reduce, backward_windows, evaluate, reduce_stats
 
@@ -137,7 +137,7 @@ def _discard_gradients_stage0(engine) -> None:
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, resume: str = "auto",
-          sources: tuple[SampleSource, SampleSource] | None = None, local_rank: int | None = None,
+          sources: tuple[SampleSource, SampleSource | None] | None = None, local_rank: int | None = None,
           ) -> dict[str, Any]:
     """Train to ``cfg.schedule.steps``; returns a summary. ``sources`` (train, val) replace ``data.path``."""
     setup_environment(local_rank)
@@ -165,8 +165,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: str = "auto",
         raise DataError(f"data vocabulary ({train_src.vocab_size}) exceeds model.vocab_size ({cfg.model.vocab_size})")
 
     engine, model = build_engine(cfg, ds_config)
-    sampler = Sampler(len(train_src), micro_batch=cfg.data.micro_batch_size, grad_accum=cfg.data.grad_accum,
-                      rank=rank, world=world, seed=cfg.data.seed)
+    sampler = make_sampler(len(train_src), micro_batch=cfg.data.micro_batch_size, grad_accum=cfg.data.grad_accum,
+                           rank=rank, world=world, seed=cfg.data.seed)
     state = TrainState()
     resume_from = ckpt.find_resume(run_dir, resume)
     if resume == "none" and ckpt.committed(run_dir / "checkpoints"):
@@ -177,7 +177,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: str = "auto",
     val = val_batches(val_src, cfg.data.val_samples, cfg.data.micro_batch_size, rank, world)
 
     S, W = cfg.model.segment_len, cfg.window
-    tokens_per_step = sampler.global_batch * cfg.sample_len
+    tokens_per_step = sampler.global_batch_size * cfg.sample_len
     stop = _StopFlag()
     metrics = Metrics(run_dir, cfg, state.step, enabled=rank == 0)
     last_saved, last_val, loss, window_start, window_tokens = state.step, math.nan, math.nan, time.time(), 0
@@ -189,7 +189,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: str = "auto",
 
     try:
         while state.step < cfg.schedule.steps:
-            micro = [collate([train_src[i] for i in idx]) for idx in sampler.next_step()]
+            micro = [collate([train_src[i] for i in idx]) for idx in next_micro_batches(sampler, cfg.data.micro_batch_size)]
             stats = backward_windows(engine, micro, segment_len=S, window=W, aux_weight=cfg.tbptt.mod_aux_weight,
                                      step=state.step + 1)
             stats = reduce_stats(stats)

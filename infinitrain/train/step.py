@@ -83,12 +83,12 @@ def backward_windows(engine, micro_batches: list[Batch], *, segment_len: int, wi
         for a, b in windows:
             n_backward += 1
             engine.set_gradient_accumulation_boundary(n_backward == total)
-            # doc_start: wire here once InfiniLM.forward takes it (doc_start=mb.doc_start[:, a:b].to(dev))
             dev = engine.device
-            out = engine(mb.input_ids[:, a:b].to(dev), state)
+            out = engine(mb.input_ids[:, a:b].to(dev), state, doc_start=mb.doc_start[:, a:b].to(dev))
             loss_sum, ce = token_loss_sum(out.logits, mb.targets[:, a:b].to(dev), mb.loss_mask[:, a:b].to(dev))
-            aux_share = (b - a) * B / tokens_per_rank  # token-weighted mean of the per-window router loss
-            loss = loss_sum * scale + (aux_weight * world * aux_share) * out.aux_loss
+            # the router loss is a per-token mean: weight windows by tokens (× world / world for the DS average)
+            aux_share = (b - a) * B / tokens_per_rank
+            loss = loss_sum * scale + (aux_weight * aux_share) * out.aux_loss
             if _fault(step):
                 loss = loss * float("nan")
             engine.backward(loss, scale_wrt_gas=False)
@@ -121,8 +121,7 @@ def evaluate(engine, batches: list[Batch], *, segment_len: int, window: int) -> 
         state, L = None, mb.input_ids.shape[1]
         for a in range(0, L, window * segment_len):
             b = min(L, a + window * segment_len)
-            # doc_start: wire here too once InfiniLM.forward takes it
-            out = engine(mb.input_ids[:, a:b].to(engine.device), state)
+            out = engine(mb.input_ids[:, a:b].to(engine.device), state, doc_start=mb.doc_start[:, a:b].to(engine.device))
             s, _ = token_loss_sum(out.logits, mb.targets[:, a:b].to(engine.device), mb.loss_mask[:, a:b].to(engine.device))
             tot[0] += s.double().cpu()
             tot[1] += mb.loss_mask[:, a:b].sum()
