@@ -67,8 +67,8 @@ class PrepareConfig:
     shard_bytes: int = 64 << 20
     frame_bytes: int = 1 << 20
     zstd_level: int = 3
-    unit_chars: int = 4 << 20  # text per resumable work unit (does not change the output)
-    max_piece_chars: int = 1 << 16  # long documents are tokenized in pieces of at most this many characters
+    unit_chars: int = 1 << 20  # text per resumable work unit (does not change the output)
+    max_piece_chars: int = 1 << 12  # long documents are tokenized in pieces of at most this many characters
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -188,16 +188,23 @@ class UnitJob:
 
 
 def iter_units(cfg: PrepareConfig, paths: list[Path], work: Path, progress: ReadProgress) -> Iterator[UnitJob]:
+    """Documents grouped into units of about ``unit_chars``; a longer document is cut (by :func:`split_text`, so
+    its ids do not change) into parts spread over several units, which workers then tokenize in parallel."""
     docs, issues, chars, number = [], [], 0, 0
     for item in read_documents(paths, cfg.read_options, progress):
         if isinstance(item, Issue):
             issues.append((item.source, item.line, item.reason, item.detail, item.kept))
             continue
-        docs.append((item.source, item.line, item.text, item.summary))
-        chars += len(item.text) + len(item.summary or "")
-        if chars >= cfg.unit_chars:
-            yield UnitJob(number, str(work / f"unit-{number:06d}.bin"), docs, issues)
-            docs, issues, chars, number = [], [], 0, number + 1
+        key = _split_key(item.text, item.summary)
+        parts = split_text(item.text, cfg.unit_chars) if len(item.text) > cfg.unit_chars else [item.text]
+        for k, part in enumerate(parts):
+            last = k == len(parts) - 1
+            # (source, line, text, summary, split key, 1 if the document continues in the next entry)
+            docs.append((item.source, item.line, part, item.summary if last else "", key, 0 if last else 1))
+            chars += len(part) + (len(item.summary or "") if last else 0)
+            if chars >= cfg.unit_chars:
+                yield UnitJob(number, str(work / f"unit-{number:06d}.bin"), docs, issues)
+                docs, issues, chars, number = [], [], 0, number + 1
     if docs or issues:
         yield UnitJob(number, str(work / f"unit-{number:06d}.bin"), docs, issues)
 
@@ -311,7 +318,7 @@ def _tokenize_job(job: UnitJob) -> tuple[int, int]:
     """Tokenize one unit and write it; returns (documents, tokens)."""
     docs = encode_texts([d[2] for d in job.docs])
     summaries = encode_texts([d[3] for d in job.docs]) if _WORKER["summarization"] else [np.zeros(0, np.int64)] * len(docs)
-    meta = {"docs": [[d[0], d[1], _split_key(d[2], d[3])] for d in job.docs], "issues": job.issues}
+    meta = {"docs": [[d[0], d[1], d[4], d[5]] for d in job.docs], "issues": job.issues}
     lengths = np.array([[len(a), len(b)] for a, b in zip(docs, summaries)], np.int64).reshape(-1, 2)
     dtype = _WORKER["dtype"]
     body = np.concatenate([*docs, *summaries]).astype(dtype) if docs else np.zeros(0, dtype)
@@ -396,6 +403,7 @@ def write_output(cfg: PrepareConfig, paths: list[Path], tok: TokenizerInfo, sepa
     docs_tmp = out / (DOCS_NAME + ".tmp")
     docs_sha = hashlib.sha256()
     doc_id = 0
+    parts: list[np.ndarray] = []
     docs_file = open(docs_tmp, "wb")
     with zstandard.ZstdCompressor(level=3, write_checksum=True).stream_writer(
             _HashingWriter(docs_file, docs_sha), closefd=False) as docs_out:
@@ -403,7 +411,12 @@ def write_output(cfg: PrepareConfig, paths: list[Path], tok: TokenizerInfo, sepa
             meta, lengths, doc_tokens, summ_tokens = read_unit(work / f"unit-{k:06d}.bin", tok.dtype)
             for issue in meta["issues"]:
                 note(*issue)
-            for (source, line, key), toks, summ in zip(meta["docs"], doc_tokens, summ_tokens):
+            for (source, line, key, more), toks, summ in zip(meta["docs"], doc_tokens, summ_tokens):
+                if more or parts:  # a long document cut into parts across entries (and units)
+                    parts.append(toks)
+                    if more:
+                        continue
+                    toks, parts = np.concatenate(parts), []
                 if len(toks) < max(cfg.min_doc_tokens, 1):
                     note(source, line, "too_short", f"{len(toks)} tokens")
                     continue
