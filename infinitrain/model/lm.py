@@ -86,6 +86,19 @@ class InfiniLM(nn.Module):
         logits = self.lm_head(self.norm(x))
         return LMOutput(logits, ModelState(tuple(new_states)), aux)
 
+    def save_pretrained(self, directory, **kw):
+        """Write config.json + safetensors weights; see ``infinitrain.model.io.save_pretrained``."""
+        from infinitrain.model.io import save_pretrained
+
+        return save_pretrained(self, directory, **kw)
+
+    @classmethod
+    def from_pretrained(cls, directory, **kw) -> "InfiniLM":
+        """Load a saved or exported model directory (never unpickles); see ``infinitrain.model.io``."""
+        from infinitrain.model.io import from_pretrained
+
+        return from_pretrained(directory, **kw)
+
     def generate(self, prompts, *, max_new_tokens: int = 128, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos_id: int | None = None, generator: torch.Generator | None = None,
                  **callbacks) -> list[list[int]]:
