@@ -115,7 +115,9 @@ def gate_values(model) -> list[list[float]]:
     """sigmoid(β) per layer and head (collective under ZeRO-3: every rank calls it)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    return [torch.sigmoid(safe_get_full_fp32_param(p).float()).tolist() for p in model.gate_parameters()]
+    full = [safe_get_full_fp32_param(p) for p in model.gate_parameters()]  # None below stage 3 ...
+    return [torch.sigmoid((f if f is not None else p).detach().float()).tolist()  # ... then p is whole
+            for f, p in zip(full, model.gate_parameters())]
 
 
 def peak_memory_mb() -> float:
