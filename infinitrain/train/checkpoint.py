@@ -22,7 +22,6 @@ import os
 import random
 import re
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from infinitrain.errors import CheckpointError
+from infinitrain.train import faults
 
 MANIFEST = "manifest.json"
 TAG = "ds"  # DeepSpeed's tag directory inside a checkpoint
@@ -39,15 +39,6 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def _fault(site: str, step: int) -> None:
-    """Test hook INFINITRAIN_FAULT=kill:<site>:<step>:<rank>: SIGKILL this rank at a named save site."""
-    spec = os.environ.get("INFINITRAIN_FAULT", "")
-    if spec.startswith("kill:"):
-        _, s, st, r = spec.split(":")
-        if s == site and int(st) == step and int(r) == dist.get_rank():
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -106,12 +97,12 @@ def save(engine, root: Path, step: int, trainer_state: dict[str, Any], keep_last
             shutil.rmtree(tmp)
         tmp.mkdir()
     dist.barrier()
-    _fault("before_shards", step)
+    faults.kill_at("before_shards", step)
     engine.save_checkpoint(str(tmp), tag=TAG, client_state={}, save_latest=False)
     torch.save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
     if rank == 0:
         _write_atomic(tmp / "trainer_state.json", json.dumps({**trainer_state, "world_size": world}, indent=1))
-    _fault("after_shards", step)
+    faults.kill_at("after_shards", step)
     (tmp / f"done.rank{rank:05d}").write_text("done\n")
     dist.barrier()
     if rank == 0:
@@ -125,12 +116,12 @@ def save(engine, root: Path, step: int, trainer_state: dict[str, Any], keep_last
         for d in {p.parent for p in files} | {tmp}:
             _fsync_dir(d)
         _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
-        _fault("before_commit", step)
+        faults.kill_at("before_commit", step)
         if final.exists():  # a run resumed from an older checkpoint reaches this step again
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(root)
-        _fault("after_commit", step)
+        faults.kill_at("after_commit", step)
         prune(root, keep_last)
     dist.barrier()
     return final

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -250,6 +251,24 @@ def _model_from(m: Any) -> ModelConfig:
 # --- recipes and overrides ------------------------------------------------------------------------
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` as a string; accept it (and ``1E5``, ``.5e2``) as a float, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def recipe_path(name_or_path: str) -> Path:
     """A shipped recipe name (``debug``) or a path to a YAML file."""
     p = Path(name_or_path)
@@ -265,7 +284,7 @@ def recipe_path(name_or_path: str) -> Path:
 
 def load_yaml(path: Path) -> dict[str, Any]:
     try:
-        d = yaml.safe_load(path.read_text())
+        d = parse_yaml(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -281,7 +300,7 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
         key, sep, raw = token.partition("=")
         _check(bool(sep) and bool(key) and all(key.split(".")), f"override {token!r}: expected key.sub=value")
         try:
-            value = yaml.safe_load(raw) if raw else None
+            value = parse_yaml(raw) if raw else None
         except yaml.YAMLError:
             value = raw
         parts = key.split(".")

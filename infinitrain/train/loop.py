@@ -24,6 +24,7 @@ import yaml
 
 from infinitrain.errors import ConfigError, DataError, InfinitrainError, TrainingAborted
 from infinitrain.train import checkpoint as ckpt
+from infinitrain.train import faults
 from infinitrain.train.config import TrainConfig
 from infinitrain.train.data import SampleSource, collate, make_sampler, next_micro_batches, open_source, val_batches
 from infinitrain.train.engine import build_engine, deepspeed_config, init_distributed, setup_environment
@@ -193,7 +194,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: str = "auto",
         while state.step < cfg.schedule.steps:
             micro = [collate([train_src[i] for i in idx]) for idx in next_micro_batches(sampler, cfg.data.micro_batch_size)]
             stats = backward_windows(engine, micro, segment_len=S, window=W, aux_weight=cfg.tbptt.mod_aux_weight,
-                                     step=state.step + 1)
+                                     step=state.step + state.skipped_total + 1)  # attempt number (fault hook)
             stats = reduce_stats(stats)
             bad_loss = bool(stats.nonfinite > 0)
             if bad_loss and cfg.run.zero_stage == 0 and cfg.run.precision == "fp32":
@@ -238,6 +239,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: str = "auto",
             if not skipped and cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0:
                 save()
                 last_saved = step
+            faults.sigterm_after(state.step)
             signum = stop.agreed()
             if signum:
                 done = ckpt.committed(run_dir / "checkpoints")

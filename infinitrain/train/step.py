@@ -11,7 +11,6 @@ Shape legend: B micro-batch, L = N·S sample tokens, W segments per window, S se
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import torch
@@ -19,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from infinitrain.train import faults
 from infinitrain.train.data import Batch
 
 
@@ -38,15 +38,6 @@ class StepStats(NamedTuple):
     seg_targets: Tensor  # (N,)
     aux: Tensor  # () token-weighted MoD router BCE
     nonfinite: Tensor  # () 1 if this rank saw a non-finite loss
-
-
-def _fault(step: int) -> bool:
-    """Test hook INFINITRAIN_FAULT=nan:<step>[+<step>...]:<rank>: this rank's loss becomes NaN at those steps."""
-    spec = os.environ.get("INFINITRAIN_FAULT", "")
-    if not spec.startswith("nan:"):
-        return False
-    _, steps, rank = spec.split(":")
-    return str(step) in steps.split("+") and int(rank) == dist.get_rank()
 
 
 def all_reduce(t: Tensor) -> Tensor:
@@ -89,7 +80,7 @@ def backward_windows(engine, micro_batches: list[Batch], *, segment_len: int, wi
             # the router loss is a per-token mean: weight windows by tokens (× world / world for the DS average)
             aux_share = (b - a) * B / tokens_per_rank
             loss = loss_sum * scale + (aux_weight * aux_share) * out.aux_loss
-            if _fault(step):
+            if faults.matches("nan", step):
                 loss = loss * float("nan")
             engine.backward(loss, scale_wrt_gas=False)
             state = out.state.detach()
