@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from infinitrain.errors import ConfigError
+from infinitrain.model.lm import ModelState
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +71,53 @@ def sample_next(logits: Tensor, sampling: Sampling, generator: torch.Generator |
 
 
 @torch.no_grad()
+def advance(model, input_ids: Tensor, state=None):
+    """``model(input_ids, state).state`` without the norm and LM head: prefill keeps only the state, so a chunk
+    never materialises (B, T, V) logits (a 2K-token chunk of a 128K vocabulary is 1 GB in fp32).
+
+    Mirrors ``InfiniLM.forward`` (embed, then each block with its state); a test checks the two states agree.
+    """
+    x = model.embed(input_ids)  # (B, T, D)
+    layer_states = [None] * len(model.layers) if state is None else list(state.layers)
+    new_states = []
+    for layer, s in zip(model.layers, layer_states):
+        x, s, _ = layer(x, s)
+        new_states.append(s)
+    return ModelState(tuple(new_states))
+
+
+class TextStream:
+    """Incremental detokenisation for streaming: ``push(ids)`` returns the newly printable text.
+
+    Decodes a short window (the text already printed since the last stable point plus the new ids) so a step
+    costs O(1), and holds text back while it ends in an incomplete UTF-8 sequence (U+FFFD) or a multi-token
+    character, as Hugging Face's TextStreamer / TGI do.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode = decode
+        self.ids: list[int] = []
+        self.prefix = 0  # ids[prefix:read] decode to text that was already printed
+        self.read = 0
+
+    def push(self, ids: Sequence[int]) -> str:
+        self.ids.extend(int(i) for i in ids)
+        before = self.decode(self.ids[self.prefix:self.read])
+        text = self.decode(self.ids[self.prefix:])
+        if len(text) > len(before) and not text.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return text[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is left (an incomplete character at the very end is printed as U+FFFD)."""
+        before = self.decode(self.ids[self.prefix:self.read])
+        text = self.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return text[len(before):]
+
+
+@torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], sampling: Sampling, *,
              generator: torch.Generator | None = None, on_tokens: Callable[[Tensor, Tensor], None] | None = None,
              on_prefill: Callable[[int, int], None] | None = None, prefill_chunk: int | None = None,
@@ -104,7 +152,7 @@ def _generate(model, prompts, sampling, generator, on_tokens, on_prefill, chunk)
     shared = int(lengths.min()) - 1  # prefill all but the last token of the shortest prompt in bulk
     state = None
     for i in range(0, shared, chunk):
-        state = model(padded[:, i:min(shared, i + chunk)], state).state
+        state = advance(model, padded[:, i:min(shared, i + chunk)], state)
         if on_prefill:
             on_prefill(min(shared, i + chunk), longest)
     out: list[list[int]] = [[] for _ in range(B)]

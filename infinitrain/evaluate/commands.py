@@ -1,0 +1,184 @@
+"""`infinitrain generate` and `infinitrain eval passkey|ppl|summarize`: parse, call one library function, report."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+MODEL_HELP = "An export directory (config.json + safetensors), a run directory (newest committed checkpoint) or a checkpoint."
+_model = click.argument("model", metavar="MODEL")
+_tokenizer = click.option("--tokenizer", default=None, help="tokenizer.json to use [default: the one found with MODEL].")
+_device = click.option("--device", default="cpu", show_default=True, help="Torch device.")
+_dtype = click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+                      help="Cast the weights [default: as stored].")
+_progress = click.option("--progress/--no-progress", default=True, show_default=True, help="tqdm bars on stderr.")
+
+
+def _load(model: str, tokenizer: str | None, device: str, dtype: str | None, need_tokenizer: bool = True):
+    from infinitrain.evaluate.loading import describe, load_for_inference
+
+    m, codec = load_for_inference(model, tokenizer=tokenizer, device=device, dtype=dtype,
+                                  need_tokenizer=need_tokenizer)
+    click.echo(describe(m, codec), err=True)
+    return m, codec
+
+
+def _wrote(json_path, png) -> None:
+    """Where the results went (stderr); a one-line note when the PNG could not be drawn."""
+    from infinitrain.evaluate.plots import MISSING
+
+    click.echo(f"wrote {json_path}" + (f" and {png}" if png else ""), err=True)
+    if png is None:
+        click.echo(f"note: {MISSING}", err=True)
+
+
+def _read_prompts(prompts: tuple[str, ...], files: tuple[str, ...], per_line: bool) -> list[str]:
+    from pathlib import Path
+
+    from infinitrain.errors import ConfigError
+
+    out = list(prompts)
+    for f in files:
+        try:
+            text = sys.stdin.read() if f == "-" else Path(f).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{f}: cannot read prompt file ({type(err).__name__}: {err})") from None
+        out.extend([line for line in text.splitlines() if line.strip()] if per_line else [text])
+    return out
+
+
+@click.command("generate")
+@_model
+@click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeatable: prompts are batched).")
+@click.option("--prompt-file", "prompt_files", multiple=True, help="File holding one prompt ('-' = stdin); repeatable.")
+@click.option("--lines", "per_line", is_flag=True, help="Each non-empty line of a --prompt-file is its own prompt.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=None, help="Sample among the k most likely tokens.")
+@click.option("--top-p", type=float, default=None, help="Nucleus sampling: the smallest set reaching probability p.")
+@click.option("--seed", type=int, default=None, help="Seed of the sampler (reproducible output).")
+@click.option("--num-samples", type=int, default=1, show_default=True, help="Continuations per prompt.")
+@click.option("--stream/--no-stream", default=True, show_default=True,
+              help="Print text as it is generated (a single prompt and sample).")
+@_tokenizer
+@_device
+@_dtype
+@_progress
+def generate_cmd(model, prompts, prompt_files, per_line, max_new_tokens, temperature, top_k, top_p, seed, num_samples,
+                 stream, tokenizer, device, dtype, progress) -> None:
+    """Continue prompts with MODEL at constant memory (segment-wise prefill with the memory carried).
+
+    MODEL is an export directory, a run directory (its newest committed checkpoint) or a checkpoint directory.
+    Tokens/s go to stderr at the end.
+    """
+    from infinitrain.evaluate.textgen import generate_text
+    from infinitrain.generate import Sampling
+
+    texts = _read_prompts(prompts, prompt_files, per_line)
+    m, codec = _load(model, tokenizer, device, dtype)
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        eos_id=codec.eos_id)
+    out = click.get_text_stream("stdout")
+    result = generate_text(m, codec, texts, sampling, num_samples=num_samples, seed=seed,
+                           stream=out if stream else None, progress=progress)
+    if result.streamed:
+        click.echo()
+    elif len(result.texts) == 1:
+        click.echo(result.texts[0])
+    else:
+        for p, s, text in zip(result.prompt_index, result.sample_index, result.texts):
+            click.echo(f"=== prompt {p + 1}" + (f", sample {s + 1}" if num_samples > 1 else "") + " ===")
+            click.echo(text)
+    click.echo(result.summary(), err=True)
+
+
+@click.group("eval")
+def eval_group() -> None:
+    """Long-context evaluations: passkey retrieval, perplexity per segment, summarization ROUGE."""
+
+
+@eval_group.command("passkey")
+@_model
+@click.option("--lengths", default="1k,4k,16k,64k", show_default=True, help="Context lengths in tokens (k = 1024).")
+@click.option("--depths", default="0,25,50,75,100", show_default=True,
+              help="Needle depths in percent (0 = farthest from the question).")
+@click.option("--samples", type=int, default=10, show_default=True, help="Prompts per (length, depth).")
+@click.option("--out", "out_dir", default="evals", show_default=True, help="Folder for passkey.json and passkey.png.")
+@click.option("--no-memory", is_flag=True, help="Switch the memory read off (local attention only).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the pass keys.")
+@click.option("--max-new-tokens", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts generated side by side.")
+@_tokenizer
+@_device
+@_dtype
+@_progress
+def passkey_cmd(model, lengths, depths, samples, out_dir, no_memory, seed, max_new_tokens, batch_size, tokenizer,
+                device, dtype, progress) -> None:
+    """Passkey retrieval accuracy per (length, depth): a table on stdout, JSON and a heatmap PNG in --out."""
+    from infinitrain.evaluate import passkey as pk
+
+    cfg = pk.PasskeyConfig(lengths=tuple(pk.parse_lengths(lengths)), depths=tuple(pk.parse_depths(depths)),
+                           samples=samples, seed=seed, max_new_tokens=max_new_tokens, memory=not no_memory,
+                           batch_size=batch_size)
+    m, codec = _load(model, tokenizer, device, dtype)
+    report = pk.run_passkey(m, codec, cfg, model_name=model, progress=progress)
+    click.echo(pk.format_table(report))
+    _wrote(*pk.write_outputs(report, out_dir))
+
+
+@eval_group.command("ppl")
+@_model
+@click.option("--data", required=True, help="Prepared shards folder (`infinitrain prepare`).")
+@click.option("--split", default="val", show_default=True)
+@click.option("--no-memory", is_flag=True, help="Switch the memory read off (local attention only).")
+@click.option("--out", "out_dir", default="evals", show_default=True, help="Folder for ppl.json and ppl.png.")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Documents streamed side by side.")
+@click.option("--max-documents", type=int, default=None, help="Stop after this many documents.")
+@_device
+@_dtype
+@_progress
+def ppl_cmd(model, data, split, no_memory, out_dir, batch_size, max_documents, device, dtype, progress) -> None:
+    """Loss and perplexity per segment index over whole documents, every segment (table, JSON, PNG)."""
+    from infinitrain.evaluate import ppl
+
+    cfg = ppl.PplConfig(data=data, split=split, memory=not no_memory, batch_size=batch_size,
+                        max_documents=max_documents)
+    m, _ = _load(model, None, device, dtype, need_tokenizer=False)
+    report = ppl.run_ppl(m, cfg, model_name=model, progress=progress)
+    click.echo(ppl.format_table(report))
+    _wrote(*ppl.write_outputs(report, out_dir))
+
+
+@eval_group.command("summarize")
+@_model
+@click.option("--data", required=True, help="JSONL file with a document and a reference summary per line.")
+@click.option("--document-field", default="document", show_default=True)
+@click.option("--summary-field", default="summary", show_default=True)
+@click.option("--separator", default="\n\nSummary:\n", show_default=True,
+              help="Text between document and summary (as in `prepare --format summarization`).")
+@click.option("--max-new-tokens", type=int, default=1024, show_default=True)
+@click.option("--temperature", type=float, default=0.5, show_default=True)
+@click.option("--top-p", type=float, default=0.95, show_default=True)
+@click.option("--top-k", type=int, default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--max-records", type=int, default=None, help="Score only the first N records.")
+@click.option("--out", "out_dir", default="evals", show_default=True, help="Folder for summarize.json.")
+@_tokenizer
+@_device
+@_dtype
+@_progress
+def summarize_cmd(model, data, document_field, summary_field, separator, max_new_tokens, temperature, top_p, top_k,
+                  seed, batch_size, max_records, out_dir, tokenizer, device, dtype, progress) -> None:
+    """ROUGE-1/2/L of generated summaries (the paper's decoding: temperature 0.5, top-p 0.95, 1024 tokens)."""
+    from infinitrain.evaluate import summarize as sm
+
+    cfg = sm.SummarizeConfig(data=data, document_field=document_field, summary_field=summary_field,
+                             separator=separator, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                             top_k=top_k, seed=seed, batch_size=batch_size, max_records=max_records)
+    sm.rouge_scorer()  # fail before loading the model when rouge-score is missing
+    m, codec = _load(model, tokenizer, device, dtype)
+    report = sm.run_summarize(m, codec, cfg, model_name=model, progress=progress)
+    click.echo(sm.format_table(report))
+    click.echo(f"wrote {sm.write_outputs(report, out_dir)}", err=True)

@@ -1,0 +1,224 @@
+"""``load_for_inference(path)``: an export directory, a run directory (its newest committed checkpoint) or one checkpoint -> (model, codec).
+
+MODEL may be
+  * an export directory (``config.json`` + safetensors, ``InfiniLM.save_pretrained``), tokenizer.json beside it;
+  * a run directory written by ``infinitrain train`` (``config.yaml`` + ``checkpoints/step-N``): the newest
+    committed checkpoint's weights are gathered from DeepSpeed's ZeRO files into fp32;
+  * one committed checkpoint directory ``RUN/checkpoints/step-N``.
+The tokenizer is ``--tokenizer`` if given, else a ``tokenizer.json`` in the model or run directory, else the one
+beside the run's prepared data; a run trained on raw ``.txt`` (byte-level ids 0..255, see
+``infinitrain.train.data.text_source``) gets the matching byte codec.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from infinitrain.errors import CheckpointError, ConfigError
+from infinitrain.model.config import ModelConfig
+from infinitrain.model.lm import InfiniLM
+
+
+class _Encoding:
+    def __init__(self, ids: list[int]):
+        self.ids = ids
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255, the ids ``infinitrain train --data file.txt`` trains on; the HF call shapes."""
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> _Encoding:
+        return _Encoding(list(text.encode("utf-8")))
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def get_vocab_size(self, with_added_tokens: bool = True) -> int:
+        return 256
+
+
+@dataclass(frozen=True)
+class Codec:
+    """Text <-> token ids for inference. ``tokenizer`` has the Hugging Face ``tokenizers`` call shapes."""
+
+    tokenizer: Any
+    eos_id: int | None
+    source: str  # the tokenizer.json path, or "bytes"
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "Codec":
+        from infinitrain.data_tools.tokenizer import load_tokenizer
+
+        tok, info = load_tokenizer(path)
+        return cls(tok, info.eos_id, info.path)
+
+    @classmethod
+    def bytes(cls) -> "Codec":
+        return cls(ByteTokenizer(), None, "bytes")
+
+
+def load_for_inference(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
+                       device: str | torch.device = "cpu", dtype: str | None = None, need_tokenizer: bool = True,
+                       ) -> tuple[InfiniLM, Codec | None]:
+    """The model (eval mode) and its codec for MODEL = export dir, run dir or checkpoint dir (module docstring).
+    With ``need_tokenizer=False`` a missing tokenizer gives ``None`` instead of an error (``eval ppl``)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such model directory")
+    if (p / "config.json").is_file():
+        model = InfiniLM.from_pretrained(p, device=device, dtype=dtype)
+        codec = _codec(tokenizer, [p], data_path=None, required=need_tokenizer)
+    else:
+        ckpt, run_dir = _checkpoint_and_run(p)
+        raw = _run_config(run_dir)
+        model = _model_from_checkpoint(ckpt, ModelConfig.from_dict(raw["model"], where=f"{run_dir}/config.yaml: model"))
+        if dtype is not None:
+            from infinitrain.model.io import DTYPES
+
+            if dtype not in DTYPES:
+                raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+            model = model.to(DTYPES[dtype])
+        model = model.to(device)
+        codec = _codec(tokenizer, [run_dir, ckpt], data_path=(raw.get("data") or {}).get("path"),
+                       required=need_tokenizer)
+    if codec is None:
+        return model.eval(), None
+    vocab = codec.tokenizer.get_vocab_size(with_added_tokens=True)
+    if vocab > model.config.vocab_size:
+        raise ConfigError(f"{codec.source}: tokenizer has {vocab} tokens, the model's vocab_size is "
+                          f"{model.config.vocab_size}")
+    return model.eval(), codec
+
+
+def _codec(explicit, folders: list[Path], data_path: str | None, required: bool) -> Codec | None:
+    if explicit is not None:
+        return Codec.from_file(explicit)
+    for folder in folders:
+        if (folder / "tokenizer.json").is_file():
+            return Codec.from_file(folder / "tokenizer.json")
+    if data_path is not None:
+        d = Path(data_path)
+        if (d / "tokenizer.json").is_file():
+            return Codec.from_file(d / "tokenizer.json")
+        if d.exists() and not (d / "index.json").is_file():
+            return Codec.bytes()  # raw .txt training data: byte-level ids
+    if not required:
+        return None
+    raise ConfigError(f"{folders[0]}: no tokenizer.json found (looked in {', '.join(map(str, folders))}"
+                      f"{' and ' + data_path if data_path else ''}); pass --tokenizer FILE")
+
+
+def _checkpoint_and_run(p: Path) -> tuple[Path, Path]:
+    """(committed checkpoint, run directory) for a run directory or one of its checkpoints."""
+    from infinitrain.train.checkpoint import MANIFEST, committed
+
+    if (p / MANIFEST).is_file():
+        return p, p.parent.parent
+    if (p / "config.yaml").is_file():
+        found = committed(p / "checkpoints")
+        if not found:
+            raise CheckpointError(f"{p / 'checkpoints'}: no committed checkpoint (step-N with a manifest.json)")
+        return found[-1], p
+    raise CheckpointError(f"{p}: not a model directory (no config.json), run directory (no config.yaml) "
+                          "or committed checkpoint (no manifest.json)")
+
+
+def _run_config(run_dir: Path) -> dict[str, Any]:
+    import yaml
+
+    path = run_dir / "config.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found (the run's resolved recipe)") from None
+    except yaml.YAMLError as err:
+        raise CheckpointError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
+        raise CheckpointError(f"{path}: no resolved 'model' mapping")
+    return raw
+
+
+def _check_manifest(ckpt: Path) -> None:
+    """Every file the manifest lists is present with its recorded size (hashes are checked by ``train``)."""
+    from infinitrain.train.checkpoint import MANIFEST, read_manifest
+
+    for rel, meta in read_manifest(ckpt)["files"].items():
+        f = ckpt / rel
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing (listed in {ckpt / MANIFEST})")
+        if f.stat().st_size != meta["bytes"]:
+            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, the manifest records {meta['bytes']} (truncated?)")
+
+
+def checkpoint_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of a committed checkpoint: ZeRO 1-3 partitions gathered, or stage 0's whole module."""
+    from infinitrain.train.checkpoint import TAG
+
+    _check_manifest(ckpt)
+    ds = ckpt / TAG
+    # DeepSpeed prints its progress to stdout and stderr: keep both for our results and bars.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        if any(ds.glob("zero_pp_rank_*_optim_states.pt")) or any(ds.glob("bf16_zero_pp_rank_*_optim_states.pt")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            try:
+                return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=TAG))
+            except Exception as err:  # DeepSpeed raises ValueError/AssertionError/KeyError on bad files
+                raise CheckpointError(f"{ds}: DeepSpeed could not gather the weights ({type(err).__name__}: "
+                                      f"{str(err).splitlines()[0] if str(err) else ''})") from None
+        files = sorted(ds.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise CheckpointError(f"{ds}: no DeepSpeed model states (mp_rank_*_model_states.pt or zero_pp_rank_*)")
+        # DeepSpeed's own checkpoint of this run: a pickle written by the trainer, read the way DeepSpeed does.
+        state = torch.load(files[0], map_location="cpu", weights_only=False)
+    module = state.get("module") if isinstance(state, dict) else None
+    if not isinstance(module, dict):
+        raise CheckpointError(f"{files[0]}: no 'module' weights in the model states")
+    return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+
+
+def _model_from_checkpoint(ckpt: Path, config: ModelConfig) -> InfiniLM:
+    state = checkpoint_state_dict(ckpt)
+    with torch.device("meta"):
+        model = InfiniLM(config)
+    expected = set(model.state_dict())
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+        expected.discard("lm_head.weight")
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise CheckpointError(f"{ckpt}: weights do not match the run's model config ({what}; "
+                              f"{len(missing)} missing, {len(unexpected)} unexpected)")
+    params = model.state_dict()
+    for name, t in state.items():
+        if tuple(t.shape) != tuple(params[name].shape):
+            raise CheckpointError(f"{ckpt}: tensor {name!r} has shape {tuple(t.shape)}, the config needs "
+                                  f"{tuple(params[name].shape)}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    return model
+
+
+def describe(model: InfiniLM, codec: Codec | None) -> str:
+    """One line about what was loaded (for stderr)."""
+    c = model.config
+    n = sum(p.numel() for p in model.parameters())
+    return (f"model: {n / 1e6:.2f} M params, {c.n_layers} layers, d {c.d_model}, segment {c.segment_len}, "
+            f"{c.update} memory; tokenizer: {codec.source if codec else 'none'}")
