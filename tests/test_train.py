@@ -208,3 +208,26 @@ def test_two_ranks_resume_bitwise(tmp_path):
     same_steps(rows(tmp_path / "cut"), rows(tmp_path / "ref"))
     assert json.loads((tmp_path / "cut" / "checkpoints" / "step-00000006" / "manifest.json").read_text())[
         "world_size"] == 2
+
+
+def test_trains_on_prepared_shards(tmp_path):
+    """`infinitrain prepare` output (BPE, documents packed with their starts, a val split) trains directly."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i, chapter in enumerate(TEXT.read_text().split("Chapter ")[1:6]):
+        (docs / f"ch{i}.txt").write_text("Chapter " + chapter)
+    cli = [sys.executable, "-m", "infinitrain.cli"]
+    tok, shards = tmp_path / "tokenizer.json", tmp_path / "shards"
+    for args in (["tokenizer", "train", str(docs), "--vocab-size", "300", "--out", str(tok)],
+                 ["prepare", str(docs), "--tokenizer", str(tok), "--out", str(shards), "--segment-len", "32",
+                  "--sample-segments", "4", "--val-fraction", "0.3", "--no-progress", "--workers", "1"]):
+        res = subprocess.run([*cli, *args], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+    from infinitrain.train import train as run
+    from infinitrain.train.data import open_source
+
+    src, val = open_source(str(shards), 128, 512, 0.05)
+    assert src.sample_len == 128 and val is not None and src[0].doc_start[0]
+    cfg = load_recipe("debug", [*SMALL, "schedule.steps=3"], str(shards))
+    out = run(cfg, tmp_path / "run", "none")
+    assert out["step"] == 3 and math.isfinite(out["loss"]) and math.isfinite(out["val_loss"])
