@@ -79,9 +79,8 @@ def generate_cmd(model, prompts, prompt_files, per_line, max_new_tokens, tempera
     m, codec = _load(model, tokenizer, device, dtype)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         eos_id=codec.eos_id)
-    out = click.get_text_stream("stdout")
     result = generate_text(m, codec, texts, sampling, num_samples=num_samples, seed=seed,
-                           stream=out if stream else None, progress=progress)
+                           stream=sys.stdout if stream else None, progress=progress)
     if result.streamed:
         click.echo()
     elif len(result.texts) == 1:

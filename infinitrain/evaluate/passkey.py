@@ -106,15 +106,19 @@ def run_passkey(model, codec: Codec, cfg: PasskeyConfig, *, model_name: str = ""
                            model=model_name)
     sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=0.0, eos_id=codec.eos_id)
     total = len(cfg.lengths) * len(cfg.depths) * cfg.samples
-    bar = tqdm(total=total, desc="passkey", unit="prompt", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    bar = None  # opened once the first prompts are built, so a bad --lengths fails before any bar is drawn
+    chunk = cfg.prefill_chunk if cfg.memory else model.config.segment_len  # memory_read_off: one segment per call
     with memory_read_off(model) if not cfg.memory else nullcontext():
         for length in cfg.lengths:
             records = passkey_records(codec.tokenizer, length=length, depths=list(cfg.depths), count=cfg.samples,
                                       seed=cfg.seed + length)
+            if bar is None:
+                bar = tqdm(total=total, desc="passkey", unit="prompt", file=sys.stderr, disable=not progress,
+                           dynamic_ncols=True)
             for i in range(0, len(records), cfg.batch_size):
                 batch = records[i:i + cfg.batch_size]
                 prompts = [codec.encode(r["prompt"]) for r in batch]
-                outs = generate(model, prompts, sampling, prefill_chunk=cfg.prefill_chunk)
+                outs = generate(model, prompts, sampling, prefill_chunk=chunk)
                 for r, p, out in zip(batch, prompts, outs):
                     text = codec.decode(out)
                     report.records.append({"length": length, "depth": r["depth"], "pass_key": r["pass_key"],

@@ -1,8 +1,17 @@
-"""``memory_read_off(model)``: a context manager that switches every head's memory read off (A = A_dot) and restores β exactly.
+"""``memory_read_off(model)``: a context manager under which every Infini-attention layer reads an empty memory.
 
-Eq. 10 mixes A = sigmoid(β)·A_mem + (1 − sigmoid(β))·A_dot per head; with β = −inf the gate is exactly 0,
-so each token sees its own segment only (the memory is still written, never read). The gates are
-copied before and written back bit for bit afterwards, also when the body raises.
+Why an empty memory rather than closing the gates (β = −inf): Eq. 10 is A = g·A_mem + (1 − g)·A_dot, and in a
+document's first segment the memory is empty, so A_mem = 0 and the model computes (1 − g)·A_dot. Reading an
+empty memory in *every* segment therefore makes each segment behave exactly like a first segment: segment 0 is
+bit-identical with and without the switch, and any difference later is what the memory carried from earlier
+segments. Forcing g = 0 instead would also change segment 0 (memory-specialist heads, g ≈ 1, would suddenly
+pass their raw local attention), overstating the memory's contribution.
+
+How: a forward pre-hook on each ``InfiniAttention`` module replaces the memory (M, z) of the incoming state by
+zeros; the current segment's keys/values are kept. Nothing on the model is mutated and the hooks are removed on
+exit. The memory is also written inside a call, so each call must not run past a segment boundary
+(held tokens + new tokens <= S): ``generate`` with ``prefill_chunk = S`` and ``eval ppl`` call that way, and the
+hook raises otherwise rather than silently reading a non-empty memory.
 """
 
 from __future__ import annotations
@@ -12,18 +21,32 @@ from typing import Iterator
 
 import torch
 
+from infinitrain.model.layers import InfiniAttention
+from infinitrain.ops.memory import AttnState, MemoryState
+
+
+def _empty_memory_hook(module: InfiniAttention, args: tuple, kwargs: dict):
+    x, state = args[0], (args[1] if len(args) > 1 else kwargs.get("state"))
+    held = 0 if state is None else state.k.shape[2]
+    if held + x.shape[1] > module.segment_len:
+        raise ValueError(f"memory_read_off needs calls that stay inside one segment: {held} held + {x.shape[1]} new "
+                         f"tokens > segment {module.segment_len}")
+    if state is None:
+        return None
+    empty = MemoryState(torch.zeros_like(state.mem.M), torch.zeros_like(state.mem.z))
+    state = AttnState(empty, state.k, state.v, state.keep)
+    if len(args) > 1:
+        return (x, state, *args[2:]), kwargs
+    return args, {**kwargs, "state": state}
+
 
 @contextmanager
 def memory_read_off(model) -> Iterator[None]:
-    """Within the block, ``model`` ignores its compressive memory (for ``eval ppl/passkey --no-memory``)."""
-    gates = model.gate_parameters()
-    saved = [p.detach().clone() for p in gates]
+    """Within the block, ``model`` reads an empty compressive memory in every segment (``--no-memory``)."""
+    handles = [m.register_forward_pre_hook(_empty_memory_hook, with_kwargs=True)
+               for m in model.modules() if isinstance(m, InfiniAttention)]
     try:
-        with torch.no_grad():
-            for p in gates:
-                p.fill_(float("-inf"))  # sigmoid(-inf) == 0 exactly, in every float dtype
         yield
     finally:
-        with torch.no_grad():
-            for p, s in zip(gates, saved):
-                p.copy_(s)
+        for h in handles:
+            h.remove()

@@ -1,0 +1,137 @@
+"""`infinitrain generate` and model loading: batched and streamed text equal the Python API, run dirs load, errors are one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from evalkit import codec_of, make_model, make_tokenizer, run_main, tiny_config
+
+from infinitrain.cli import cli
+from infinitrain.evaluate.loading import Codec, load_for_inference
+from infinitrain.generate import TextStream, advance
+from infinitrain.model import InfiniLM
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    tok = make_tokenizer(root / "tokenizer.json")
+    model = make_model(root / "model", tok)
+    return root / "model", model, codec_of(tok)
+
+
+def greedy_text(model, codec, prompt: str, n: int) -> str:
+    out = model.generate([codec.encode(prompt)], max_new_tokens=n, temperature=0, eos_id=codec.eos_id)[0]
+    if out and out[-1] == codec.eos_id:
+        out = out[:-1]
+    return codec.decode(out)
+
+
+def test_batched_prompts_and_samples_match_the_python_api(saved):
+    path, model, codec = saved
+    r = CliRunner().invoke(cli, ["generate", str(path), "--prompt", "the grass is", "--prompt", "a long river " * 9,
+                                 "--num-samples", "2", "--temperature", "0", "--max-new-tokens", "12"])
+    assert r.exit_code == 0, r.output
+    blocks = r.stdout.split("=== prompt ")[1:]
+    assert [b.split(" ===")[0] for b in blocks] == ["1, sample 1", "1, sample 2", "2, sample 1", "2, sample 2"]
+    texts = [b.split(" ===\n", 1)[1][:-1] for b in blocks]  # echo adds a newline
+    assert texts[0] == texts[1] == greedy_text(model, codec, "the grass is", 12)
+    assert texts[2] == texts[3] == greedy_text(model, codec, "a long river " * 9, 12)
+    assert "tok/s" in r.stderr and "prefill" in r.stderr
+
+
+def test_streamed_output_equals_the_unstreamed_one_and_seeds_reproduce(saved, tmp_path):
+    path, model, codec = saved
+    prompt_file = tmp_path / "p.txt"
+    prompt_file.write_text("the sun is\n\nthere and back\n")
+    args = ["generate", str(path), "--max-new-tokens", "20", "--temperature", "0.9", "--top-k", "50", "--seed", "3"]
+    streamed = CliRunner().invoke(cli, args + ["--prompt", "the sun is"])
+    plain = CliRunner().invoke(cli, args + ["--prompt", "the sun is", "--no-stream"])
+    assert streamed.exit_code == 0 and plain.exit_code == 0, streamed.output + plain.output
+    assert streamed.stdout == plain.stdout
+    per_line = CliRunner().invoke(cli, args + ["--prompt-file", str(prompt_file), "--lines"])
+    assert per_line.stdout.count("=== prompt") == 2  # the blank line is not a prompt
+    whole = CliRunner().invoke(cli, args + ["--prompt-file", str(prompt_file), "--no-stream"])
+    assert "=== prompt" not in whole.stdout
+
+
+def test_text_stream_holds_back_split_utf8_characters():
+    codec = Codec.bytes()
+    ids = codec.encode("héllo ✓!")
+    s = TextStream(codec.decode)
+    pieces = [s.push([i]) for i in ids]
+    assert pieces[1] == "" and pieces[2] == "é"  # é is two bytes: nothing until both arrived
+    assert "".join(pieces) + s.flush() == "héllo ✓!"
+
+
+@pytest.mark.parametrize("kw", [{}, dict(mod_every=2, mod_capacity=0.5, update="delta")], ids=["linear", "mod-delta"])
+def test_prefill_without_logits_gives_the_state_of_a_full_forward(kw):
+    torch.manual_seed(0)
+    model = InfiniLM(tiny_config(**kw)).eval()
+    ids = torch.randint(0, 512, (2, 40))
+    with torch.no_grad():
+        ref = model(ids[:, :21], model(ids[:, :19]).state).state
+        got = advance(model, ids[:, :21], advance(model, ids[:, :19]))
+    for a, b in zip(ref.layers, got.layers):
+        for x, y in zip(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def fake_run_dir(root, model: InfiniLM, text_file) -> None:
+    """A committed checkpoint as the trainer lays it out, with stage-0 DeepSpeed module states."""
+    ck = root / "checkpoints" / "step-00000007"
+    (ck / "ds").mkdir(parents=True)
+    torch.save({"module": model.state_dict()}, ck / "ds" / "mp_rank_00_model_states.pt")
+    f = ck / "ds" / "mp_rank_00_model_states.pt"
+    (ck / "manifest.json").write_text(json.dumps({"version": 1, "step": 7, "world_size": 1, "files": {
+        "ds/mp_rank_00_model_states.pt": {"bytes": f.stat().st_size, "sha256": "x"}}}))
+    (root / "checkpoints" / "step-00000009.tmp").mkdir()  # uncommitted: never loaded
+    (root / "config.yaml").write_text(yaml.safe_dump({"model": model.config.to_dict(), "data": {"path": str(text_file)}}))
+
+
+def test_run_directory_loads_the_newest_committed_checkpoint_with_a_byte_codec(tmp_path):
+    torch.manual_seed(1)
+    model = InfiniLM(tiny_config(vocab_size=256)).eval()
+    (tmp_path / "train.txt").write_text("hello")
+    fake_run_dir(tmp_path / "run", model, tmp_path / "train.txt")
+    loaded, codec = load_for_inference(tmp_path / "run")
+    assert codec.source == "bytes" and codec.decode(codec.encode("é!")) == "é!"
+    ids = torch.tensor([codec.encode("hello world")])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000007"
+    with open(ckpt / "ds" / "mp_rank_00_model_states.pt", "ab") as f:
+        f.write(b"x")
+    code_err = pytest.raises(Exception, load_for_inference, ckpt)
+    assert "manifest records" in str(code_err.value)
+
+
+def test_bad_inputs_are_one_line_errors_with_exit_codes(saved, tmp_path, capsys):
+    path, _, _ = saved
+    cases = [(["generate", str(tmp_path / "nope"), "--prompt", "x"], 5, "no such model directory"),
+             (["generate", str(path), "--prompt", "x", "--top-p", "1.5"], 3, "top_p"),
+             (["generate", str(path)], 3, "no prompt given"),
+             (["generate", str(path), "--prompt-file", str(tmp_path / "missing.txt")], 3, "cannot read prompt file")]
+    bare = tmp_path / "bare"
+    make_model(bare, None)
+    cases.append((["generate", str(bare), "--prompt", "x"], 3, "pass --tokenizer"))
+    for argv, code, message in cases:
+        got, out, err = run_main(argv, capsys)
+        assert got == code, (argv, err)
+        assert err.strip().splitlines()[-1].startswith("error:") and message in err and "Traceback" not in err
+
+
+def test_generate_as_a_real_subprocess(saved):
+    path, model, codec = saved
+    out = subprocess.run([sys.executable, "-m", "infinitrain.cli", "generate", str(path), "--prompt", "the sky",
+                          "--temperature", "0", "--max-new-tokens", "8", "--no-progress"],
+                         capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.decode() == greedy_text(model, codec, "the sky", 8) + "\n"  # bytes: a random model writes \r
+    assert b"tok/s" in out.stderr
