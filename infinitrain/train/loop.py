@@ -127,10 +127,26 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _configure_determinism(cfg: TrainConfig, rank: int) -> None:
+def _configure_determinism(cfg: TrainConfig, rank: int):
+    """Returns a function that restores the previous global settings (train() may run inside a test process)."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.utils.deterministic.fill_uninitialized_memory)
+
+    def restore() -> None:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.utils.deterministic.fill_uninitialized_memory = before[2]
+
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # no NaN-filling of torch.empty: it would make DeepSpeed's untouched bucket buffers resident (+2 GB)
+        torch.utils.deterministic.fill_uninitialized_memory = False
     torch.manual_seed(cfg.run.seed + 1000 * (rank + 1))  # per-rank stream (dropout); model init reseeds
+    return restore
+
+
+def _float_or_none(x) -> float | None:
+    """DeepSpeed's global grad norm (None where it keeps none: ZeRO stage 0 in fp32)."""
+    return None if x is None else float(x)
 
 
 def _discard_gradients_stage0(engine) -> None:
@@ -146,8 +162,14 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: str = "auto",
     setup_environment(local_rank)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     rank, world = init_distributed()
-    _configure_determinism(cfg, rank)
-    run_dir = Path(run_dir)
+    restore_determinism = _configure_determinism(cfg, rank)
+    try:
+        return _train(cfg, Path(run_dir), resume, sources, rank, world)
+    finally:
+        restore_determinism()
+
+
+def _train(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: int, world: int) -> dict[str, Any]:
     ds_config = deepspeed_config(cfg, world)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -167,13 +189,13 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: str = "auto",
     if train_src.vocab_size > cfg.model.vocab_size:
         raise DataError(f"data vocabulary ({train_src.vocab_size}) exceeds model.vocab_size ({cfg.model.vocab_size})")
 
+    if resume == "none" and ckpt.committed(run_dir / "checkpoints"):
+        raise ConfigError(f"{run_dir / 'checkpoints'} already holds checkpoints; use --resume auto or a new --run-dir")
+    resume_from = ckpt.find_resume(run_dir, resume)
     engine, model = build_engine(cfg, ds_config)
     sampler = make_sampler(len(train_src), micro_batch=cfg.data.micro_batch_size, grad_accum=cfg.data.grad_accum,
                            rank=rank, world=world, seed=cfg.data.seed)
     state = TrainState()
-    resume_from = ckpt.find_resume(run_dir, resume)
-    if resume == "none" and ckpt.committed(run_dir / "checkpoints"):
-        raise ConfigError(f"{run_dir / 'checkpoints'} already holds checkpoints; use --resume auto or a new --run-dir")
     if resume_from is not None:
         state = TrainState(**ckpt.load(engine, resume_from)["train_state"])
         sampler.load_state_dict(state.data)
@@ -229,7 +251,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: str = "auto",
                     "step": step, "tokens": state.tokens, "loss": loss,
                     "loss_per_segment": (stats.seg_loss / stats.seg_targets.clamp(min=1)).tolist(),
                     "lr": engine.lr_scheduler.get_last_lr()[0], "gate_lr": engine.lr_scheduler.get_last_lr()[-1],
-                    "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens_per_s": window_tokens / elapsed,
+                    "grad_norm": _float_or_none(engine.get_global_grad_norm()), "tokens_per_s": window_tokens / elapsed,
                     "peak_mem_mb": peak_memory_mb(), "mod_aux_loss": float(stats.aux), "gates": gates,
                     "skipped_total": state.skipped_total})
                 window_start, window_tokens = time.time(), 0
