@@ -11,7 +11,7 @@ runs out, then its samples.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -86,6 +86,28 @@ def advance(model, input_ids: Tensor, state=None):
     return ModelState(tuple(new_states))
 
 
+@torch.no_grad()
+def prefill(model, chunks: Iterable[Tensor], state: ModelState | None = None,
+            on_progress: Callable[[int], None] | None = None) -> ModelState:
+    """Feed a stream of token chunks (each (B, t)) and keep only the state: a prompt of any length, read
+    piece by piece (from a file, a generator), never exists in memory as a whole. Pass the result to
+    ``generate(..., state=)``. Chunks of one segment keep activation memory at its minimum."""
+    was_training = model.training
+    model.eval()
+    try:
+        done = 0
+        for ids in chunks:
+            state = advance(model, ids, state)
+            done += ids.shape[1]
+            if on_progress:
+                on_progress(done)
+    finally:
+        model.train(was_training)
+    if state is None:
+        raise ConfigError("prefill got no tokens")
+    return state
+
+
 class TextStream:
     """Incremental detokenisation for streaming: ``push(ids)`` returns the newly printable text.
 
@@ -121,12 +143,14 @@ class TextStream:
 def generate(model, prompts: Sequence[Sequence[int]], sampling: Sampling, *,
              generator: torch.Generator | None = None, on_tokens: Callable[[Tensor, Tensor], None] | None = None,
              on_prefill: Callable[[int, int], None] | None = None, prefill_chunk: int | None = None,
-             ) -> list[list[int]]:
+             state: ModelState | None = None) -> list[list[int]]:
     """Continue every prompt (a list of token ids, at least one each); returns the new tokens per prompt.
 
     on_tokens(ids (B,), active (B,) bool) is called after each decoding step (for streaming output);
     on_prefill(done, total) reports prefill progress. The prefill runs in chunks of ``prefill_chunk``
     tokens (default: one segment), so activation memory stays bounded whatever the prompt length.
+    ``state`` continues from earlier tokens already fed to the model (e.g. by :func:`prefill`, which streams
+    a prompt too long to hold as a list); the prompts are then what follows them, one row per state row.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
@@ -136,12 +160,12 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: Sampling, *,
     model.eval()
     try:
         return _generate(model, prompts, sampling, generator, on_tokens, on_prefill,
-                         prefill_chunk or model.config.segment_len)
+                         prefill_chunk or model.config.segment_len, state)
     finally:
         model.train(was_training)
 
 
-def _generate(model, prompts, sampling, generator, on_tokens, on_prefill, chunk) -> list[list[int]]:
+def _generate(model, prompts, sampling, generator, on_tokens, on_prefill, chunk, state) -> list[list[int]]:
     device = next(model.parameters()).device
     B = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -150,7 +174,6 @@ def _generate(model, prompts, sampling, generator, on_tokens, on_prefill, chunk)
     for b, p in enumerate(prompts):
         padded[b, : len(p)] = torch.as_tensor(list(p), dtype=torch.long, device=device)
     shared = int(lengths.min()) - 1  # prefill all but the last token of the shortest prompt in bulk
-    state = None
     for i in range(0, shared, chunk):
         state = advance(model, padded[:, i:min(shared, i + chunk)], state)
         if on_prefill:

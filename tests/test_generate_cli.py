@@ -14,7 +14,7 @@ from evalkit import codec_of, make_model, make_tokenizer, run_main, tiny_config
 
 from infinitrain.cli import cli
 from infinitrain.evaluate.loading import Codec, load_for_inference
-from infinitrain.generate import TextStream, advance
+from infinitrain.generate import Sampling, TextStream, advance, generate, prefill
 from infinitrain.model import InfiniLM
 
 
@@ -83,6 +83,15 @@ def test_prefill_without_logits_gives_the_state_of_a_full_forward(kw):
             torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
+def test_streamed_prefill_then_generate_from_the_state_equals_one_generate_call():
+    torch.manual_seed(0)
+    model = InfiniLM(tiny_config(update="delta")).eval()
+    prompt = torch.randint(0, 512, (1, 75))
+    whole = model.generate([prompt[0].tolist()], max_new_tokens=20, temperature=0)
+    state = prefill(model, (prompt[:, i:min(74, i + 16)] for i in range(0, 74, 16)))  # the last chunk is partial
+    assert generate(model, [[int(prompt[0, -1])]], Sampling(max_new_tokens=20, temperature=0), state=state) == whole
+
+
 def fake_run_dir(root, model: InfiniLM, text_file) -> None:
     """A committed checkpoint as the trainer lays it out, with stage-0 DeepSpeed module states."""
     ck = root / "checkpoints" / "step-00000007"
@@ -135,3 +144,26 @@ def test_generate_as_a_real_subprocess(saved):
     assert out.returncode == 0, out.stderr
     assert out.stdout.decode() == greedy_text(model, codec, "the sky", 8) + "\n"  # bytes: a random model writes \r
     assert b"tok/s" in out.stderr
+
+
+def test_generate_benchmark_pieces_at_tiny_sizes():
+    """benchmarks/generate.py in-process: the full-attention baseline is a correct decoder, every cell is timed,
+    and the table reports the three targets (no timing assertions)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_generate", Path(__file__).parents[1] / "benchmarks" / "generate.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.parse_args(["--quick", "--d-model", "32", "--d-ff", "64"])
+    assert bench.check_baseline(args) < 1e-5
+    report = {"command": "x", "torch": "t", "machine": "m", "threads": 1, "load_start": "0", "load_end": "0",
+              "contexts": args.contexts, "decode_tokens": args.decode_tokens, "full_decode_tokens": 8, "rounds": 1,
+              "results": bench.measure_latency(args),
+              "memory": [bench.peak_rss(args, "infini", c) for c in args.rss_contexts] + [bench.peak_rss(args, "full-attn", 256)]}
+    assert {(r["impl"], r["context"]) for r in report["results"]} == {("infini", 128), ("infini", 256), ("full-attn", 256)}
+    assert all(r["decode_ms_median"] > 0 and r["decode_tokens"] == 8 for r in report["results"])
+    report["summary"] = bench.summarize(report, args)
+    table = bench.format_table(report)
+    for needle in ("latency spread", "peak RSS 256 / 64 prompt", "slower per token", "load average"):
+        assert needle in table
