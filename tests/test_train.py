@@ -208,6 +208,8 @@ def test_two_ranks_resume_bitwise(tmp_path):
     same_steps(rows(tmp_path / "cut"), rows(tmp_path / "ref"))
     assert json.loads((tmp_path / "cut" / "checkpoints" / "step-00000006" / "manifest.json").read_text())[
         "world_size"] == 2
+    with pytest.raises(CheckpointError, match="saved by 2 ranks, this run has 1"):  # in-process world of one
+        train(tmp_path / "cut", ["deepspeed.zero_optimization.stage3_param_persistence_threshold=0"])
 
 
 def test_trains_on_prepared_shards(tmp_path):
@@ -231,3 +233,20 @@ def test_trains_on_prepared_shards(tmp_path):
     cfg = load_recipe("debug", [*SMALL, "schedule.steps=3"], str(shards))
     out = run(cfg, tmp_path / "run", "none")
     assert out["step"] == 3 and math.isfinite(out["loss"]) and math.isfinite(out["val_loss"])
+
+
+def test_zero_init_builds_partitioned_and_initialised():
+    """run.zero_init=true: parameters are partitioned at construction and still get the model's init."""
+    import deepspeed
+    import torch
+
+    from infinitrain.train.engine import build_model, init_distributed, setup_environment
+
+    setup_environment()
+    init_distributed()
+    cfg = load_recipe("debug", ["run.zero_init=true", "model.gate_init=0.25", "run.precision=fp32"])
+    model = build_model(cfg, deepspeed_config(cfg, 1))
+    w, beta = model.layers[0].attn.q_proj.weight, model.layers[0].attn.betas
+    assert hasattr(w, "ds_id") and w.numel() == 0  # partitioned (the local data lives in w.ds_tensor)
+    with deepspeed.zero.GatheredParameters([w, beta]):
+        assert abs(float(w.std()) - cfg.model.init_std) < 0.003 and torch.all(beta == 0.25)

@@ -148,11 +148,12 @@ def build_model(cfg: TrainConfig, ds_config: dict[str, Any]) -> InfiniLM:
     torch.manual_seed(cfg.run.seed)
     if not use_init:
         return InfiniLM(cfg.model)
-    dtype = torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+    # dtype comes from the config's bf16 flag (DeepSpeed 0.19.8 ignores an explicit dtype on a CPU without fp16)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = InfiniLM(cfg.model)
-    # reset_parameters ran on already-partitioned (empty) tensors; redo it module by module, gathered
-    model.apply(functools.partial(_init_module, std=cfg.model.init_std, gate_init=cfg.model.gate_init))
+        # reset_parameters ran on already-partitioned (empty) tensors; redo it module by module: inside the
+        # context, Module.apply gathers each module's own parameters around the call and re-partitions them
+        model.apply(functools.partial(_init_module, std=cfg.model.init_std, gate_init=cfg.model.gate_init))
     return model
 
 
