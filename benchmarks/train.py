@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=8, help="W, segments per backward (fixed)")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--micro", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads (1 is steadier on a shared 2-core box)")
     ap.add_argument("--checkpointing", default="none", choices=["none", "layer", "segment"])
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)

@@ -250,3 +250,15 @@ def test_zero_init_builds_partitioned_and_initialised():
     assert hasattr(w, "ds_id") and w.numel() == 0  # partitioned (the local data lives in w.ds_tensor)
     with deepspeed.zero.GatheredParameters([w, beta]):
         assert abs(float(w.std()) - cfg.model.init_std) < 0.003 and torch.all(beta == 0.25)
+
+
+def test_train_benchmark_smoke(tmp_path):
+    """benchmarks/train.py runs end to end at tiny lengths and reports finite numbers (no timing assertions)."""
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train.py"), "--lengths", "128,256", "--window",
+                          "1", "--steps", "1", "--json", str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows_ = json.loads(out.read_text())
+    assert [r["length"] for r in rows_] == [128, 256] and "peak RSS" in res.stdout
+    assert all(r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 and 0 < r["mfu"] < 1 for r in rows_)
