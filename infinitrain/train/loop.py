@@ -112,6 +112,39 @@ class Metrics:
             self.tb.close()
 
 
+class RouterAccuracy:
+    """Mixture-of-Depths router accuracy: how often sigmoid(r) > 0.5 agrees with the top-C choice per segment
+    (the BCE target), counted by forward hooks on each routed block's router over a step (a recomputed
+    forward counts twice, which leaves the ratio unchanged)."""
+
+    def __init__(self, model) -> None:
+        from infinitrain.model.layers import MoDBlock, topk_per_segment
+
+        self.counts = torch.zeros(2, dtype=torch.float64)  # agreeing tokens, tokens
+        self.handles = []
+        for block in model.layers:
+            if isinstance(block, MoDBlock):
+                S, C = block.segment_len, block.tokens_per_segment
+
+                def hook(module, args, out, S=S, C=C) -> None:
+                    logits = out.detach().squeeze(-1).float()  # (B, T)
+                    if not module.training or logits.shape[1] % S:
+                        return
+                    chosen = torch.zeros_like(logits, dtype=torch.bool).scatter(1, topk_per_segment(logits, S, C), True)
+                    self.counts += torch.tensor([float(((logits > 0) == chosen).sum()), float(logits.numel())],
+                                                dtype=torch.float64)
+
+                self.handles.append(block.router.register_forward_hook(hook))
+
+    def take(self) -> float | None:
+        """Accuracy over all ranks since the last call (collective); None without routed blocks."""
+        if not self.handles:
+            return None
+        c = all_reduce(self.counts.clone())
+        self.counts.zero_()
+        return float(c[0] / c[1]) if c[1] else None
+
+
 def gate_values(model) -> list[list[float]]:
     """sigmoid(β) per layer and head (collective under ZeRO-3: every rank calls it)."""
     from deepspeed.utils import safe_get_full_fp32_param
@@ -204,6 +237,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: int, wor
     S, W = cfg.model.segment_len, cfg.window
     tokens_per_step = sampler.global_batch_size * cfg.sample_len
     stop = _StopFlag()
+    router = RouterAccuracy(model)
     metrics = Metrics(run_dir, cfg, state.step, enabled=rank == 0)
     last_saved, last_val, loss, window_start, window_tokens = state.step, math.nan, math.nan, time.time(), 0
 
@@ -252,7 +286,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: int, wor
                     "loss_per_segment": (stats.seg_loss / stats.seg_targets.clamp(min=1)).tolist(),
                     "lr": engine.lr_scheduler.get_last_lr()[0], "gate_lr": engine.lr_scheduler.get_last_lr()[-1],
                     "grad_norm": _float_or_none(engine.get_global_grad_norm()), "tokens_per_s": window_tokens / elapsed,
-                    "peak_mem_mb": peak_memory_mb(), "mod_aux_loss": float(stats.aux), "gates": gates,
+                    "peak_mem_mb": peak_memory_mb(), "mod_aux_loss": float(stats.aux),
+                    "mod_router_acc": router.take(), "gates": gates,
                     "skipped_total": state.skipped_total})
                 window_start, window_tokens = time.time(), 0
             if not skipped and cfg.log.eval_every and step % cfg.log.eval_every == 0 and val:
