@@ -117,9 +117,11 @@ def test_sigterm_saves_and_resumes_bitwise(reference_run, tmp_path, monkeypatch)
     same_steps(rows(tmp_path), reference_run)
 
 
-def test_kill9_during_save_resumes_from_previous_commit(reference_run, tmp_path):
-    """SIGKILL after the manifest is written but before the rename: step 4 never commits; resume from 2."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "INFINITRAIN_FAULT": "kill:before_commit:4:0"}
+@pytest.mark.parametrize("site", ["after_shards", "before_commit"])
+def test_kill9_during_save_resumes_from_previous_commit(reference_run, tmp_path, site):
+    """SIGKILL after the shards (no manifest yet) or after the manifest but before the rename: step 4 never
+    commits; the restart cleans the .tmp, resumes from step 2 and reproduces the uninterrupted losses."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "INFINITRAIN_FAULT": f"kill:{site}:4:0"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "infinitrain.train", "--recipe", "debug", "--data", str(TEXT), "--run-dir",
