@@ -8,7 +8,8 @@ import click
 
 MODEL_HELP = "An export directory (config.json + safetensors), a run directory (newest committed checkpoint) or a checkpoint."
 _model = click.argument("model", metavar="MODEL")
-_tokenizer = click.option("--tokenizer", default=None, help="tokenizer.json to use [default: the one found with MODEL].")
+_tokenizer = click.option("--tokenizer", default=None, help="tokenizer.json to use, or 'bytes' for byte-level runs "
+                          "[default: the one found with MODEL].")
 _device = click.option("--device", default="cpu", show_default=True, help="Torch device.")
 _dtype = click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
                       help="Cast the weights [default: as stored].")

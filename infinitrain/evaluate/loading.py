@@ -5,9 +5,9 @@ MODEL may be
   * a run directory written by ``infinitrain train`` (``config.yaml`` + ``checkpoints/step-N``): the newest
     committed checkpoint's weights are gathered from DeepSpeed's ZeRO files into fp32;
   * one committed checkpoint directory ``RUN/checkpoints/step-N``.
-The tokenizer is ``--tokenizer`` if given, else a ``tokenizer.json`` in the model or run directory, else the one
-beside the run's prepared data; a run trained on raw ``.txt`` (byte-level ids 0..255, see
-``infinitrain.train.data.text_source``) gets the matching byte codec.
+The tokenizer is ``--tokenizer`` if given (``bytes``: the byte codec), else a ``tokenizer.json`` in the model or
+run directory, else the one beside the run's prepared data; a run trained on raw ``.txt`` (byte-level ids 0..255,
+see ``infinitrain.train.data.text_source``) gets the matching byte codec.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def load_for_inference(path: str | os.PathLike, *, tokenizer: str | os.PathLike 
 
 def _codec(explicit, folders: list[Path], data_path: str | None, required: bool) -> Codec | None:
     if explicit is not None:
-        return Codec.from_file(explicit)
+        return Codec.bytes() if str(explicit) == "bytes" else Codec.from_file(explicit)
     for folder in folders:
         if (folder / "tokenizer.json").is_file():
             return Codec.from_file(folder / "tokenizer.json")
@@ -119,7 +119,8 @@ def _codec(explicit, folders: list[Path], data_path: str | None, required: bool)
     if not required:
         return None
     raise ConfigError(f"{folders[0]}: no tokenizer.json found (looked in {', '.join(map(str, folders))}"
-                      f"{' and ' + data_path if data_path else ''}); pass --tokenizer FILE")
+                      f"{' and ' + data_path if data_path else ''}); pass --tokenizer FILE (or --tokenizer bytes "
+                      "for a run trained on raw .txt)")
 
 
 def _checkpoint_and_run(p: Path) -> tuple[Path, Path]:
