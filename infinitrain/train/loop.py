@@ -182,10 +182,15 @@ def _float_or_none(x) -> float | None:
     return None if x is None else float(x)
 
 
-def _discard_gradients_stage0(engine) -> None:
-    """ZeRO stage 0 in fp32 has no overflow check: drop the gradients so AdamW skips every parameter."""
-    for p in engine.module.parameters():
-        p.grad = None
+def optimizer_step(engine, bad_loss: bool, plain_fp32: bool) -> bool:
+    """engine.step(); True if the step was skipped on every rank. ZeRO and bf16 optimizers skip a non-finite
+    gradient norm themselves (``was_step_applied``); plain fp32 stage 0 has no such check, so there a
+    non-finite loss drops the gradients without stepping the engine (nor its scheduler)."""
+    if bad_loss and plain_fp32:
+        engine.zero_grad()
+        return True
+    engine.step()
+    return bad_loss or not engine.was_step_applied()
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, resume: str = "auto",
@@ -253,13 +258,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: int, wor
                                      step=state.step + state.skipped_total + 1)  # attempt number (fault hook)
             stats = reduce_stats(stats)
             bad_loss = bool(stats.nonfinite > 0)
-            if bad_loss and cfg.run.zero_stage == 0 and cfg.run.precision == "fp32":
-                _discard_gradients_stage0(engine)
-            lr_state = engine.lr_scheduler.state_dict()
-            engine.step()
-            skipped = bad_loss or not engine.was_step_applied()
-            if skipped and engine.was_step_applied():  # stage 0 path: AdamW saw no gradient; undo the lr tick
-                engine.lr_scheduler.load_state_dict(lr_state)
+            skipped = optimizer_step(engine, bad_loss, cfg.run.zero_stage == 0 and cfg.run.precision == "fp32")
             if skipped:
                 state.skipped_total += 1
                 state.skipped_in_row += 1
