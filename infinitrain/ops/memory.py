@@ -69,7 +69,7 @@ def acc(x: Tensor) -> Tensor:
 
 def sigma(x: Tensor) -> Tensor:
     """σ = ELU + 1 (Katharopoulos et al. 2020), in fp32 or wider; strictly positive."""
-    return F.elu(acc(x)) + 1.0
+    return F.elu(acc(x)).add_(1.0)  # in place on ELU's fresh output (its backward reads the input): one tensor
 
 
 def _group(x: Tensor, kv_heads: int) -> Tensor:
@@ -141,6 +141,14 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, segment_len: int, *, causal
     dropped tokens from every other query (a dropped query still sees itself, so no row is empty);
     doc (B, T) document ids restrict attention to the query's own document.
     """
+    B, H, T, _ = q.shape
+    return _local_attention_blocks(q, k, v, segment_len, causal=causal, keep=keep, doc=doc).reshape(B, H, T, -1)
+
+
+def _local_attention_blocks(q: Tensor, k: Tensor, v: Tensor, segment_len: int, *, causal: bool = True,
+                            keep: Tensor | None = None, doc: Tensor | None = None) -> Tensor:
+    """``local_attention`` shaped (B, H, N, S, V): a view of SDPA's output, whose memory is laid out
+    (B, S, H·N, V) on CPU, so no copy is made until the caller combines it with something else."""
     B, H, T, K = q.shape
     S = segment_len
     N = T // S
@@ -149,7 +157,7 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, segment_len: int, *, causal
         o = F.scaled_dot_product_attention(
             q.reshape(B, H * N, S, K), k.reshape(B, H * N, S, K), v.reshape(B, H * N, S, v.shape[-1]),
             is_causal=causal)
-        return o.reshape(B, H, T, -1)
+        return o.view(B, H, N, S, -1)
     eye = torch.eye(S, dtype=torch.bool, device=q.device)
     allowed = torch.ones_like(eye) if keep is None else keep.view(B, 1, N, 1, S) | eye  # kept keys, and self
     if doc is not None:
@@ -157,9 +165,8 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, segment_len: int, *, causal
         allowed = allowed & (d[..., :, None] == d[..., None, :])
     if causal:
         allowed = allowed & torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
-    o = F.scaled_dot_product_attention(
+    return F.scaled_dot_product_attention(
         q.reshape(B, H, N, S, K), k.reshape(B, H, N, S, K), v.reshape(B, H, N, S, -1), attn_mask=allowed)
-    return o.reshape(B, H, T, -1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,16 +199,23 @@ def memory_states_linear(sk: Tensor, v: Tensor, mem: MemoryState, reset: Tensor 
     Returns the state read by every segment, (B, G, N, K, V) / (B, G, N, K), and the final state.
     reset (B, N): the memory is emptied before segment s writes (a document starts inside it).
     """
+    Mz, final = _memory_states_linear_joint(sk, v, mem, reset)
+    return MemoryState(Mz[..., :-1], Mz[..., -1]), final
+
+
+def _memory_states_linear_joint(sk: Tensor, v: Tensor, mem: MemoryState, reset: Tensor | None = None,
+                                ) -> tuple[Tensor, MemoryState]:
+    """``memory_states_linear`` with each state read as one (B, G, N, K, V+1) tensor [M | z]: z is M's extra
+    value column (σ(K)ᵀ1 beside σ(K)ᵀV), so one cumsum builds both and one matmul retrieves both."""
     U = sk.transpose(-1, -2) @ v  # (B, G, N, K, V): σ(K_s)ᵀ V_s
-    kbar = sk.sum(-2)  # (B, G, N, K)
+    Uz = torch.cat((U, sk.sum(-2)[..., None]), -1)  # (B, G, N, K, V+1)
+    Mz0 = torch.cat((mem.M, mem.z[..., None]), -1)  # (B, G, K, V+1)
     if reset is not None:  # a sum that restarts: N small K×V adds, exact (no cumsum cancellation)
-        M_before, M_final = _scan_with_resets(U, mem.M, reset)
-        z_before, z_final = _scan_with_resets(kbar, mem.z, reset)
-        return MemoryState(M_before, z_before), MemoryState(M_final, z_final)
-    M_before = _exclusive_cumsum(U, 2) + mem.M[:, :, None]
-    z_before = _exclusive_cumsum(kbar, 2) + mem.z[:, :, None]
-    final = MemoryState(M_before[:, :, -1] + U[:, :, -1], z_before[:, :, -1] + kbar[:, :, -1])
-    return MemoryState(M_before, z_before), final
+        before, after = _scan_with_resets(Uz, Mz0, reset)
+    else:
+        before = _exclusive_cumsum(Uz, 2) + Mz0[:, :, None]
+        after = before[:, :, -1] + Uz[:, :, -1]
+    return before, MemoryState(after[..., :-1], after[..., -1])
 
 
 def memory_states_delta(sk: Tensor, v: Tensor, mem: MemoryState, eps: float, reset: Tensor | None = None,
@@ -268,21 +282,26 @@ def infini_attention(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: MemoryS
         sk = sk * write.view(B, 1, N, S, 1)
     vf = acc(v).view(B, G, N, S, Vd)
     if update == "linear":
-        before, final = memory_states_linear(sk, vf, mem, reset)
+        Mz, final = _memory_states_linear_joint(sk, vf, mem, reset)
     else:
         before, final = memory_states_delta(sk, vf, mem, eps, reset)
-    sqg = _group(sq, G)  # (B, G, R, N, S, K)
-    num = sqg @ before.M[:, :, None]  # (B, G, R, N, S, V)
-    den = sqg @ before.z[:, :, None, :, :, None]  # (B, G, R, N, S, 1)
-    a_mem = (num / (den + eps)).reshape(B, H, T, Vd)
+        Mz = torch.cat((before.M, before.z[..., None]), -1)
+    # Eq. 7 for all segments: numerator and normaliser in one matmul, z being Mz's last value column.
+    numz = (_group(sq, G) @ Mz[:, :, None]).view(B, H, N, S, Vd + 1)
+    num, den = numz.split((Vd, 1), -1)
+    g = torch.sigmoid(acc(beta)).view(1, H, 1, 1, 1)
+    w = g / (den + eps)  # (B, H, N, S, 1): gate and normaliser folded into one per-token scale
     if reads is not None:
-        a_mem = a_mem * reads.view(B, 1, T, 1)  # a document's first (partial) segment reads an empty memory
+        w = w * reads.view(B, 1, N, S, 1)  # a document's first (partial) segment reads an empty memory
     # Local path: rotated q/k, causal inside each segment.
     if rotary is not None:
         p = pos if pos is not None else _segment_positions(T, S, q.device)
         q, k = apply_rotary(q, p, rotary), apply_rotary(k, p, rotary)
-    a_dot = local_attention(q, k, v, S, causal=causal, keep=keep, doc=doc)
-    return gate(beta, a_mem, a_dot), final
+    a_dot = _local_attention_blocks(q, k, v, S, causal=causal, keep=keep, doc=doc)  # (B, H, N, S, V)
+    # Eq. 10 as `gate`, in two passes: num·w is contiguous and comes first, so the sum is laid out
+    # (B, H, T, V) too and SDPA's output needs no reshape copy.
+    out = torch.addcmul(num * w, a_dot, 1.0 - g)
+    return out.to(a_dot.dtype).reshape(B, H, T, Vd), final  # a view: out is contiguous
 
 
 def document_masks(doc_start: Tensor, segment_len: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
