@@ -12,22 +12,25 @@ Implementations, each timed as forward+backward (``--level layer``: with the q/k
 * ``full-causal``: RoPE + one causal SDPA over all T tokens (measured once when a single run is already long);
 * ``naive-linear``: ``infini_attention_naive`` (loops over segments and heads; small T only).
 
-Cells run interleaved in a fresh random order in every round; each cell's first run is a warm-up that also
-records memory: bytes of the unique storages saved for backward (``saved_tensors_hooks``; parameters and
-inputs excluded; deterministic) plus the process peak-RSS delta on CPU (VmHWM reset through
-/proc/self/clear_refs; allocator-dependent, indicative only), or ``torch.cuda.max_memory_allocated`` minus the
-allocation before the pass on CUDA. Throughput is reported as best and median over the rounds.
+For each T (ascending) every cell is warmed up once, then timed over ``--rounds`` rounds, each round in a fresh
+random order; throughput is reported as best (the machine's limit; prefer it on a shared machine) and median.
+Memory: bytes of the unique storages saved for backward, recorded with ``saved_tensors_hooks`` during the warm-up
+(parameters and inputs excluded; deterministic, any device); on CUDA also ``torch.cuda.max_memory_allocated``
+minus the allocation before the pass; on CPU with ``--rss`` the peak-RSS delta of one forward+backward in a fresh
+process (in-process RSS is useless here: the allocator keeps freed pages of earlier cells).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -122,11 +125,10 @@ class Cell:
     step: Callable[[], None]  # one forward+backward
     keep: set  # storage pointers of parameters and inputs (not counted as saved activations)
     reps: int = 1
-    once: bool = False
-    times: list = field(default_factory=list)  # seconds per forward+backward, one entry per round
+    times: list = field(default_factory=list)  # seconds per forward+backward, one entry per run
     first: float = math.nan
     saved_bytes: int | None = None
-    peak_bytes: int | None = None  # RSS delta (CPU) or max_memory_allocated delta (CUDA)
+    peak_bytes: int | None = None  # CUDA: max_memory_allocated delta; CPU with --rss: peak-RSS delta
     note: str = ""
 
 
@@ -135,28 +137,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _status_kib(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def measure_first(cell: Cell, device: torch.device) -> None:
-    """Warm-up run that also records saved-for-backward bytes and the peak-memory delta."""
+    """Warm-up run that also records the saved-for-backward bytes (and the CUDA peak)."""
     seen: dict[int, int] = {}
 
     def pack(t: Tensor):
@@ -166,14 +152,10 @@ def measure_first(cell: Cell, device: torch.device) -> None:
             seen[ptr] = s.nbytes()
         return t
 
-    rss_ok = False
     if device.type == "cuda":
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    else:
-        rss_ok = _reset_peak_rss()
-        base = _status_kib("VmRSS")
     t0 = time.perf_counter()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         cell.step()
@@ -182,9 +164,6 @@ def measure_first(cell: Cell, device: torch.device) -> None:
     cell.saved_bytes = sum(seen.values())
     if device.type == "cuda":
         cell.peak_bytes = torch.cuda.max_memory_allocated(device) - base
-    elif rss_ok and base is not None:
-        hwm = _status_kib("VmHWM")
-        cell.peak_bytes = None if hwm is None else max(0, hwm - base) * 1024
 
 
 def time_cell(cell: Cell, device: torch.device) -> None:
@@ -196,6 +175,42 @@ def time_cell(cell: Cell, device: torch.device) -> None:
     cell.times.append((time.perf_counter() - t0) / cell.reps)
 
 
+def _rss_kib(name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(name + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{name} not in /proc/self/status")
+
+
+def rss_delta(level: str, impl: str, T: int, argv: list[str]) -> int | None:
+    """Peak RSS of one forward+backward in a fresh process, minus its RSS after building the inputs (bytes)."""
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--rss-cell", f"{level}:{impl}:{T}"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        return int(out.strip().splitlines()[-1])
+    except (subprocess.CalledProcessError, ValueError, IndexError) as e:
+        _log(f"rss {level} {impl} T={T}: failed ({e})")
+        return None
+
+
+def _rss_child(args) -> None:
+    level, impl, T = args.rss_cell.split(":")
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    cell = make_cell(level, impl, int(T), args, device, torch.Generator().manual_seed(args.seed))
+    cell.step()  # warm-up: library buffers and thread pools are not the cell's memory
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # glibc: hand freed heap pages back, so the delta is this step's
+    except (OSError, AttributeError):
+        pass
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
+    base = _rss_kib("VmRSS")
+    cell.step()
+    print((_rss_kib("VmHWM") - base) * 1024)
+
+
 def make_cell(level: str, impl: str, T: int, args, device: torch.device, gen: torch.Generator) -> Cell:
     B, H, G, K, S = args.batch, args.heads, args.kv_heads, args.head_dim, args.segment
     dtype = getattr(torch, args.dtype)
@@ -205,10 +220,9 @@ def make_cell(level: str, impl: str, T: int, args, device: torch.device, gen: to
         attn = InfiniAttention(H * K, H, G, K, segment_len=S, update=update, rotary=rotary)
         attn = attn.to(device=device, dtype=dtype)
         module = InfiniLayer(attn) if impl.startswith("infini-") else CoreLayer(attn, OPS[impl])
-        x = torch.randn(B, T, H * K, generator=gen, dtype=torch.float32).to(device, dtype).requires_grad_()
-        params = list(module.parameters())
-        grad = torch.randn(B, T, H * K, generator=gen, dtype=torch.float32).to(device, dtype)
-        inputs = [x, *params]
+        x = torch.randn(B, T, H * K, generator=gen).to(device, dtype).requires_grad_()
+        grad = torch.randn(B, T, H * K, generator=gen).to(device, dtype)
+        inputs = [x, *module.parameters()]
 
         def step():
             for p in inputs:
@@ -239,7 +253,10 @@ def _skip_reason(impl: str, T: int, args) -> str:
     return ""
 
 
-def run(args) -> dict:
+def run(args, argv: list[str] | None = None) -> dict:
+    """Per T (ascending): build the cells, warm each up once (memory pass), then time them in rounds, each round
+    in a fresh random order. Full causal attention is skipped when a run is estimated over --full-budget and run
+    once when a run takes over --once-above."""
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
@@ -248,48 +265,50 @@ def run(args) -> dict:
     levels = ("op", "layer") if args.level == "both" else (args.level,)
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     t_start = time.perf_counter()
-    cells: list[Cell] = []
-    skipped: list[Cell] = []
-    for level in levels:
-        for T in args.T:
-            if T % args.segment:
-                raise SystemExit(f"T={T} is not a multiple of the segment length {args.segment}")
+    done: list[Cell] = []
+    for T in sorted(args.T):
+        if T % args.segment:
+            raise SystemExit(f"T={T} is not a multiple of the segment length {args.segment}")
+        cells = []
+        for level in levels:
             for impl in args.impls:
-                reason = _skip_reason(impl, T, args)
-                if reason:
-                    skipped.append(Cell(level, impl, T, lambda: None, set(), note=reason))
-                else:
-                    cells.append(make_cell(level, impl, T, args, device, gen))
-
-    # Warm-up + memory pass, smallest T first so the budget estimate for full attention has data.
-    for cell in sorted(cells, key=lambda c: (c.T, c.impl == "full-causal")):
-        if cell.impl == "full-causal":
-            prev = [c for c in cells if c.level == cell.level and c.impl == "full-causal" and c.T < cell.T
-                    and not math.isnan(c.first)]
-            if prev:  # causal attention is quadratic: estimate from the largest measured T
-                p = max(prev, key=lambda c: c.T)
-                est = min(p.first, *p.times) if p.times else p.first
-                est *= (cell.T / p.T) ** 2
-                if est > args.full_budget:
-                    cell.note = f"skipped: estimated {est:.0f} s per run > --full-budget {args.full_budget:.0f} s"
-                    continue
-        measure_first(cell, device)
-        if cell.first * 2 > args.once_above:
-            cell.once = True
-            cell.times.append(cell.first)
-            cell.note = f"measured once ({cell.first:.1f} s per run > --once-above {args.once_above:.0f} s / 2)"
-        else:
-            cell.reps = max(1, min(20, round(args.min_time / max(cell.first, 1e-6))))
-    active = [c for c in cells if not c.once and not c.note]
-    for _ in range(args.rounds):
-        rng.shuffle(active)
-        for cell in active:
-            time_cell(cell, device)
+                cell = Cell(level, impl, T, lambda: None, set(), note=_skip_reason(impl, T, args))
+                prev = [c for c in done if c.level == level and c.impl == impl and c.times]
+                if impl == "full-causal" and not cell.note and prev:  # quadratic: estimate from the last T
+                    p = max(prev, key=lambda c: c.T)
+                    est = min(p.times) * (T / p.T) ** 2
+                    if est > args.full_budget:
+                        cell.note = f"skipped: estimated {est:.0f} s per run > --full-budget {args.full_budget:g} s"
+                if not cell.note:
+                    cell = make_cell(level, impl, T, args, device, gen)
+                cells.append(cell)
+        live = [c for c in cells if not c.note]
+        rng.shuffle(live)
+        for cell in live:
+            measure_first(cell, device)
+            if cell.first > args.once_above:
+                cell.times.append(cell.first)
+                cell.note = f"measured once ({cell.first:.0f} s per run > --once-above {args.once_above:g} s)"
+            else:
+                cell.reps = max(1, min(20, round(args.min_time / max(cell.first, 1e-6))))
+        timed = [c for c in live if not c.times]
+        _log(f"T={T}: warm-up done ({time.perf_counter() - t_start:.0f} s); {args.rounds} rounds of {len(timed)} cells")
+        for _ in range(args.rounds):
+            rng.shuffle(timed)
+            for cell in timed:
+                time_cell(cell, device)
+        if args.rss and device.type == "cpu":
+            for cell in live:
+                cell.peak_bytes = rss_delta(cell.level, cell.impl, T, argv or [])
+        for cell in cells:
+            cell.step = None  # free the inputs of this T
+        done += cells
+        _log(f"T={T}: done ({time.perf_counter() - t_start:.0f} s)")
     elapsed = time.perf_counter() - t_start
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
 
     results = []
-    for cell in sorted(cells + skipped, key=lambda c: (levels.index(c.level), c.T, IMPLS.index(c.impl))):
+    for cell in sorted(done, key=lambda c: (levels.index(c.level), c.T, IMPLS.index(c.impl))):
         r = dict(level=cell.level, impl=cell.impl, T=cell.T, note=cell.note, runs=len(cell.times),
                  reps_per_run=cell.reps, seconds=cell.times, saved_bytes=cell.saved_bytes,
                  peak_bytes=cell.peak_bytes)
@@ -298,11 +317,13 @@ def run(args) -> dict:
             r["best_tok_s"] = tok / min(cell.times)
             r["median_tok_s"] = tok / statistics.median(cell.times)
         results.append(r)
+    peak = ("max_memory_allocated delta" if device.type == "cuda" else
+            "peak-RSS delta of one fwd+bwd in a fresh process after a warm-up" if args.rss else "not measured (use --rss)")
     return dict(
         config=dict(device=str(device), dtype=args.dtype, batch=args.batch, heads=args.heads,
                     kv_heads=args.kv_heads, head_dim=args.head_dim, segment=args.segment, T=args.T,
                     rope=not args.no_rope, threads=torch.get_num_threads(), rounds=args.rounds,
-                    levels=list(levels), impls=list(args.impls), seed=args.seed),
+                    levels=list(levels), impls=list(args.impls), seed=args.seed, peak_memory=peak),
         env=dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
                  cpu_count=os.cpu_count(), load_before=load_before, load_after=load_after,
                  elapsed_s=elapsed, argv=sys.argv),
@@ -383,8 +404,7 @@ def format_table(report: dict) -> str:
         note = f" ({r['note']})" if r.get("note") else ""
         lines.append(f"{r['level']:<6} {r['ratio']:<30} {r['T']:>6} {b:>6} {m:>6}  {tgt}{note}")
     lines += ["", "saved MiB: unique storages saved for backward, parameters and inputs excluded (deterministic); "
-              "peak MiB: " + ("max_memory_allocated delta" if c["device"].startswith("cuda")
-                              else "process peak-RSS delta of the warm-up run (allocator-dependent)")]
+              f"peak MiB: {c['peak_memory']}"]
     return "\n".join(lines)
 
 
@@ -415,7 +435,10 @@ def parse_args(argv=None):
     p.add_argument("--full-budget", type=float, default=150.0,
                    help="skip full causal SDPA when one run is estimated to take longer (s)")
     p.add_argument("--once-above", type=float, default=20.0,
-                   help="measure a cell only once when one run takes more than half of this (s)")
+                   help="measure a cell only once when its warm-up run takes longer than this (s)")
+    p.add_argument("--rss", action="store_true",
+                   help="CPU: also measure the peak-RSS delta of one fwd+bwd per cell in a fresh process (slower)")
+    p.add_argument("--rss-cell", default=None, help=argparse.SUPPRESS)
     p.add_argument("--ratio-local-t", type=int, default=8192)
     p.add_argument("--ratio-full-t", type=int, default=32768)
     p.add_argument("--quick", action="store_true", help="smoke run: T up to 8K, 2 rounds")
@@ -434,9 +457,12 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> dict | None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    report = run(args)
+    if args.rss_cell:
+        return _rss_child(args)
+    report = run(args, [a for a in argv if a not in ("--rss",)])
     print(format_table(report), flush=True)
     if args.json:
         with open(args.json, "w") as f:

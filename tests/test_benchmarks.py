@@ -61,3 +61,11 @@ def test_saved_bytes_are_deterministic_and_linear_in_length_for_local_only():
     assert a == b
     assert a["local-only", 128] == 2 * a["local-only", 64]
     assert a["infini-linear", 128] > a["local-only", 128]
+
+
+def test_rss_is_measured_in_a_fresh_process():
+    bench = _load("attention")
+    argv = ["--level", "op", "--T", "64", "--segment", "32", "--heads", "2", "--head-dim", "8", "--rounds", "1",
+            "--min-time", "0", "--impls", "local-only", "--threads", "1", "--rss"]
+    (r,) = bench.run(bench.parse_args(argv), argv)["results"]
+    assert isinstance(r["peak_bytes"], int) and r["peak_bytes"] >= 0
