@@ -166,6 +166,19 @@ def measure_first(cell: Cell, device: torch.device) -> None:
         cell.peak_bytes = torch.cuda.max_memory_allocated(device) - base
 
 
+def profile_cell(cell: Cell, device: torch.device, rows: int, steps: int = 3) -> str:
+    """torch.profiler table (ops by self time, grouped by input shape) over a few forward+backward steps."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts, record_shapes=True) as prof:
+        for _ in range(steps):
+            cell.step()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=rows, max_name_column_width=40,
+                                                              max_shapes_column_width=60)
+
+
 def time_cell(cell: Cell, device: torch.device) -> None:
     _sync(device)
     t0 = time.perf_counter()
@@ -173,6 +186,18 @@ def time_cell(cell: Cell, device: torch.device) -> None:
         cell.step()
     _sync(device)
     cell.times.append((time.perf_counter() - t0) / cell.reps)
+
+
+def _load() -> dict:
+    """Load average and CPU pressure (PSI 'some': % of time runnable tasks waited for a CPU), when available."""
+    out = {"loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None, "cpu_pressure": None}
+    try:
+        with open("/proc/pressure/cpu") as f:
+            some = f.readline().split()[1:4]  # avg10 avg60 avg300
+        out["cpu_pressure"] = [float(x.split("=")[1]) for x in some]
+    except (OSError, IndexError, ValueError):
+        pass
+    return out
 
 
 def _rss_kib(name: str) -> int:
@@ -263,9 +288,10 @@ def run(args, argv: list[str] | None = None) -> dict:
     rng = random.Random(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     levels = ("op", "layer") if args.level == "both" else (args.level,)
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load_before = _load()
     t_start = time.perf_counter()
     done: list[Cell] = []
+    profiles: dict[str, str] = {}
     for T in sorted(args.T):
         if T % args.segment:
             raise SystemExit(f"T={T} is not a multiple of the segment length {args.segment}")
@@ -297,6 +323,10 @@ def run(args, argv: list[str] | None = None) -> dict:
             rng.shuffle(timed)
             for cell in timed:
                 time_cell(cell, device)
+        if args.profile and T == args.ratio_local_t:
+            for cell in sorted(live, key=lambda c: (c.level, c.impl)):
+                if cell.impl in ("infini-linear", "local-only"):
+                    profiles[f"{cell.level} {cell.impl} T={T}"] = profile_cell(cell, device, args.profile)
         if args.rss and device.type == "cpu":
             for cell in live:
                 cell.peak_bytes = rss_delta(cell.level, cell.impl, T, argv or [])
@@ -305,7 +335,7 @@ def run(args, argv: list[str] | None = None) -> dict:
         done += cells
         _log(f"T={T}: done ({time.perf_counter() - t_start:.0f} s)")
     elapsed = time.perf_counter() - t_start
-    load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load_after = _load()
 
     results = []
     for cell in sorted(done, key=lambda c: (levels.index(c.level), c.T, IMPLS.index(c.impl))):
@@ -329,6 +359,7 @@ def run(args, argv: list[str] | None = None) -> dict:
                  elapsed_s=elapsed, argv=sys.argv),
         results=results,
         ratios=ratios(results, args),
+        profiles=profiles,
     )
 
 
@@ -409,7 +440,9 @@ def format_table(report: dict) -> str:
 
 
 def _fmt_load(load):
-    return "n/a" if load is None else " ".join(f"{x:.2f}" for x in load)
+    avg = "n/a" if load["loadavg"] is None else " ".join(f"{x:.2f}" for x in load["loadavg"])
+    psi = "" if load["cpu_pressure"] is None else " (cpu pressure %s%%)" % "/".join(f"{x:.0f}" for x in load["cpu_pressure"])
+    return avg + psi
 
 
 def parse_args(argv=None):
@@ -439,6 +472,9 @@ def parse_args(argv=None):
     p.add_argument("--rss", action="store_true",
                    help="CPU: also measure the peak-RSS delta of one fwd+bwd per cell in a fresh process (slower)")
     p.add_argument("--rss-cell", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="after timing, print the top ROWS ops (torch.profiler) of infini-linear and local-only at "
+                        "--ratio-local-t")
     p.add_argument("--ratio-local-t", type=int, default=8192)
     p.add_argument("--ratio-full-t", type=int, default=32768)
     p.add_argument("--quick", action="store_true", help="smoke run: T up to 8K, 2 rounds")
@@ -464,6 +500,8 @@ def main(argv=None) -> dict | None:
         return _rss_child(args)
     report = run(args, [a for a in argv if a not in ("--rss",)])
     print(format_table(report), flush=True)
+    for name, table in report["profiles"].items():
+        print(f"\nprofile: {name}, 3 forward+backward steps\n{table}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
