@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -36,7 +37,7 @@ def greedy_text(model, codec, prompt: str, n: int) -> str:
 def test_batched_prompts_and_samples_match_the_python_api(saved):
     path, model, codec = saved
     r = CliRunner().invoke(cli, ["generate", str(path), "--prompt", "the grass is", "--prompt", "a long river " * 9,
-                                 "--num-samples", "2", "--temperature", "0", "--max-new-tokens", "12"])
+                                 "--num-samples", "2", "--temperature", "0", "--max-new-tokens", "12", "--threads", "1"])
     assert r.exit_code == 0, r.output
     blocks = r.stdout.split("=== prompt ")[1:]
     assert [b.split(" ===")[0] for b in blocks] == ["1, sample 1", "1, sample 2", "2, sample 1", "2, sample 2"]
@@ -167,3 +168,22 @@ def test_generate_benchmark_pieces_at_tiny_sizes():
     table = bench.format_table(report)
     for needle in ("latency spread", "peak RSS 256 / 64 prompt", "slower per token", "load average"):
         assert needle in table
+
+
+@pytest.mark.skipif(os.environ.get("INFINITRAIN_SLOW") != "1", reason="trains a debug run (~1 min): INFINITRAIN_SLOW=1")
+def test_a_real_zero3_run_directory_loads_and_generates(tmp_path):
+    """The trainer's own ZeRO-3 checkpoint (gathered by DeepSpeed's zero_to_fp32), byte codec from its .txt data."""
+    from evalkit import corpus
+
+    text = tmp_path / "train.txt"
+    text.write_text(" ".join(corpus(300)))
+    subprocess.run([sys.executable, "-m", "infinitrain.cli", "train", "--recipe", "debug", "--data", str(text),
+                    "--run-dir", str(tmp_path / "run"), "schedule.steps=2", "schedule.warmup=1",
+                    "checkpoint.save_every=2", "log.eval_every=0", "log.progress=false", "log.tensorboard=false"],
+                   check=True, capture_output=True, timeout=900)
+    model, codec = load_for_inference(tmp_path / "run")
+    assert codec.source == "bytes" and model.config.segment_len == 64
+    r = CliRunner().invoke(cli, ["generate", str(tmp_path / "run"), "--prompt", "the grass", "--max-new-tokens", "5",
+                                 "--temperature", "0", "--no-stream"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout == greedy_text(model, codec, "the grass", 5) + "\n"

@@ -14,10 +14,18 @@ _device = click.option("--device", default="cpu", show_default=True, help="Torch
 _dtype = click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
                       help="Cast the weights [default: as stored].")
 _progress = click.option("--progress/--no-progress", default=True, show_default=True, help="tqdm bars on stderr.")
+_threads = click.option("--threads", type=click.IntRange(min=1), default=None,
+                        help="torch CPU threads [default: torch's]; on a busy machine 1 can be much faster.")
 
 
-def _load(model: str, tokenizer: str | None, device: str, dtype: str | None, need_tokenizer: bool = True):
+def _load(model: str, tokenizer: str | None, device: str, dtype: str | None, threads: int | None,
+          need_tokenizer: bool = True):
+    import torch
+
     from infinitrain.evaluate.loading import describe, load_for_inference
+
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     m, codec = load_for_inference(model, tokenizer=tokenizer, device=device, dtype=dtype,
                                   need_tokenizer=need_tokenizer)
@@ -66,8 +74,9 @@ def _read_prompts(prompts: tuple[str, ...], files: tuple[str, ...], per_line: bo
 @_device
 @_dtype
 @_progress
+@_threads
 def generate_cmd(model, prompts, prompt_files, per_line, max_new_tokens, temperature, top_k, top_p, seed, num_samples,
-                 stream, tokenizer, device, dtype, progress) -> None:
+                 stream, tokenizer, device, dtype, progress, threads) -> None:
     """Continue prompts with MODEL at constant memory (segment-wise prefill with the memory carried).
 
     MODEL is an export directory, a run directory (its newest committed checkpoint) or a checkpoint directory.
@@ -77,7 +86,7 @@ def generate_cmd(model, prompts, prompt_files, per_line, max_new_tokens, tempera
     from infinitrain.generate import Sampling
 
     texts = _read_prompts(prompts, prompt_files, per_line)
-    m, codec = _load(model, tokenizer, device, dtype)
+    m, codec = _load(model, tokenizer, device, dtype, threads)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         eos_id=codec.eos_id)
     result = generate_text(m, codec, texts, sampling, num_samples=num_samples, seed=seed,
@@ -113,15 +122,16 @@ def eval_group() -> None:
 @_device
 @_dtype
 @_progress
+@_threads
 def passkey_cmd(model, lengths, depths, samples, out_dir, no_memory, seed, max_new_tokens, batch_size, tokenizer,
-                device, dtype, progress) -> None:
+                device, dtype, progress, threads) -> None:
     """Passkey retrieval accuracy per (length, depth): a table on stdout, JSON and a heatmap PNG in --out."""
     from infinitrain.evaluate import passkey as pk
 
     cfg = pk.PasskeyConfig(lengths=tuple(pk.parse_lengths(lengths)), depths=tuple(pk.parse_depths(depths)),
                            samples=samples, seed=seed, max_new_tokens=max_new_tokens, memory=not no_memory,
                            batch_size=batch_size)
-    m, codec = _load(model, tokenizer, device, dtype)
+    m, codec = _load(model, tokenizer, device, dtype, threads)
     report = pk.run_passkey(m, codec, cfg, model_name=model, progress=progress)
     click.echo(pk.format_table(report))
     _wrote(*pk.write_outputs(report, out_dir))
@@ -138,13 +148,15 @@ def passkey_cmd(model, lengths, depths, samples, out_dir, no_memory, seed, max_n
 @_device
 @_dtype
 @_progress
-def ppl_cmd(model, data, split, no_memory, out_dir, batch_size, max_documents, device, dtype, progress) -> None:
+@_threads
+def ppl_cmd(model, data, split, no_memory, out_dir, batch_size, max_documents, device, dtype, progress,
+            threads) -> None:
     """Loss and perplexity per segment index over whole documents, every segment (table, JSON, PNG)."""
     from infinitrain.evaluate import ppl
 
     cfg = ppl.PplConfig(data=data, split=split, memory=not no_memory, batch_size=batch_size,
                         max_documents=max_documents)
-    m, _ = _load(model, None, device, dtype, need_tokenizer=False)
+    m, _ = _load(model, None, device, dtype, threads, need_tokenizer=False)
     report = ppl.run_ppl(m, cfg, model_name=model, progress=progress)
     click.echo(ppl.format_table(report))
     _wrote(*ppl.write_outputs(report, out_dir))
@@ -169,8 +181,9 @@ def ppl_cmd(model, data, split, no_memory, out_dir, batch_size, max_documents, d
 @_device
 @_dtype
 @_progress
+@_threads
 def summarize_cmd(model, data, document_field, summary_field, separator, max_new_tokens, temperature, top_p, top_k,
-                  seed, batch_size, max_records, out_dir, tokenizer, device, dtype, progress) -> None:
+                  seed, batch_size, max_records, out_dir, tokenizer, device, dtype, progress, threads) -> None:
     """ROUGE-1/2/L of generated summaries (the paper's decoding: temperature 0.5, top-p 0.95, 1024 tokens)."""
     from infinitrain.evaluate import summarize as sm
 
@@ -178,7 +191,7 @@ def summarize_cmd(model, data, document_field, summary_field, separator, max_new
                              separator=separator, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                              top_k=top_k, seed=seed, batch_size=batch_size, max_records=max_records)
     sm.rouge_scorer()  # fail before loading the model when rouge-score is missing
-    m, codec = _load(model, tokenizer, device, dtype)
+    m, codec = _load(model, tokenizer, device, dtype, threads)
     report = sm.run_summarize(m, codec, cfg, model_name=model, progress=progress)
     click.echo(sm.format_table(report))
     click.echo(f"wrote {sm.write_outputs(report, out_dir)}", err=True)
