@@ -69,7 +69,7 @@ def test_passkey_table_json_and_heatmap(kit, tmp_path):
         assert "matplotlib is not installed" in r.stderr
 
 
-def test_passkey_scores_a_model_that_always_answers_correctly_100_percent(kit, monkeypatch):
+def test_passkey_scores_a_model_that_always_answers_correctly_100_percent(kit, monkeypatch, tmp_path):
     _, _, model, codec = kit
 
     def oracle(model, prompts, sampling, **kw):
@@ -82,7 +82,10 @@ def test_passkey_scores_a_model_that_always_answers_correctly_100_percent(kit, m
     assert report.accuracy == 1.0 and all(c["accuracy"] == 1.0 for c in report.cells)
     assert "100.0" in pk.format_table(report)
     monkeypatch.setattr(pk, "generate", lambda model, prompts, sampling, **kw: [codec.encode(" 0.")] * len(prompts))
-    assert pk.run_passkey(model, codec, cfg, progress=False).accuracy == 0.0
+    wrong = pk.run_passkey(model, codec, pk.PasskeyConfig(lengths=(128,), depths=(0.5,), samples=2, memory=False),
+                           progress=False)
+    assert wrong.accuracy == 0.0
+    assert pk.write_outputs(wrong, tmp_path)[0].name == "passkey-no-memory.json"
 
 
 def test_passkey_helpers():

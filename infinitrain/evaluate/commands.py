@@ -6,7 +6,6 @@ import sys
 
 import click
 
-MODEL_HELP = "An export directory (config.json + safetensors), a run directory (newest committed checkpoint) or a checkpoint."
 _model = click.argument("model", metavar="MODEL")
 _tokenizer = click.option("--tokenizer", default=None, help="tokenizer.json to use, or 'bytes' for byte-level runs "
                           "[default: the one found with MODEL].")
