@@ -20,6 +20,7 @@ from evalkit import codec_of, corpus, make_model, make_tokenizer, run_main
 from infinitrain.cli import cli
 from infinitrain.data_tools.prepare import PrepareConfig, prepare
 from infinitrain.evaluate import passkey as pk
+from infinitrain.evaluate import plots
 from infinitrain.evaluate import ppl
 from infinitrain.evaluate.switches import memory_read_off
 
@@ -86,6 +87,9 @@ def test_passkey_scores_a_model_that_always_answers_correctly_100_percent(kit, m
                            progress=False)
     assert wrong.accuracy == 0.0
     assert pk.write_outputs(wrong, tmp_path)[0].name == "passkey-no-memory.json"
+    monkeypatch.setattr(plots, "pyplot", lambda: None)  # matplotlib missing: JSON still written, no PNG
+    json_path, png = pk.write_outputs(wrong, tmp_path / "noplot")
+    assert json_path.is_file() and png is None and not (tmp_path / "noplot" / "passkey-no-memory.png").exists()
 
 
 def test_passkey_helpers():
