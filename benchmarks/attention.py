@@ -1,6 +1,7 @@
 """Forward+backward tokens/s and saved-for-backward memory of one Infini attention layer vs local-only, full causal SDPA and the naive loop.
 
-Reproduce (default, about 5 minutes on 2 cores; ``--quick`` is a smoke run up to T=8K with 2 rounds):
+Reproduce (default: ``--level both``, T = 2K, 8K, 32K, 5 rounds; 263 s on 2 quiet cores, about 10 minutes when
+the machine is loaded; ``--quick`` is a smoke run up to T=8K with 2 rounds; ``--profile 30`` adds op tables):
 
     /work/venv/bin/python benchmarks/attention.py --json out.json
 
