@@ -38,10 +38,17 @@ cli.add_command(train_cmd)
 
 def main() -> None:
     """Console entry: user errors become one line on stderr and a distinct exit code, never a traceback."""
+    import os
+    import sys
+
     from infinitrain.errors import InfinitrainError
 
+    # The `deepspeed` launcher puts --local_rank=N before the command (`deepspeed $(which infinitrain) train ...`).
+    args = sys.argv[1:]
+    while args and args[0].startswith(("--local_rank=", "--local-rank=")):
+        os.environ.setdefault("LOCAL_RANK", args.pop(0).split("=", 1)[1])
     try:
-        cli(standalone_mode=False)
+        cli(args=args, standalone_mode=False)
     except InfinitrainError as err:
         click.echo(f"error: {err}", err=True)
         raise SystemExit(err.code) from None

@@ -32,3 +32,16 @@ def test_unknown_command_is_a_usage_error_without_traceback():
     out = subprocess.run(ENTRY + ["trian"], capture_output=True, text=True)
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and "No such command" in out.stderr
+
+
+def test_deepspeed_launcher_local_rank_is_accepted_before_the_command():
+    out = subprocess.run(ENTRY + ["--local_rank=1", "presets"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[0] == "debug"
+
+
+def test_help_does_not_import_torch():
+    """Registering every command stays cheap: `infinitrain --help` must not pull torch or DeepSpeed in."""
+    code = "import sys; from infinitrain.cli import cli; print('torch' in sys.modules, 'deepspeed' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
