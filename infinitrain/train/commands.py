@@ -10,26 +10,62 @@ import click
 
 
 @click.command("train")
-@click.option("--recipe", required=True, help="Shipped recipe name (debug) or a path to a recipe .yaml.")
+@click.option("--recipe", required=True, help="Shipped recipe name (see `infinitrain recipes list`) or a path to a "
+              "recipe .yaml.")
 @click.argument("overrides", nargs=-1, metavar="[KEY.SUB=VALUE]...")
+@click.option("--stage", default=None, help="Stage of a staged recipe (default: its first stage).")
 @click.option("--data", "data", default=None, help="Training data: a text file, a directory of .txt files "
               "(byte-level), or prepared shards. Overrides data.path.")
-@click.option("--run-dir", default=None, help="Run directory (default runs/<recipe name>).")
+@click.option("--init-from", "init_from", default=None, help="Start from these weights: a Hugging Face Llama dir, "
+              "an exported model dir or a run dir. Overrides run.init_from; ignored when the run resumes.")
+@click.option("--run-dir", default=None, help="Run directory (default runs/<recipe name>, or "
+              "runs/<recipe name>/<stage> for a staged recipe).")
 @click.option("--resume", default="auto", show_default=True,
               help="auto: newest committed checkpoint of the run dir if any; none: start fresh; or a checkpoint dir.")
 @click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True)
-def train_cmd(recipe: str, overrides: tuple[str, ...], data: str | None, run_dir: str | None, resume: str,
-              local_rank: int | None) -> None:
+def train_cmd(recipe: str, overrides: tuple[str, ...], stage: str | None, data: str | None, init_from: str | None,
+              run_dir: str | None, resume: str, local_rank: int | None) -> None:
     """Train an Infini-attention LM with DeepSpeed (single process, torchrun or the deepspeed launcher)."""
     from infinitrain.train.config import load_recipe
     from infinitrain.train.loop import train
 
-    cfg = load_recipe(recipe, overrides, data)
-    run_dir = run_dir or str(Path("runs") / Path(recipe).stem)
+    if init_from is not None:
+        overrides = (*overrides, f"run.init_from={init_from}")
+    cfg, stage = load_recipe(recipe, overrides, data, stage=stage, with_stage=True)
+    run_dir = run_dir or str(Path("runs", Path(recipe).stem, *([stage] if stage else [])))
+    cfg = prepare_init_from(cfg, run_dir, resume, stage, verbose=os.environ.get("RANK", "0") == "0")
     summary = train(cfg, run_dir, resume, local_rank=local_rank)
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"done: step {summary['step']}  loss {summary['loss']:.4f}  val_loss {summary['val_loss']:.4f}  "
                    f"skipped {summary['skipped_total']}  checkpoint {summary['checkpoint']}")
+        evaluate = cfg.eval.command(run_dir)
+        if evaluate:
+            click.echo(f"evaluate: {evaluate}")
+
+
+def prepare_init_from(cfg, run_dir: str, resume: str, stage: str | None, verbose: bool):
+    """Resolve ``stage:NAME``, drop ``init_from`` when the run resumes (its checkpoint wins), otherwise check the
+    source against the recipe's model now (before DeepSpeed starts) and write the report to the run dir."""
+    import dataclasses
+
+    from infinitrain.train import init_from as init
+    from infinitrain.train.checkpoint import committed
+    from infinitrain.train.config import resolve_stage_ref
+
+    cfg = resolve_stage_ref(cfg, run_dir)
+    if stage is not None and verbose:
+        click.echo(f"stage {stage}: run dir {run_dir}", err=True)
+    if cfg.run.init_from is None:
+        return cfg
+    if resume not in ("auto", "none") or (resume == "auto" and committed(Path(run_dir) / "checkpoints")):
+        if verbose:
+            click.echo(f"resuming {run_dir}: run.init_from {cfg.run.init_from} is not applied", err=True)
+        return cfg.replace(run=dataclasses.replace(cfg.run, init_from=None))
+    report = init.report_for(cfg.model, cfg.run.init_from)
+    if verbose:
+        click.echo(report.summary(), err=True)
+        init.write_report(report, run_dir)
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,8 +11,16 @@ Recipe schema (every key optional except ``model``; see ``infinitrain/recipes/de
     checkpoint:{save_every, keep_last}
     log:       {every, eval_every, tensorboard, progress}
     run:       {precision: bf16|fp32, zero_stage: 0-3, zero_init: auto|true|false, seed,
-                max_nonfinite, deterministic}
+                max_nonfinite, deterministic, init_from}
+    eval:      {task: passkey|ppl|summarize|null, data, lengths, temperature, top_p, max_new_tokens}
     deepspeed: {}                 # merged last into the generated DeepSpeed config (pass-through)
+    stages:                       # optional: named stages run one by one (``train --stage NAME``)
+      pretrain: {data: {path: data/long-8k}, schedule: {steps: 30000}, run: {init_from: models/Llama-3-8B}}
+      finetune: {data: {path: data/booksum}, run: {init_from: "stage:pretrain"}}
+
+A stage is a mapping of the same keys, deep-merged over the base (everything but ``stages``); the CLI's
+overrides come after it. ``run.init_from: stage:NAME`` names an earlier stage's run directory: the sibling
+``NAME`` of this stage's run directory (``runs/<recipe>/<stage>`` by default).
 
 Overrides are trailing ``key.sub=value`` tokens; the value is parsed as YAML (``1e-3``, ``[0.9, 0.95]``,
 ``null``). An unknown key anywhere but under ``deepspeed`` is a ``ConfigError`` naming it.
@@ -36,6 +44,8 @@ from infinitrain.model.config import ModelConfig, get_preset
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 CHECKPOINTING = ("none", "layer", "segment")
 PRECISIONS = ("bf16", "fp32")
+EVAL_TASKS = ("passkey", "ppl", "summarize")
+STAGE_REF = "stage:"  # run.init_from: stage:NAME = the run directory of an earlier stage
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -161,6 +171,9 @@ class RunConfig:
     seed: int = 0  # model init and per-rank RNG
     max_nonfinite: int = 5  # consecutive skipped (non-finite) steps before the run aborts
     deterministic: bool = True  # torch.use_deterministic_algorithms (bitwise resume on CPU)
+    # start from these weights (not on resume): a Hugging Face Llama dir, an exported model dir, a run dir,
+    # or ``stage:NAME`` (an earlier stage's run dir); see infinitrain/train/init_from.py
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.precision in PRECISIONS, f"run.precision must be one of {', '.join(PRECISIONS)}; "
@@ -172,10 +185,50 @@ class RunConfig:
         _positive_int("run.seed", self.seed, zero_ok=True)
         _positive_int("run.max_nonfinite", self.max_nonfinite)
         _check(isinstance(self.deterministic, bool), f"run.deterministic must be true or false")
+        _check(self.init_from is None or (isinstance(self.init_from, str) and self.init_from.strip() != ""),
+               f"run.init_from must be a directory path or stage:NAME, got {self.init_from!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """How the recipe's model is evaluated after training (``infinitrain eval TASK``; printed at the end of a run)."""
+
+    task: Literal["passkey", "ppl", "summarize"] | None = None
+    data: str | None = None  # ppl: shards or text; summarize: JSONL with document and summary
+    lengths: list[int] | None = None  # passkey: context lengths in tokens
+    temperature: float = 0.5  # summarize decoding (the paper: 0.5, top-p 0.95, 1024 new tokens)
+    top_p: float = 0.95
+    max_new_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        _check(self.task is None or self.task in EVAL_TASKS,
+               f"eval.task must be one of {', '.join(EVAL_TASKS)} or null; got {self.task!r}")
+        _check(self.data is None or isinstance(self.data, str), f"eval.data must be a path, got {self.data!r}")
+        _check(self.lengths is None or (isinstance(self.lengths, list) and bool(self.lengths)),
+               f"eval.lengths must be a non-empty list of token counts, got {self.lengths!r}")
+        for n in self.lengths or ():
+            _positive_int("eval.lengths[]", n)
+        _number("eval.temperature", self.temperature, 0.0)
+        _number("eval.top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        _positive_int("eval.max_new_tokens", self.max_new_tokens)
+
+    def command(self, model_dir: str) -> str | None:
+        """The ``infinitrain eval`` command line these settings stand for (None without a task)."""
+        if self.task is None:
+            return None
+        cmd = ["infinitrain", "eval", self.task, model_dir]
+        if self.data is not None and self.task != "passkey":
+            cmd += ["--data", self.data]
+        if self.task == "passkey" and self.lengths:
+            cmd += ["--lengths", ",".join(str(n) for n in self.lengths)]
+        if self.task == "summarize":
+            cmd += ["--temperature", f"{self.temperature:g}", "--top-p", f"{self.top_p:g}",
+                    "--max-new-tokens", str(self.max_new_tokens)]
+        return " ".join(cmd)
 
 
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig, "tbptt": TBPTTConfig,
-            "checkpoint": CheckpointConfig, "log": LogConfig, "run": RunConfig}
+            "checkpoint": CheckpointConfig, "log": LogConfig, "run": RunConfig, "eval": EvalConfig}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -190,6 +243,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -269,6 +323,11 @@ def parse_yaml(text: str):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
+def shipped_recipes() -> list[Path]:
+    """Every ``*.yaml`` in the recipes folder, by name."""
+    return sorted(RECIPE_DIR.glob("*.yaml"))
+
+
 def recipe_path(name_or_path: str) -> Path:
     """A shipped recipe name (``debug``) or a path to a YAML file."""
     p = Path(name_or_path)
@@ -277,7 +336,7 @@ def recipe_path(name_or_path: str) -> Path:
         return p
     shipped = RECIPE_DIR / f"{name_or_path}.yaml"
     if not shipped.is_file():
-        names = ", ".join(sorted(q.stem for q in RECIPE_DIR.glob("*.yaml")))
+        names = ", ".join(q.stem for q in shipped_recipes())
         raise ConfigError(f"unknown recipe {name_or_path!r} (shipped: {names}; or give a path to a .yaml file)")
     return shipped
 
@@ -291,6 +350,70 @@ def load_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
     _check(isinstance(d, dict), f"{path}: a recipe must be a YAML mapping")
     return d
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    """``extra`` over ``base``, mappings merged key by key (copies; neither input is changed)."""
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+_STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def recipe_stages(d: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
+    """The recipe's ``stages:`` block (in order), each stage checked for unknown keys; {} without stages."""
+    stages = d.get("stages")
+    if stages is None:
+        return {}
+    _check(isinstance(stages, dict) and bool(stages), f"{where}: stages must be a non-empty mapping of name: overrides")
+    known = {"model", "deepspeed", *SECTIONS}
+    for name, body in stages.items():
+        _check(isinstance(name, str) and bool(_STAGE_NAME.fullmatch(name)),
+               f"{where}: stage name {name!r} must be letters, digits, '.', '_' or '-' (it names a run directory)")
+        _check(isinstance(body, dict), f"{where}: stages.{name} must be a mapping of recipe keys")
+        unknown = sorted(set(body) - known)
+        _check(not unknown, f"{where}: stages.{name}: unknown key {unknown[0] if unknown else ''} "
+                            f"(known: {', '.join(sorted(known))})")
+    return dict(stages)
+
+
+def stage_recipe(d: dict[str, Any], stage: str | None, where: str) -> tuple[dict[str, Any], str | None]:
+    """(the base recipe with the stage's keys merged over it, the stage's name). ``stage`` None picks the
+    first stage of a staged recipe; a recipe without stages has none."""
+    stages = recipe_stages(d, where)
+    base = {k: v for k, v in d.items() if k != "stages"}
+    if not stages:
+        _check(stage is None, f"{where}: recipe has no stages (asked for stage {stage!r})")
+        return base, None
+    names = list(stages)
+    stage = names[0] if stage is None else stage
+    _check(stage in stages, f"{where}: unknown stage {stage!r} (stages: {', '.join(names)})")
+    body = stages[stage]
+    if isinstance(body.get("model"), dict) and isinstance(base.get("model"), str):
+        base["model"] = {"preset": base["model"]}
+    return deep_merge(base, body), stage
+
+
+def _check_stage_ref(cfg: "TrainConfig", d: dict[str, Any], stage: str | None, where: str) -> None:
+    ref = cfg.run.init_from
+    if ref is None or not ref.startswith(STAGE_REF):
+        return
+    names = list(recipe_stages(d, where))
+    earlier = names[:names.index(stage)] if stage in names else []
+    _check(ref[len(STAGE_REF):] in earlier, f"{where}: run.init_from {ref!r} must name an earlier stage of the "
+                                            f"recipe (before {stage or 'this one'}: {', '.join(earlier) or 'none'})")
+
+
+def resolve_stage_ref(cfg: "TrainConfig", run_dir: str | Path) -> "TrainConfig":
+    """``run.init_from: stage:NAME`` -> the sibling directory NAME of ``run_dir`` (stages share a parent)."""
+    ref = cfg.run.init_from
+    if ref is None or not ref.startswith(STAGE_REF):
+        return cfg
+    target = str(Path(run_dir).parent / ref[len(STAGE_REF):])
+    return cfg.replace(run=dataclasses.replace(cfg.run, init_from=target))
 
 
 def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -322,10 +445,16 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
 
 
 def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), data: str | None = None,
-                ) -> TrainConfig:
-    """Recipe file -> overrides -> ``--data`` -> validated TrainConfig."""
-    d = apply_overrides(load_yaml(recipe_path(name_or_path)), list(overrides))
+                stage: str | None = None, with_stage: bool = False):
+    """Recipe file -> its stage (the first one if ``stage`` is None) -> overrides -> ``--data`` -> TrainConfig
+    (and, with ``with_stage``, the stage's name: None for a recipe without stages)."""
+    path = recipe_path(name_or_path)
+    raw = load_yaml(path)
+    d, stage = stage_recipe(raw, stage, str(path))
+    d = apply_overrides(d, list(overrides))
     if data is not None:
         d.setdefault("data", {})
         d["data"] = {**(d["data"] or {}), "path": str(data)}
-    return TrainConfig.from_dict(d)
+    cfg = TrainConfig.from_dict(d)
+    _check_stage_ref(cfg, raw, stage, str(path))
+    return (cfg, stage) if with_stage else cfg

@@ -4,7 +4,6 @@ activation checkpointing applied to the model's layers from outside (the model h
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import os
@@ -16,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from infinitrain.model import InfiniLM, count_parameters
-from infinitrain.train.config import TrainConfig
+from infinitrain.train.config import STAGE_REF, TrainConfig, deep_merge
 
 ZERO_INIT_MIN_PARAMS = 500_000_000  # run.zero_init=auto: build partitioned from the start above this size
 
@@ -65,13 +64,6 @@ def device() -> torch.device:
 # --- the DeepSpeed config ------------------------------------------------------------------------------
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     """The whole DeepSpeed JSON, from the run config; the recipe's ``deepspeed:`` block is merged last.
 
@@ -95,7 +87,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    return _merge(ds, cfg.deepspeed)
+    return deep_merge(ds, cfg.deepspeed)
 
 
 # --- model, optimizer, schedule ---------------------------------------------------------------------------
@@ -140,21 +132,36 @@ def _init_module(module: nn.Module, std: float, gate_init: float) -> None:
 
 
 def build_model(cfg: TrainConfig, ds_config: dict[str, Any]) -> InfiniLM:
-    """The model, seeded by run.seed; partitioned at construction under zero.Init for big stage-3 runs."""
+    """The model, seeded by run.seed; partitioned at construction under zero.Init for big stage-3 runs; then
+    ``run.init_from``'s weights if set (``infinitrain.train.init_from``)."""
     import deepspeed
 
     use_init = cfg.run.zero_stage == 3 and (
         cfg.run.zero_init is True or (cfg.run.zero_init == "auto" and count_parameters(cfg.model) >= ZERO_INIT_MIN_PARAMS))
     torch.manual_seed(cfg.run.seed)
     if not use_init:
-        return InfiniLM(cfg.model)
-    # dtype comes from the config's bf16 flag (DeepSpeed 0.19.8 ignores an explicit dtype on a CPU without fp16)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = InfiniLM(cfg.model)
-        # reset_parameters ran on already-partitioned (empty) tensors; redo it module by module: inside the
-        # context, Module.apply gathers each module's own parameters around the call and re-partitions them
-        model.apply(functools.partial(_init_module, std=cfg.model.init_std, gate_init=cfg.model.gate_init))
+    else:
+        # dtype comes from the config's bf16 flag (DeepSpeed 0.19.8 ignores an explicit dtype on a CPU without fp16)
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = InfiniLM(cfg.model)
+            # reset_parameters ran on already-partitioned (empty) tensors; redo it module by module: inside the
+            # context, Module.apply gathers each module's own parameters around the call and re-partitions them
+            model.apply(functools.partial(_init_module, std=cfg.model.init_std, gate_init=cfg.model.gate_init))
+    if cfg.run.init_from is not None:
+        load_init_weights(model, cfg)
     return model
+
+
+def load_init_weights(model: InfiniLM, cfg: TrainConfig):
+    """``run.init_from``: the source's weights into the freshly built model (before ``deepspeed.initialize``)."""
+    from infinitrain.errors import ConfigError
+    from infinitrain.train import init_from
+
+    if cfg.run.init_from.startswith(STAGE_REF):
+        raise ConfigError(f"run.init_from {cfg.run.init_from!r}: a stage reference is resolved by `infinitrain train "
+                          "--stage` (or pass a directory)")
+    return init_from.load_into(model, cfg.model, cfg.run.init_from)
 
 
 def build_engine(cfg: TrainConfig, ds_config: dict[str, Any], model: InfiniLM | None = None):
