@@ -13,11 +13,14 @@ import numpy as np
 import pytest
 from test_data_helpers import invoke, kjv_text, make_docs, run_cli, write_jsonl
 
-from infinitrain.data_tools.dataset import ShardDataset
+from infinitrain.data_tools.dataset import ShardDataset, collate
 from infinitrain.data_tools.prepare import PrepareConfig, encode_texts, prepare, split_text, _init_worker
-from infinitrain.data_tools.tokenizer import byte_tokenizer, load_tokenizer, save_tokenizer, train_bpe
+from infinitrain.data_tools.shards import ShardFile
+from infinitrain.data_tools.tokenizer import byte_tokenizer, encoder, load_tokenizer, save_tokenizer, train_bpe
 from infinitrain.data_tools.verify import read_documents_table, verify_dir
 from infinitrain.errors import DataError
+from infinitrain.train.data import ShardSource
+from infinitrain.train.data import collate as train_collate
 
 S, K = 16, 4
 
@@ -216,43 +219,116 @@ def test_byte_tokenizer_round_trip_on_text_files(tmp_path):
     assert tok.decode(stream.tolist(), skip_special_tokens=False) == "<|eos|>".join(docs) + "<|eos|>"
 
 
-def test_summarization_masks_loss_to_the_summary(bpe_path, tmp_path):
-    docs = make_docs(30, seed=15)
-    recs = [{"document": t, "summary": f"summary number {i}"} for i, t in enumerate(docs)]
-    write_jsonl(tmp_path / "s.jsonl", recs)
-    run_prepare([tmp_path / "s.jsonl"], bpe_path, tmp_path / "out", format="summarization", sample_segments=8)
+def encode(tok, text: str) -> list[int]:
+    """Ids as prepare makes them (special-token text is plain text)."""
+    return encoder(tok).encode(text, add_special_tokens=False).ids
+
+
+@pytest.mark.parametrize("fmt", ["summarization", "qa"])
+def test_answer_formats_mask_exactly_the_answer_tokens_and_long_contexts_span_segments(fmt, bpe_path, tmp_path):
+    docs = make_docs(40, seed=15)
+    answers = [f"answer {i}: naïve 東京 café" for i in range(40)]
+    if fmt == "qa":
+        recs = [{"context": t, "question": f"Where is item {i}?", "answer": a} for i, (t, a) in enumerate(zip(docs, answers))]
+        recs.append({"context": "short", "question": "why " * 300, "answer": "never kept"})  # question > L tokens
+    else:
+        recs = [{"document": t, "summary": a} for t, a in zip(docs, answers)]
+    write_jsonl(tmp_path / "r.jsonl", recs)
+    K16 = 16
+    res = run_prepare([tmp_path / "r.jsonl"], bpe_path, tmp_path / "out", format=fmt, sample_segments=K16,
+                      val_fraction=0.25)
+    assert res.index["mode"] == fmt and res.index["version"] == 1
+    if fmt == "qa":
+        assert res.index["report"] == {"too_long": 1}
     tok, info = load_tokenizer(bpe_path)
-    ds = ShardDataset(tmp_path / "out", "train")
-    assert len(ds) == 30 and {len(ds[i].input_ids) for i in range(30)} > {S * 8}.__class__({S * 8})  # varied widths
-    for i in range(30):
-        s = ds[i]
-        assert len(s.input_ids) % S == 0 and len(s.input_ids) <= S * 8 and s.doc_starts.tolist() == [0]
-        masked = s.targets[s.loss_mask == 1]
-        assert masked[-1] == info.eos_id
-        assert tok.decode(masked[:-1].tolist()) == f"summary number {s.doc_ids[0]}"
-        prompt = tok.decode(s.input_ids[: np.flatnonzero(s.loss_mask)[0] + 1].tolist())
-        assert prompt.endswith("\n\nSummary:\n") and docs[s.doc_ids[0]].startswith(prompt[:-len("\n\nSummary:\n")])
+    middle = {"summarization": lambda i: encode(tok, "\n\nSummary:\n"),
+              "qa": lambda i: encode(tok, "\n\nQuestion: ") + encode(tok, f"Where is item {i}?") + encode(tok, "\nAnswer:")}[fmt]
+    seen, widths, cut = set(), set(), 0
+    for split in ("train", "val"):
+        ds = ShardDataset(tmp_path / "out", split)
+        for k in range(len(ds)):
+            s = ds[k]
+            (i,) = s.doc_ids.tolist()
+            seen.add(i)
+            pos = np.flatnonzero(s.loss_mask)
+            assert np.array_equal(pos, np.arange(pos[0], pos[-1] + 1))  # one contiguous span
+            assert s.targets[pos[-1]] == info.eos_id and tok.decode(s.targets[pos[:-1]].tolist()) == answers[i]
+            n = pos[-1] + 1
+            assert len(s.input_ids) % S == 0 and np.all(s.input_ids[n + 1:] == info.pad_id)  # [n]: the last target
+            prompt = s.input_ids[:pos[0] + 1].tolist()  # context tokens (perhaps cut), then the middle
+            ctx = prompt[:len(prompt) - len(middle(i))]
+            assert prompt[len(ctx):] == middle(i) and encode(tok, docs[i])[:len(ctx)] == ctx
+            cut += len(ctx) < len(encode(tok, docs[i]))
+            widths.add(len(s.input_ids) // S)
+    assert seen == set(range(40))
+    assert cut > 0 and max(widths) == K16 and len(widths) > 4  # variable widths; contexts over L keep their start
 
 
-def test_passkey_samples_prepare_with_loss_on_the_answer_only(bpe_path, tmp_path):
+def test_passkey_samples_prepare_as_qa_with_the_exact_prompt_tokens_and_loss_on_the_answer(bpe_path, tmp_path):
     out = tmp_path / "pk.jsonl"
     proc = run_cli("data", "passkey", "--out", str(out), "--tokenizer", str(bpe_path), "--length", "300",
                    "--depths", "0,50,100", "--count", "2", "--seed", "3")
     assert proc.returncode == 0, proc.stderr
     recs = [json.loads(line) for line in out.read_text().splitlines()]
-    tok, _ = load_tokenizer(bpe_path)
+    tok, info = load_tokenizer(bpe_path)
     assert [r["depth"] for r in recs] == [0, 0, 0.5, 0.5, 1, 1]
     for r in recs:
         assert 280 < len(tok.encode(r["text"]).ids) <= 300 and r["text"].endswith(f"The pass key is {r['pass_key']}.")
+        assert r["context"] + r["question"] == r["prompt"] and r["prompt"] + r["answer"] == r["text"]
     assert recs[0]["prompt"].index(f"is {recs[0]['pass_key']}.") < recs[4]["prompt"].index(f"is {recs[4]['pass_key']}.")
-    res = invoke("prepare", str(out), "--tokenizer", str(bpe_path), "--out", str(tmp_path / "d"), "--format",
-                 "summarization", "--text-field", "prompt", "--summary-field", "answer", "--separator", "",
-                 "--segment-len", "64", "--sample-segments", "5", "--no-progress")
+    res = invoke("prepare", str(out), "--tokenizer", str(bpe_path), "--out", str(tmp_path / "d"), "--format", "qa",
+                 "--question-separator", "", "--separator", "", "--segment-len", "64", "--sample-segments", "5",
+                 "--no-progress")
     assert res.exit_code == 0, res.output
     ds = ShardDataset(tmp_path / "d", "train")
+    assert len(ds) == 6
     for i in range(len(ds)):
         s = ds[i]
-        assert tok.decode(s.targets[s.loss_mask == 1][:-1].tolist()) == recs[s.doc_ids[0]]["answer"]
+        r, pos = recs[s.doc_ids[0]], np.flatnonzero(s.loss_mask)
+        assert tok.decode(s.targets[pos[:-1]].tolist()) == r["answer"]
+        assert s.input_ids[:pos[-1] + 1].tolist() + [s.targets[pos[-1]]] == encode(tok, r["text"]) + [info.eos_id]
+
+
+def test_classification_labels_round_trip_named_sorted_and_counted_in_the_index(bpe_path, tmp_path):
+    docs = make_docs(60, seed=16)
+    labels = ["10", 2, "neg", "pos"]
+    recs = [{"text": t, "label": labels[i % 4]} for i, t in enumerate(docs)]
+    recs += [{"text": "a list", "label": [1]}, {"text": "a bool", "label": True}, {"text": "no label"}]
+    write_jsonl(tmp_path / "c.jsonl", recs)
+    res = run_prepare([tmp_path / "c.jsonl"], bpe_path, tmp_path / "out", format="classification", sample_segments=8,
+                      val_fraction=0.25)
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    names = index["labels"]["names"]
+    assert names == ["2", "10", "neg", "pos"] and index["version"] == 2 and index["mode"] == "classification"
+    assert index["report"] == {"bad_label": 2, "missing_field": 1} == res.index["report"]
+    tok, info = load_tokenizer(bpe_path)
+    L = S * 8
+    for split in ("train", "val"):
+        ds = ShardDataset(tmp_path / "out", split)
+        assert ds.label_names == names and len(ds) == sum(index["labels"]["counts"][split])
+        got = [0] * len(names)
+        for k in range(len(ds)):
+            s = ds[k]
+            i = s.doc_ids[0]
+            assert names[s.label] == str(labels[i % 4])
+            got[s.label] += 1
+            (p,) = np.flatnonzero(s.loss_mask)  # the one position a classifier reads: the last text token
+            ids = encode(tok, docs[i])
+            assert p + 1 == min(len(ids), L) and s.input_ids[:p + 1].tolist() == ids[:p + 1]
+            assert s.targets[p] == info.eos_id
+        assert got == index["labels"]["counts"][split] and (min(got) > 0 or split == "val")
+        batch = collate([ds[k] for k in range(4)], pad_id=ds.pad_id)
+        assert batch["label"].tolist() == [ds[k].label for k in range(4)]
+        assert {ShardFile(tmp_path / "out" / e["name"], ds.dtype).version for e in ds.shards} == {2}
+    src = ShardSource(tmp_path / "out", "train")  # the trainer's view: fixed-length samples and Batch.labels
+    mb = train_collate([src[k] for k in range(3)])
+    assert mb.labels.tolist() == [ShardDataset(tmp_path / "out", "train")[k].label for k in range(3)]
+    assert mb.loss_mask.sum(1).tolist() == [1, 1, 1] and src.label_names == names
+    assert verify_dir(tmp_path / "out").problems == []
+    assert json.loads(invoke("data", "inspect", str(tmp_path / "out")).output)["labels"]["neg"] == \
+        {split: index["labels"]["counts"][split][2] for split in ("train", "val")}
+    rows = read_documents_table(tmp_path / "out")
+    assert [names[r["label"]] for r in rows] == [str(labels[(r["line"] - 1) % 4]) for r in rows]
 
 
 def test_verify_and_inspect_commands_and_corruption_exit_code(corpus, bpe_path, tmp_path):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
 import pytest
 
 from infinitrain.data_tools.dataset import ShardDataset, ShardSampler, collate, epoch_order, eval_indices
-from infinitrain.data_tools.pack import StreamPacker, summary_sample
+from infinitrain.data_tools.pack import StreamPacker, answer_sample
 from infinitrain.data_tools.shards import (PackedSample, ShardFile, ShardWriter, decode_frame, encode_frame,
                                            make_index, write_index)
 from infinitrain.errors import ConfigError, ShardCorruptError
@@ -39,16 +40,23 @@ def write_split(tmp_path, samples, dtype="<u4", **kw):
 
 
 def same(a: PackedSample, b: PackedSample) -> bool:
-    return all(np.array_equal(x, y) for x, y in zip((a.tokens, a.loss_spans, a.doc_starts, a.doc_ids),
-                                                     (b.tokens, b.loss_spans, b.doc_starts, b.doc_ids)))
+    return a.label == b.label and all(np.array_equal(x, y) for x, y in zip(
+        (a.tokens, a.loss_spans, a.doc_starts, a.doc_ids), (b.tokens, b.loss_spans, b.doc_starts, b.doc_ids)))
 
 
-def test_frame_encoding_round_trips():
+def test_frame_encoding_round_trips_in_both_versions():
     samples = random_samples(50)
     got = decode_frame(encode_frame(samples, np.dtype("<u4")), np.dtype("<u4"))
     assert len(got) == 50 and all(same(a, b) for a, b in zip(samples, got))
     with pytest.raises(ValueError):
         decode_frame(encode_frame(samples, np.dtype("<u4")) + b"x", np.dtype("<u4"))
+    labelled = [dataclasses.replace(s, label=None if i % 7 == 0 else i % 3) for i, s in enumerate(samples)]
+    raw = encode_frame(labelled, np.dtype("<u4"), version=2)
+    assert len(raw) == len(encode_frame(samples, np.dtype("<u4"))) + 4 * 50
+    got = decode_frame(raw, np.dtype("<u4"), version=2)
+    assert all(same(a, b) for a, b in zip(labelled, got)) and got[0].label is None and got[1].label == 1
+    with pytest.raises(ValueError, match="cannot hold labels"):
+        encode_frame(labelled, np.dtype("<u4"), version=1)
 
 
 def test_writer_reader_round_trip_over_many_shards_and_frames(tmp_path):
@@ -139,18 +147,18 @@ def test_stream_packer_samples_are_segment_aligned_and_cover_the_stream():
         assert s.doc_ids.tolist() == covered
 
 
-def test_summary_sample_masks_the_summary_and_cuts_long_documents_by_the_stated_rule():
+def test_answer_sample_masks_the_summary_and_cuts_long_documents_by_the_stated_rule():
     doc, sep, summ = np.arange(10, 30), np.array([7, 8]), np.array([40, 41, 42])
-    s = summary_sample(5, doc, sep, summ, eos_id=1, pad_id=2, segment_len=8, sample_segments=4, dtype=np.dtype("<u2"))
+    s = answer_sample(5, doc, sep, summ, eos_id=1, pad_id=2, segment_len=8, sample_segments=4, dtype=np.dtype("<u2"))
     n = 20 + 2 + 3 + 1 - 1
     assert len(s.tokens) == 32 + 1 and s.loss_spans.tolist() == [[21, n]]
     assert s.tokens[22:26].tolist() == [40, 41, 42, 1] and np.all(s.tokens[n + 1:] == 2)
-    s = summary_sample(5, np.arange(100, 200), sep, np.arange(300, 330), eos_id=1, pad_id=2, segment_len=8,
+    s = answer_sample(5, np.arange(100, 200), sep, np.arange(300, 330), eos_id=1, pad_id=2, segment_len=8,
                        sample_segments=4, dtype=np.dtype("<u2"))  # L = 32: summary keeps 15 (+eos), doc keeps 15
     assert s.tokens.tolist() == list(range(100, 115)) + [7, 8] + list(range(300, 315)) + [1]
     assert s.loss_spans.tolist() == [[16, 32]]
     with pytest.raises(ConfigError, match="separator"):
-        summary_sample(5, doc, np.arange(40), summ, eos_id=1, pad_id=2, segment_len=8, sample_segments=4,
+        answer_sample(5, doc, np.arange(40), summ, eos_id=1, pad_id=2, segment_len=8, sample_segments=4,
                        dtype=np.dtype("<u2"))
 
 

@@ -46,12 +46,21 @@ def _default_workers() -> int:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--segment-len", "segment_len", type=int, required=True, help="S: tokens per segment.")
 @click.option("--sample-segments", "sample_segments", type=int, required=True, help="K: segments per sample.")
-@click.option("--format", "fmt", type=click.Choice(["auto", "text", "jsonl", "summarization"]), default="auto",
-              show_default=True, help="auto: .jsonl files are JSONL records, other files one document each.")
-@click.option("--text-field", default=None, help="JSONL text field [default: text; summarization: document].")
+@click.option("--format", "fmt", type=click.Choice(["auto", "text", "jsonl", "summarization", "qa", "classification"]),
+              default="auto", show_default=True,
+              help="auto: .jsonl files are JSONL records, other files one document each. summarization, qa and "
+                   "classification: one sample per JSONL record (see SHARD_FORMAT.md).")
+@click.option("--text-field", default=None,
+              help="JSONL text field [default: text; summarization: document; qa: context].")
 @click.option("--summary-field", default="summary", show_default=True, help="Summarization: the summary field.")
-@click.option("--separator", default="\n\nSummary:\n", show_default=True,
-              help="Summarization: text between document and summary.")
+@click.option("--question-field", default="question", show_default=True, help="QA: the question field.")
+@click.option("--answer-field", default="answer", show_default=True, help="QA: the answer field.")
+@click.option("--label-field", default="label", show_default=True,
+              help="Classification: the label field (a string or an integer).")
+@click.option("--separator", default=None,
+              help="Text before the summary or answer [default: summarization '\n\nSummary:\n', qa '\nAnswer:'].")
+@click.option("--question-separator", default="\n\nQuestion: ", show_default=True,
+              help="QA: text between context and question.")
 @click.option("--eos-token", default=None, help="End-of-document token, if the tokenizer's is not found.")
 @click.option("--workers", type=int, default=None, help="Tokenizer processes [default: usable CPUs].")
 @click.option("--min-doc-tokens", type=int, default=0, show_default=True, help="Skip shorter documents.")
@@ -61,14 +70,17 @@ def _default_workers() -> int:
 @click.option("--shard-mb", type=float, default=64.0, show_default=True, help="Raw MiB of samples per shard.")
 @click.option("--zstd-level", type=int, default=3, show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def prepare_cmd(inputs, tokenizer, out, segment_len, sample_segments, fmt, text_field, summary_field, separator,
-                eos_token, workers, min_doc_tokens, val_fraction, seed, strict, shard_mb, zstd_level, progress) -> None:
+def prepare_cmd(inputs, tokenizer, out, segment_len, sample_segments, fmt, text_field, summary_field, question_field,
+                answer_field, label_field, separator, question_separator, eos_token, workers, min_doc_tokens,
+                val_fraction, seed, strict, shard_mb, zstd_level, progress) -> None:
     """Tokenize INPUT files, folders or globs into segment-aligned, checksummed zstd shards in OUT."""
     from infinitrain.data_tools.prepare import PrepareConfig, prepare
 
     cfg = PrepareConfig(inputs=tuple(inputs), tokenizer=tokenizer, out=out, segment_len=segment_len,
                         sample_segments=sample_segments, format=fmt, text_field=text_field,
-                        summary_field=summary_field, separator=separator, eos_token=eos_token,
+                        summary_field=summary_field, question_field=question_field, answer_field=answer_field,
+                        label_field=label_field, separator=separator, question_separator=question_separator,
+                        eos_token=eos_token,
                         workers=workers or _default_workers(), min_doc_tokens=min_doc_tokens,
                         val_fraction=val_fraction, seed=seed, strict=strict, shard_bytes=int(shard_mb * (1 << 20)),
                         zstd_level=zstd_level, progress=progress)
@@ -135,7 +147,8 @@ def data_inspect_cmd(directory, sample, split, tokenizer) -> None:
 @click.option("--count", type=int, default=10, show_default=True, help="Samples per depth.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def data_passkey_cmd(out, tokenizer, length, depths, count, seed) -> None:
-    """Write the paper's passkey-retrieval samples as JSONL (fields text, prompt, answer, pass_key, depth, ...)."""
+    """Write the paper's passkey-retrieval samples as JSONL (fields text, prompt, context, question, answer,
+    pass_key, depth, ...); `prepare --format qa --question-separator "" --separator ""` trains on the answer."""
     from infinitrain.data_tools.passkey import parse_depths, passkey_records
     from infinitrain.data_tools.tokenizer import load_tokenizer, write_atomic
 

@@ -10,7 +10,9 @@ API (all a trainer needs)::
     #   s.input_ids (T,)   s.targets (T,) == input ids shifted by one   s.loss_mask (T,) 1 where the target counts
     #   s.doc_starts (d,)  positions where a document begins: reset the memory there
     #   s.sample_id  int, the index i (stable across runs)   s.doc_ids (p,) ids of the documents in the sample
-    # T = K*S for plain text; for summarization T is a multiple of S up to K*S (padding has loss_mask 0).
+    #   s.label      int class id (classification data; ds.label_names[s.label] is its name), else None
+    # T = K*S for plain text; for summarization, qa and classification T is a multiple of S up to K*S
+    # (padding has loss_mask 0). In classification data the one loss_mask position is where the label is read.
 
     sampler = ShardSampler(len(ds), global_batch_size=64, rank=rank, world_size=world, seed=1234)
     sampler.load_state_dict(ckpt["data"])             # optional: resume exactly where the checkpoint stopped
@@ -51,6 +53,7 @@ class Sample(NamedTuple):
     doc_starts: np.ndarray  # (d,) sorted positions t where a document's first token is input_ids[t]
     sample_id: int  # index in the split
     doc_ids: np.ndarray  # (p,) ids of the documents with tokens in this sample, in order (see documents.jsonl.zst)
+    label: int | None = None  # class id of a classification sample (index into ShardDataset.label_names)
 
 
 def to_sample(packed: PackedSample, sample_id: int) -> Sample:
@@ -59,7 +62,7 @@ def to_sample(packed: PackedSample, sample_id: int) -> Sample:
     for start, end in packed.loss_spans:
         mask[start:end] = 1
     return Sample(tokens[:-1], tokens[1:], mask, packed.doc_starts.astype(np.int64), sample_id,
-                  packed.doc_ids.astype(np.int64))
+                  packed.doc_ids.astype(np.int64), packed.label)
 
 
 class ShardDataset:
@@ -79,6 +82,8 @@ class ShardDataset:
         self.pad_id: int = self.index["tokenizer"]["pad_id"]
         self.eos_id: int = self.index["tokenizer"]["eos_id"]
         self.num_samples: int = info["num_samples"]
+        self.mode: str = self.index.get("mode", "pretrain")
+        self.label_names: list[str] | None = self.index.get("labels", {}).get("names")  # classification only
         self._firsts = [s["first_sample"] for s in self.shards]
         if sum(s["num_samples"] for s in self.shards) != self.num_samples:
             raise DataError(f"{self.directory}/index.json: shard sample counts do not add up to {self.num_samples}")
@@ -198,7 +203,8 @@ def collate(samples: list[Sample], pad_id: int) -> dict:
     """Stack samples into torch tensors padded to the longest (padding: ``pad_id``, loss 0).
 
     Returns ``input_ids``, ``targets`` (int64, (B, T)), ``loss_mask`` (float32, (B, T)), ``doc_start``
-    (bool, (B, T), True where a document begins) and ``sample_id`` (int64, (B,)).
+    (bool, (B, T), True where a document begins) and ``sample_id`` (int64, (B,)); with labelled samples also
+    ``label`` (int64, (B,), -1 for a sample without one).
     """
     import torch
 
@@ -213,4 +219,6 @@ def collate(samples: list[Sample], pad_id: int) -> dict:
         out["doc_start"][b, s.doc_starts] = True
     batch = {k: torch.from_numpy(v) for k, v in out.items()}
     batch["sample_id"] = torch.tensor([s.sample_id for s in samples], dtype=torch.int64)
+    if any(s.label is not None for s in samples):
+        batch["label"] = torch.tensor([-1 if s.label is None else s.label for s in samples], dtype=torch.int64)
     return batch

@@ -6,7 +6,11 @@ raises :class:`~infinitrain.errors.DataError` instead):
 - ``binary``: a NUL byte in a text file or JSONL line (also catches UTF-16): skipped;
 - ``invalid_utf8``: bytes that are not UTF-8 are replaced by U+FFFD and the document is kept (counted);
 - ``empty``: empty or whitespace-only documents (and blank JSONL lines): skipped;
-- ``broken_json``, ``not_an_object``, ``missing_field``, ``not_a_string``: a bad JSONL record: skipped.
+- ``broken_json``, ``not_an_object``, ``missing_field``, ``not_a_string``: a bad JSONL record: skipped;
+- ``bad_label`` (classification): a label that is neither a non-empty string nor an integer: skipped.
+
+Record fields by format: ``jsonl`` text; ``summarization`` document, summary; ``qa`` context, question, answer;
+``classification`` text, label (every name configurable).
 
 A UTF-8 byte-order mark at the start of a file is dropped. A truncated or corrupt .gz/.zst input is fatal
 (a :class:`DataError` naming the file and byte offset), since the rest of that file cannot be read.
@@ -28,8 +32,9 @@ import zstandard
 
 from infinitrain.errors import ConfigError, DataError
 
-Format = Literal["auto", "text", "jsonl", "summarization"]
-FORMATS: tuple[str, ...] = ("auto", "text", "jsonl", "summarization")
+Format = Literal["auto", "text", "jsonl", "summarization", "qa", "classification"]
+FORMATS: tuple[str, ...] = ("auto", "text", "jsonl", "summarization", "qa", "classification")
+RECORD_FORMATS = ("jsonl", "summarization", "qa", "classification")  # always read as JSONL
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl",)
 COMPRESSED_SUFFIXES = (".gz", ".zst")
@@ -39,12 +44,14 @@ BOM = "\ufeff"
 
 @dataclass(frozen=True, slots=True)
 class Document:
-    """One kept document: where it came from and its text (plus the summary in summarization format)."""
+    """One kept document: where it came from, its text (the context in qa) and the format's other fields."""
 
     source: int  # index into the sorted input list
     line: int  # 1-based line of the JSONL record; 1 for a whole text file
     text: str
-    summary: str | None = None
+    answer: str | None = None  # the trained continuation: the summary (summarization) or the answer (qa)
+    question: str | None = None  # qa
+    label: str | None = None  # classification (an integer label is kept as its decimal string)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +70,11 @@ class ReadOptions:
     """How input files become documents."""
 
     format: Format = "auto"
-    text_field: str | None = None  # default "text" (jsonl) or "document" (summarization)
+    text_field: str | None = None  # default "text"; "document" (summarization), "context" (qa)
     summary_field: str = "summary"
+    question_field: str = "question"
+    answer_field: str = "answer"
+    label_field: str = "label"
     strict: bool = False
 
     def __post_init__(self) -> None:
@@ -75,7 +85,14 @@ class ReadOptions:
     def field(self) -> str:
         if self.text_field is not None:
             return self.text_field
-        return "document" if self.format == "summarization" else "text"
+        return {"summarization": "document", "qa": "context"}.get(self.format, "text")
+
+    @property
+    def string_fields(self) -> dict[str, str]:
+        """Document attribute -> JSONL field, for the string fields a record of this format must have."""
+        extra = {"summarization": {"answer": self.summary_field},
+                 "qa": {"question": self.question_field, "answer": self.answer_field}}.get(self.format, {})
+        return {"text": self.field, **extra}
 
 
 @dataclass
@@ -133,7 +150,7 @@ def file_kind(path: Path, fmt: Format) -> str:
     """'text' (the whole file is one document) or 'jsonl' (one record a line) for this file under ``fmt``."""
     if fmt == "text":
         return "text"
-    if fmt in ("jsonl", "summarization"):
+    if fmt in RECORD_FORMATS:
         return "jsonl"
     kind = _known_kind(path)
     if kind is None:
@@ -258,17 +275,25 @@ def _jsonl_record(source: int, path: Path, lineno: int, line: bytes, opts: ReadO
         return [Issue(source, lineno, "broken_json", str(err))]
     if not isinstance(rec, dict):
         return [Issue(source, lineno, "not_an_object", type(rec).__name__)]
-    fields = [opts.field] + ([opts.summary_field] if opts.format == "summarization" else [])
-    values = []
-    for name in fields:
+    values = {}
+    for attr, name in opts.string_fields.items():
         if name not in rec:
             return [Issue(source, lineno, "missing_field", name)]
         if not isinstance(rec[name], str):
             return [Issue(source, lineno, "not_a_string", name)]
-        if not rec[name].strip():
+        if not rec[name].strip() and not (attr == "question" and opts.format == "qa"):  # a qa question may be empty
             return [Issue(source, lineno, "empty", name)]
-        values.append(rec[name])
-    out.append(Document(source, lineno, values[0], values[1] if len(values) > 1 else None))
+        values[attr] = rec[name]
+    if opts.format == "classification":
+        label = rec.get(opts.label_field)
+        if opts.label_field not in rec:
+            return [Issue(source, lineno, "missing_field", opts.label_field)]
+        if isinstance(label, int) and not isinstance(label, bool):
+            label = str(label)
+        if not isinstance(label, str) or not label.strip():
+            return [Issue(source, lineno, "bad_label", f"{opts.label_field}={label!r}")]
+        values["label"] = label
+    out.append(Document(source, lineno, **values))
     return out
 
 

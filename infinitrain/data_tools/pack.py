@@ -1,4 +1,4 @@
-"""Packing tokenized documents into segment-aligned samples: one continuous stream (text) or one sample per document (summarization)."""
+"""Packing tokenized documents into segment-aligned samples: one continuous stream (text) or one sample per record (summarization, qa, classification)."""
 
 from __future__ import annotations
 
@@ -70,24 +70,30 @@ class StreamPacker:
         del self.docs[:keep]
 
 
-def summary_sample(doc_id: int, document: np.ndarray, separator: np.ndarray, summary: np.ndarray, *, eos_id: int,
-                   pad_id: int, segment_len: int, sample_segments: int, dtype: np.dtype) -> PackedSample:
-    """One sample ``document + separator + summary + eos``, loss on the summary and eos only.
+def answer_sample(doc_id: int, document: np.ndarray, middle: np.ndarray, answer: np.ndarray, *, eos_id: int,
+                  pad_id: int, segment_len: int, sample_segments: int, dtype: np.dtype,
+                  label: int | None = None) -> PackedSample:
+    """One sample ``document + middle + answer + eos``, loss on the answer and eos only.
 
-    Over-long rule (L = sample_segments * segment_len input positions, so at most L + 1 tokens): the summary
-    keeps at most its first ``L // 2 - 1`` tokens (plus eos), then the document keeps its first tokens that
-    fit. The length is padded up to a multiple of ``segment_len`` (padding has loss 0).
+    Summarization: middle = separator, answer = summary. QA: document = context, middle = question separator +
+    question + separator. Classification: middle and answer empty, so the one trained target is the eos after
+    the text, and its input position (the last text token, whose state has read the whole text) is where a
+    classifier reads ``label``. Over-long rule (L = sample_segments * segment_len input positions, so at most
+    L + 1 tokens): the answer keeps at most its first ``L // 2 - 1`` tokens (plus eos), the middle is kept whole,
+    then the document keeps its first tokens that fit. The length is padded up to a multiple of
+    ``segment_len`` (padding has loss 0), so a long document spans as many segments as it needs.
     """
     L = segment_len * sample_segments
-    summary = summary[: max(0, L // 2 - 1)]
-    budget = L + 1 - len(separator) - len(summary) - 1
+    answer = answer[: max(0, L // 2 - 1)]
+    budget = L + 1 - len(middle) - len(answer) - 1
     if budget < 1:
-        raise ConfigError(f"the separator ({len(separator)} tokens) leaves no room in a sample of {L} tokens")
+        raise ConfigError(f"the separator ({len(middle)} tokens) leaves no room in a sample of {L} tokens")
     document = document[:budget]
-    seq = np.concatenate([document, separator, summary, [eos_id]]).astype(dtype)
+    seq = np.concatenate([document, middle, answer, [eos_id]]).astype(dtype)
     n = len(seq) - 1
     width = -(-n // segment_len) * segment_len
     tokens = np.full(width + 1, pad_id, dtype)
     tokens[: n + 1] = seq
-    first = len(document) + len(separator) - 1  # input position whose target is the first summary token
-    return PackedSample(tokens, np.array([[first, n]], np.int32), np.array([0], np.int32), np.array([doc_id], np.int64))
+    first = len(document) + len(middle) - 1  # input position whose target is the first answer token (or eos)
+    return PackedSample(tokens, np.array([[first, n]], np.int32), np.array([0], np.int32), np.array([doc_id], np.int64),
+                        label)

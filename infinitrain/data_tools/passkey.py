@@ -1,9 +1,11 @@
 """`infinitrain data passkey`: the Infini-attention paper's passkey retrieval samples (arXiv 2404.07143, via the HF blog).
 
-Each record is ``{"text", "prompt", "answer", "pass_key", "depth", "length", "tokens"}``: ``prompt`` ends with
-"What is the pass key? The pass key is", ``answer`` is " <key>." and ``text = prompt + answer``. Train on all
-tokens with ``prepare --format jsonl`` (field ``text``) or on the answer only with
-``prepare --format summarization --text-field prompt --summary-field answer --separator ""``.
+Each record is ``{"text", "prompt", "context", "question", "answer", "pass_key", "depth", "length", "tokens"}``:
+``context`` is the task, filler and needle, ``question`` is " What is the pass key? The pass key is",
+``prompt = context + question``, ``answer`` is " <key>." and ``text = prompt + answer``. Train on all tokens
+with ``prepare --format jsonl`` (field ``text``) or on the answer only with
+``prepare --format qa --question-separator "" --separator ""``, whose samples are exactly the tokens of
+``text`` (every field starts at a pre-token boundary) with the loss on the answer and eos.
 """
 
 from __future__ import annotations
@@ -25,13 +27,18 @@ def needle(key: int) -> str:
     return f" The pass key is {key}. Remember it. {key} is the pass key."
 
 
-def build_prompt(key: int, n_filler: int, depth: float) -> str:
-    """Task, then ``round(n_filler * depth)`` fillers, the needle, the other fillers, and the question.
+def build_context(key: int, n_filler: int, depth: float) -> str:
+    """Task, then ``round(n_filler * depth)`` fillers, the needle, and the other fillers.
 
     ``depth`` 0 puts the needle right after the task (farthest from the question), 1 right before the question.
     """
     before = round(n_filler * depth)
-    return TASK + FILLER * before + needle(key) + FILLER * (n_filler - before) + QUESTION
+    return TASK + FILLER * before + needle(key) + FILLER * (n_filler - before)
+
+
+def build_prompt(key: int, n_filler: int, depth: float) -> str:
+    """The context followed by the question."""
+    return build_context(key, n_filler, depth) + QUESTION
 
 
 def passkey_records(tok: Tokenizer, *, length: int, depths: Sequence[float], count: int, seed: int = 0) -> list[dict]:
@@ -57,9 +64,11 @@ def passkey_records(tok: Tokenizer, *, length: int, depths: Sequence[float], cou
             n = (length - fixed) // per_filler + 1
             while n > 0 and n_tokens(build_prompt(key, n, depth) + answer) > length:
                 n -= 1
-            prompt = build_prompt(key, n, depth)
-            out.append({"text": prompt + answer, "prompt": prompt, "answer": answer, "pass_key": key,
-                        "depth": depth, "length": length, "tokens": n_tokens(prompt + answer)})
+            context = build_context(key, n, depth)
+            prompt = context + QUESTION
+            out.append({"text": prompt + answer, "prompt": prompt, "context": context, "question": QUESTION,
+                        "answer": answer, "pass_key": key, "depth": depth, "length": length,
+                        "tokens": n_tokens(prompt + answer)})
     return out
 
 

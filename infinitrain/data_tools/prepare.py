@@ -29,9 +29,9 @@ import zstandard
 
 from infinitrain.data_tools.inputs import (FORMATS, Document, Issue, ReadOptions, ReadProgress, expand_inputs,
                                            input_fingerprint, read_documents)
-from infinitrain.data_tools.pack import StreamPacker, summary_sample
-from infinitrain.data_tools.shards import (FORMAT_VERSION, INDEX_NAME, SHARD_SUFFIX, ShardWriter, make_index,
-                                           write_index)
+from infinitrain.data_tools.pack import StreamPacker, answer_sample
+from infinitrain.data_tools.shards import (FORMAT_VERSION, INDEX_NAME, LABEL_FORMAT_VERSION, SHARD_SUFFIX, ShardWriter,
+                                           make_index, write_index)
 from infinitrain.data_tools.tokenizer import TokenizerInfo, encoder, load_tokenizer, write_atomic
 from infinitrain.errors import ConfigError, DataError
 
@@ -43,6 +43,9 @@ SPLITS = ("train", "val")
 MAX_REPORTED_ISSUES = 1000
 FAULT_ENV = "INFINITRAIN_FAULT"  # test hook: "prepare.unit:N" / "prepare.shard:N" SIGKILLs the run there
 UNIT_HEADER = struct.Struct("<Q")
+UNIT_VERSION = 2  # layout of the .work units: (text, question, answer) token lengths per document, label in meta
+RECORD_MODES = ("summarization", "qa", "classification")  # one sample per record (else: packed pretrain stream)
+DEFAULT_SEPARATORS = {"summarization": "\n\nSummary:\n", "qa": "\nAnswer:"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,7 +60,11 @@ class PrepareConfig:
     format: str = "auto"
     text_field: str | None = None
     summary_field: str = "summary"
-    separator: str = "\n\nSummary:\n"
+    question_field: str = "question"
+    answer_field: str = "answer"
+    label_field: str = "label"
+    separator: str | None = None  # before the summary / answer; None: DEFAULT_SEPARATORS of the format
+    question_separator: str = "\n\nQuestion: "  # qa: between the context and the question
     eos_token: str | None = None
     min_doc_tokens: int = 0
     val_fraction: float = 0.0
@@ -90,15 +97,31 @@ class PrepareConfig:
     @property
     def read_options(self) -> ReadOptions:
         return ReadOptions(format=self.format, text_field=self.text_field, summary_field=self.summary_field,
-                           strict=self.strict)
+                           question_field=self.question_field, answer_field=self.answer_field,
+                           label_field=self.label_field, strict=self.strict)
+
+    @property
+    def mode(self) -> str:
+        """The index's ``mode``: the record format, or ``pretrain`` for packed text."""
+        return self.format if self.format in RECORD_MODES else "pretrain"
+
+    @property
+    def resolved_separator(self) -> str:
+        return DEFAULT_SEPARATORS.get(self.format, "") if self.separator is None else self.separator
 
     def output_args(self) -> dict:
-        """The arguments that shape the output (worker count, progress and unit size do not)."""
+        """The arguments that shape the output (worker count, progress and unit size do not); only those of
+        this format are listed, so adding options for other formats does not change a folder's fingerprint."""
         skip = {"inputs", "tokenizer", "out", "workers", "progress", "unit_chars"}
         args = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         args["text_field"] = self.read_options.field
-        if self.format != "summarization":
-            args.pop("separator"), args.pop("summary_field")
+        args["separator"] = self.resolved_separator
+        used = {"summarization": {"separator", "summary_field"},
+                "qa": {"separator", "question_separator", "question_field", "answer_field"},
+                "classification": {"label_field"}}.get(self.format, set())
+        for name in {"separator", "summary_field", "question_separator", "question_field", "answer_field",
+                     "label_field"} - used:
+            args.pop(name)
         return args
 
 
@@ -119,10 +142,12 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     t0 = time.perf_counter()
     paths = expand_inputs(cfg.inputs)
     tokenizer, tok_info = load_tokenizer(cfg.tokenizer, eos_token=cfg.eos_token)
-    separator = np.array(tokenizer.encode(cfg.separator, add_special_tokens=False).ids, tok_info.dtype)
+    separators = tuple(np.array(tokenizer.encode(text, add_special_tokens=False).ids, tok_info.dtype)
+                       for text in (cfg.question_separator, cfg.resolved_separator))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    fingerprint = {"format_version": FORMAT_VERSION, "args": cfg.output_args(), "tokenizer": tok_info.to_dict(),
+    version = LABEL_FORMAT_VERSION if cfg.format == "classification" else FORMAT_VERSION
+    fingerprint = {"format_version": version, "args": cfg.output_args(), "tokenizer": tok_info.to_dict(),
                    "inputs": input_fingerprint(paths)}
     index = up_to_date_index(out, fingerprint)
     if index is not None:
@@ -131,7 +156,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         (out / name).unlink(missing_ok=True)
     work = _work_dir(out, fingerprint, cfg)
     n_units, resumed = tokenize_units(cfg, paths, tok_info, work)
-    index = write_output(cfg, paths, tok_info, separator, work, n_units)
+    index = write_output(cfg, paths, tok_info, separators, work, n_units)
     write_atomic(out / DONE_NAME, json.dumps(fingerprint, indent=1, sort_keys=True).encode())
     _remove_stale(out, index)
     shutil.rmtree(work, ignore_errors=True)
@@ -157,7 +182,7 @@ def up_to_date_index(out: Path, fingerprint: dict) -> dict | None:
 def _work_dir(out: Path, fingerprint: dict, cfg: PrepareConfig) -> Path:
     """``.work`` reused only when it was made for exactly this fingerprint and unit layout, else emptied."""
     work = out / WORK_NAME
-    key = json.dumps({**fingerprint, "unit_chars": cfg.unit_chars}, sort_keys=True).encode()
+    key = json.dumps({**fingerprint, "unit_chars": cfg.unit_chars, "unit_version": UNIT_VERSION}, sort_keys=True).encode()
     try:
         if (work / "fingerprint.json").read_bytes() == key:
             return work
@@ -183,7 +208,7 @@ class UnitJob:
 
     number: int
     path: str
-    docs: list  # (source, line, text, summary | None)
+    docs: list  # (source, line, text, question, answer, label, split key, more): see iter_units
     issues: list  # (source, line, reason, detail, kept) met while reading these documents
 
 
@@ -195,13 +220,15 @@ def iter_units(cfg: PrepareConfig, paths: list[Path], work: Path, progress: Read
         if isinstance(item, Issue):
             issues.append((item.source, item.line, item.reason, item.detail, item.kept))
             continue
-        key = _split_key(item.text, item.summary)
+        key = _split_key(item.text, item.answer, item.question)
         parts = split_text(item.text, cfg.unit_chars) if len(item.text) > cfg.unit_chars else [item.text]
         for k, part in enumerate(parts):
             last = k == len(parts) - 1
-            # (source, line, text, summary, split key, 1 if the document continues in the next entry)
-            docs.append((item.source, item.line, part, item.summary if last else "", key, 0 if last else 1))
-            chars += len(part) + (len(item.summary or "") if last else 0)
+            # (source, line, text, question, answer, label, split key, 1 if the document continues in the next
+            # entry); the other fields ride with the last part
+            q, a = (item.question or "", item.answer or "") if last else ("", "")
+            docs.append((item.source, item.line, part, q, a, item.label if last else None, key, 0 if last else 1))
+            chars += len(part) + len(q) + len(a)
             if chars >= cfg.unit_chars:
                 yield UnitJob(number, str(work / f"unit-{number:06d}.bin"), docs, issues)
                 docs, issues, chars, number = [], [], 0, number + 1
@@ -217,8 +244,7 @@ def tokenize_units(cfg: PrepareConfig, paths: list[Path], tok_info: TokenizerInf
     total = sum(p.stat().st_size for p in paths)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenize", disable=not cfg.progress or None,
                dynamic_ncols=True, mininterval=0.5)
-    settings = (Path(tok_info.path).read_text(encoding="utf-8"), tok_info.dtype.str, cfg.format == "summarization",
-                cfg.max_piece_chars)
+    settings = (Path(tok_info.path).read_text(encoding="utf-8"), tok_info.dtype.str, cfg.format, cfg.max_piece_chars)
     n_units = resumed = docs = tokens = 0
     t0 = time.perf_counter()
 
@@ -273,9 +299,8 @@ def _init_worker(settings: tuple) -> None:
     from tokenizers import Tokenizer
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one worker = one core
-    tok_json, dtype, summarization, max_piece = settings
-    _WORKER.update(tok=encoder(Tokenizer.from_str(tok_json)), dtype=np.dtype(dtype), summarization=summarization,
-                   max_piece=max_piece)
+    tok_json, dtype, fmt, max_piece = settings
+    _WORKER.update(tok=encoder(Tokenizer.from_str(tok_json)), dtype=np.dtype(dtype), format=fmt, max_piece=max_piece)
 
 
 def split_text(text: str, max_chars: int) -> list[str]:
@@ -315,24 +340,30 @@ def encode_texts(texts: list[str]) -> list[np.ndarray]:
 
 
 def _tokenize_job(job: UnitJob) -> tuple[int, int]:
-    """Tokenize one unit and write it; returns (documents, tokens)."""
+    """Tokenize one unit and write it; returns (documents, tokens). Body: every text, then every question, then
+    every answer (empty where the format has none)."""
+    fmt = _WORKER["format"]
+    none = [np.zeros(0, np.int64)] * len(job.docs)
     docs = encode_texts([d[2] for d in job.docs])
-    summaries = encode_texts([d[3] for d in job.docs]) if _WORKER["summarization"] else [np.zeros(0, np.int64)] * len(docs)
-    meta = {"docs": [[d[0], d[1], d[4], d[5]] for d in job.docs], "issues": job.issues}
-    lengths = np.array([[len(a), len(b)] for a, b in zip(docs, summaries)], np.int64).reshape(-1, 2)
+    questions = encode_texts([d[3] for d in job.docs]) if fmt == "qa" else none
+    answers = encode_texts([d[4] for d in job.docs]) if fmt in ("qa", "summarization") else none
+    meta = {"docs": [[d[0], d[1], d[6], d[7], d[5]] for d in job.docs], "issues": job.issues}
+    lengths = np.array([[len(t), len(q), len(a)] for t, q, a in zip(docs, questions, answers)], np.int64).reshape(-1, 3)
     dtype = _WORKER["dtype"]
-    body = np.concatenate([*docs, *summaries]).astype(dtype) if docs else np.zeros(0, dtype)
+    body = np.concatenate([*docs, *questions, *answers]).astype(dtype) if docs else np.zeros(0, dtype)
     head = json.dumps(meta, separators=(",", ":")).encode()
     raw = b"".join([UNIT_HEADER.pack(len(head)), head, lengths.tobytes(), body.tobytes()])
     write_atomic(Path(job.path), zstandard.ZstdCompressor(level=1, write_checksum=True).compress(raw))
     return len(docs), int(lengths.sum())
 
 
-def _split_key(text: str, summary: str | None) -> str:
-    """A content hash, so identical documents always land in the same split (no train/val leak by duplicates)."""
+def _split_key(text: str, *others: str | None) -> str:
+    """A content hash, so identical documents always land in the same split (no train/val leak by duplicates).
+    A classification label is not hashed: the same text with two labels stays in one split."""
     h = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8)
-    if summary is not None:
-        h.update(b"\0" + summary.encode("utf-8", "surrogatepass"))
+    for other in others:
+        if other is not None:
+            h.update(b"\0" + other.encode("utf-8", "surrogatepass"))
     return h.hexdigest()
 
 
@@ -359,26 +390,52 @@ def read_unit(path: Path, dtype: np.dtype, check_only: bool = False):
     if check_only:
         return None
     pos = UNIT_HEADER.size + n
-    lengths = np.frombuffer(raw, np.int64, 2 * len(meta["docs"]), pos).reshape(-1, 2)
-    body = np.frombuffer(raw, dtype, offset=pos + lengths.nbytes)
-    ends = np.cumsum(np.concatenate([lengths[:, 0], lengths[:, 1]]))
-    parts = np.split(body, ends[:-1]) if len(ends) else []
     k = len(meta["docs"])
-    return meta, lengths, parts[:k], parts[k:]
+    lengths = np.frombuffer(raw, np.int64, 3 * k, pos).reshape(-1, 3)
+    body = np.frombuffer(raw, dtype, offset=pos + lengths.nbytes)
+    ends = np.cumsum(lengths.T.reshape(-1))
+    parts = np.split(body, ends[:-1]) if len(ends) else []
+    return meta, parts[:k], parts[k:2 * k], parts[2 * k:]
 
 
 # --- stage 2: pack and write ----------------------------------------------------------------------
 
 
-def write_output(cfg: PrepareConfig, paths: list[Path], tok: TokenizerInfo, separator: np.ndarray, work: Path,
-                 n_units: int) -> dict:
+def label_names(work: Path, n_units: int, dtype: np.dtype) -> list[str]:
+    """Every label of the (valid) input records, sorted by :func:`label_order`; a label's id is its position."""
+    names = {d[4] for k in range(n_units) for d in read_unit(work / f"unit-{k:06d}.bin", dtype)[0]["docs"]}
+    return sorted(names - {None}, key=label_order)
+
+
+def label_order(name: str) -> tuple:
+    """Integer-looking names first, numerically ("2" before "10"), then the others by code point."""
+    try:
+        return (0, int(name), name)
+    except ValueError:
+        return (1, 0, name)
+
+
+def record_middle(mode: str, separators: tuple[np.ndarray, np.ndarray], question: np.ndarray) -> np.ndarray:
+    """The tokens between a record's text and its answer: the separator (summarization), question separator +
+    question + separator (qa), nothing (classification: the sample is ``text + eos``)."""
+    question_sep, sep = separators
+    if mode == "qa":
+        return np.concatenate([question_sep, question.astype(sep.dtype), sep])
+    return sep if mode == "summarization" else sep[:0]
+
+
+def write_output(cfg: PrepareConfig, paths: list[Path], tok: TokenizerInfo, separators: tuple[np.ndarray, np.ndarray],
+                 work: Path, n_units: int) -> dict:
     from tqdm import tqdm
 
     out = Path(cfg.out)
     L = cfg.segment_len * cfg.sample_segments
-    summarization = cfg.format == "summarization"
+    mode = cfg.mode
+    labels = label_names(work, n_units, tok.dtype) if mode == "classification" else None
+    label_ids = {name: i for i, name in enumerate(labels or [])}
+    label_counts = {s: [0] * len(label_ids) for s in SPLITS}
     writers = {s: ShardWriter(out, s, tok.dtype, shard_bytes=cfg.shard_bytes, frame_bytes=cfg.frame_bytes,
-                              level=cfg.zstd_level) for s in SPLITS}
+                              level=cfg.zstd_level, labels=labels is not None) for s in SPLITS}
     packers = {s: StreamPacker(sample_tokens=L, pad_id=tok.pad_id, dtype=tok.dtype) for s in SPLITS}
     n_samples = dict.fromkeys(SPLITS, 0)
     n_docs = dict.fromkeys(SPLITS, 0)
@@ -408,10 +465,11 @@ def write_output(cfg: PrepareConfig, paths: list[Path], tok: TokenizerInfo, sepa
     with zstandard.ZstdCompressor(level=3, write_checksum=True).stream_writer(
             _HashingWriter(docs_file, docs_sha), closefd=False) as docs_out:
         for k in tqdm(range(n_units), desc="pack", unit="unit", disable=not cfg.progress or None, dynamic_ncols=True):
-            meta, lengths, doc_tokens, summ_tokens = read_unit(work / f"unit-{k:06d}.bin", tok.dtype)
+            meta, doc_tokens, questions, answers = read_unit(work / f"unit-{k:06d}.bin", tok.dtype)
             for issue in meta["issues"]:
                 note(*issue)
-            for (source, line, key, more), toks, summ in zip(meta["docs"], doc_tokens, summ_tokens):
+            for (source, line, key, more, label), toks, question, answer in zip(meta["docs"], doc_tokens, questions,
+                                                                                answers):
                 if more or parts:  # a long document cut into parts across entries (and units)
                     parts.append(toks)
                     if more:
@@ -421,16 +479,23 @@ def write_output(cfg: PrepareConfig, paths: list[Path], tok: TokenizerInfo, sepa
                     note(source, line, "too_short", f"{len(toks)} tokens")
                     continue
                 split = "val" if is_val(key, cfg.seed, cfg.val_fraction) else "train"
-                if summarization:
-                    sample, position = n_samples[split], 0
-                    emit(split, [summary_sample(doc_id, toks, separator, summ, eos_id=tok.eos_id,
-                                                pad_id=tok.pad_id, segment_len=cfg.segment_len,
-                                                sample_segments=cfg.sample_segments, dtype=tok.dtype)])
-                else:
+                row = {"id": doc_id, "split": split, "source": source, "line": line, "tokens": len(toks)}
+                if mode == "pretrain":
                     sample, position = divmod(packers[split].total, L)
                     emit(split, packers[split].add(doc_id, np.append(toks, np.array([tok.eos_id], tok.dtype))))
-                docs_out.write((json.dumps({"id": doc_id, "split": split, "source": source, "line": line,
-                                            "tokens": len(toks), "sample": sample, "position": position},
+                else:
+                    middle = record_middle(mode, separators, question)
+                    if mode == "qa" and len(middle) + min(len(answer), L // 2 - 1) >= L:
+                        note(source, line, "too_long", f"question and separators take {len(middle)} of {L} tokens")
+                        continue
+                    sample, position = n_samples[split], 0
+                    emit(split, [answer_sample(doc_id, toks, middle, answer, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                                               segment_len=cfg.segment_len, sample_segments=cfg.sample_segments,
+                                               dtype=tok.dtype, label=label_ids.get(label))])
+                    if labels is not None:
+                        label_counts[split][label_ids[label]] += 1
+                        row["label"] = label_ids[label]
+                docs_out.write((json.dumps({**row, "sample": sample, "position": position},
                                            separators=(",", ":")) + "\n").encode())
                 n_docs[split] += 1
                 doc_id += 1
@@ -446,9 +511,10 @@ def write_output(cfg: PrepareConfig, paths: list[Path], tok: TokenizerInfo, sepa
     report = {"documents": {"kept": doc_id, **{s: n_docs[s] for s in SPLITS}}, "issue_counts": dict(sorted(counts.items())),
               "issues": issues, "issues_listed": len(issues)}
     write_atomic(out / REPORT_NAME, (json.dumps(report, indent=1, sort_keys=True) + "\n").encode())
+    extra = {"labels": {"names": labels, "counts": label_counts}} if labels is not None else {}
     index = make_index(tokenizer=tok.to_dict(), dtype=tok.dtype, segment_len=cfg.segment_len,
-                       sample_segments=cfg.sample_segments, mode="summarization" if summarization else "pretrain",
-                       splits=splits, zstd_level=cfg.zstd_level,
+                       sample_segments=cfg.sample_segments, mode=mode, splits=splits, zstd_level=cfg.zstd_level,
+                       version=LABEL_FORMAT_VERSION if labels is not None else FORMAT_VERSION, **extra,
                        documents={"name": DOCS_NAME, "bytes": (out / DOCS_NAME).stat().st_size,
                                   "sha256": docs_sha.hexdigest(), "num_documents": doc_id},
                        sources=[{"path": str(p), "bytes": p.stat().st_size} for p in paths],

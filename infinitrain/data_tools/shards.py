@@ -1,4 +1,4 @@
-"""Shard format v1 (spec: SHARD_FORMAT.md): the symmetric writer and reader of checksummed zstd sample shards and index.json."""
+"""Shard format v1 and v2 (spec: SHARD_FORMAT.md): the symmetric writer and reader of checksummed zstd sample shards and index.json."""
 
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ import zstandard
 
 from infinitrain.errors import DataError, ShardCorruptError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # written unless the samples carry labels
+LABEL_FORMAT_VERSION = 2  # v1 plus a label column in every frame (classification)
+READ_VERSIONS = (FORMAT_VERSION, LABEL_FORMAT_VERSION)
+NO_LABEL = -1  # in a v2 label column: this sample has no label
 INDEX_NAME = "index.json"
 SHARD_SUFFIX = ".shard"
 MAGIC = b"INFSHRD1"
@@ -34,9 +37,11 @@ class PackedSample:
     loss_spans: np.ndarray  # (m, 2) int32 [start, end) input positions whose target is trained on
     doc_starts: np.ndarray  # (d,) int32 input positions where a document begins
     doc_ids: np.ndarray  # (p,) int64 ids of the documents with tokens in the sample, in order
+    label: int | None = None  # class id (index into index.json labels.names); stored only in v2 shards
 
     @property
     def raw_bytes(self) -> int:
+        """Bytes in a v1 frame (a v2 frame adds 4 per sample for the label)."""
         return COUNTS.itemsize + self.tokens.nbytes + 8 * len(self.loss_spans) + 4 * len(self.doc_starts) + 8 * len(self.doc_ids)
 
 
@@ -47,18 +52,22 @@ def dtype_name(dtype: np.dtype) -> str:
 # --- frames ---------------------------------------------------------------------------------------
 
 
-def encode_frame(samples: Sequence[PackedSample], dtype: np.dtype) -> bytes:
-    """Column layout: n, counts (n records), all tokens, all spans, all doc starts, all doc ids."""
+def encode_frame(samples: Sequence[PackedSample], dtype: np.dtype, version: int = FORMAT_VERSION) -> bytes:
+    """Column layout: n, counts (n records), all tokens, all spans, all doc starts, all doc ids (v2: all labels)."""
     counts = np.array([(len(s.tokens), len(s.loss_spans), len(s.doc_starts), len(s.doc_ids)) for s in samples], COUNTS)
     parts = [struct.pack("<I", len(samples)), counts.tobytes()]
     parts += [np.asarray(s.tokens, dtype).tobytes() for s in samples]
     parts += [np.asarray(s.loss_spans, "<i4").tobytes() for s in samples]
     parts += [np.asarray(s.doc_starts, "<i4").tobytes() for s in samples]
     parts += [np.asarray(s.doc_ids, "<i8").tobytes() for s in samples]
+    if version == LABEL_FORMAT_VERSION:
+        parts.append(np.array([NO_LABEL if s.label is None else s.label for s in samples], "<i4").tobytes())
+    elif any(s.label is not None for s in samples):
+        raise ValueError(f"version {version} frames cannot hold labels")
     return b"".join(parts)
 
 
-def decode_frame(raw: bytes, dtype: np.dtype) -> list[PackedSample]:
+def decode_frame(raw: bytes, dtype: np.dtype, version: int = FORMAT_VERSION) -> list[PackedSample]:
     """Inverse of :func:`encode_frame`; raises ValueError when the sizes do not add up."""
     (n,) = struct.unpack_from("<I", raw, 0)
     counts = np.frombuffer(raw, COUNTS, n, 4)
@@ -70,9 +79,13 @@ def decode_frame(raw: bytes, dtype: np.dtype) -> list[PackedSample]:
         arr = np.frombuffer(raw, dt, total, pos)
         pos += arr.nbytes
         cols.append(np.split(arr, np.cumsum(counts[name].astype(np.int64) * width)[:-1]))
+    labels: list = [None] * n
+    if version == LABEL_FORMAT_VERSION:
+        labels = [None if x == NO_LABEL else int(x) for x in np.frombuffer(raw, "<i4", n, pos)]
+        pos += 4 * n
     if pos != len(raw):
         raise ValueError(f"frame holds {len(raw)} bytes, its counts describe {pos}")
-    return [PackedSample(t, s.reshape(-1, 2), d, i) for t, s, d, i in zip(*cols)]
+    return [PackedSample(t, s.reshape(-1, 2), d, i, lab) for t, s, d, i, lab in zip(*cols, labels)]
 
 
 # --- writer ---------------------------------------------------------------------------------------
@@ -82,12 +95,14 @@ class ShardWriter:
     """Writes one split's samples, in order, to ``{prefix}-{n:05d}.shard`` files of about ``shard_bytes`` raw bytes.
 
     Each shard is written to ``<name>.tmp``, fsynced and renamed when complete; :meth:`close` returns the
-    index entries. Output depends only on the samples and the settings (byte-identical across runs).
+    index entries. Output depends only on the samples and the settings (byte-identical across runs). With
+    ``labels`` the shards are version 2 (a label column); without, version 1.
     """
 
     def __init__(self, directory: Path, prefix: str, dtype: np.dtype, *, shard_bytes: int = 64 << 20,
-                 frame_bytes: int = 1 << 20, level: int = 3):
+                 frame_bytes: int = 1 << 20, level: int = 3, labels: bool = False):
         self.directory, self.prefix, self.dtype = Path(directory), prefix, np.dtype(dtype)
+        self.version = LABEL_FORMAT_VERSION if labels else FORMAT_VERSION
         self.shard_bytes, self.frame_bytes = shard_bytes, min(frame_bytes, shard_bytes)
         self.cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
         self.entries: list[dict] = []
@@ -100,7 +115,7 @@ class ShardWriter:
         if self._file is None:
             self._open()
         self._pending.append(sample)
-        self._pending_bytes += sample.raw_bytes
+        self._pending_bytes += sample.raw_bytes + (4 if self.version == LABEL_FORMAT_VERSION else 0)
         self._shard_counts["samples"] += 1
         self._shard_counts["tokens"] += len(sample.tokens) - 1
         self._shard_counts["loss_tokens"] += int((sample.loss_spans[:, 1] - sample.loss_spans[:, 0]).sum())
@@ -138,7 +153,7 @@ class ShardWriter:
     def _flush_frame(self) -> None:
         if not self._pending:
             return
-        raw = encode_frame(self._pending, self.dtype)
+        raw = encode_frame(self._pending, self.dtype, self.version)
         comp = self.cctx.compress(raw)
         first = self._shard_counts["samples"] - len(self._pending)
         self._frames.append([self._offset, len(comp), first, len(self._pending)])
@@ -149,7 +164,7 @@ class ShardWriter:
     def _close_shard(self) -> None:
         self._flush_frame()
         c = self._shard_counts
-        footer = {"format": "infinitrain-shard", "version": FORMAT_VERSION, "dtype": dtype_name(self.dtype),
+        footer = {"format": "infinitrain-shard", "version": self.version, "dtype": dtype_name(self.dtype),
                   "num_samples": c["samples"], "num_tokens": c["tokens"], "frames": self._frames}
         comp = self.cctx.compress(json.dumps(footer, separators=(",", ":")).encode())
         footer_offset = self._offset
@@ -195,9 +210,10 @@ class ShardFile:
         self.size = size
         footer = self._read_footer()
         frames = footer.get("frames")
-        if footer.get("version") != FORMAT_VERSION or footer.get("dtype") != dtype_name(self.dtype):
+        if footer.get("version") not in READ_VERSIONS or footer.get("dtype") != dtype_name(self.dtype):
             raise ShardCorruptError(f"{self.path}: footer says version {footer.get('version')} dtype "
-                                    f"{footer.get('dtype')}, expected {FORMAT_VERSION} {dtype_name(self.dtype)}")
+                                    f"{footer.get('dtype')}, expected one of {READ_VERSIONS} and {dtype_name(self.dtype)}")
+        self.version = int(footer["version"])
         self.frames = [tuple(int(x) for x in fr) for fr in frames]
         self.num_samples = int(footer["num_samples"])
         self.num_tokens = int(footer["num_tokens"])
@@ -252,7 +268,7 @@ class ShardFile:
         off, size, _, n = self.frames[j]
         raw = self._decompress(self._pread(off, size), off)
         try:
-            samples = decode_frame(raw, self.dtype)
+            samples = decode_frame(raw, self.dtype, self.version)
         except (ValueError, struct.error) as err:
             raise ShardCorruptError(f"{self.path}: frame at byte {off} does not parse ({err})") from None
         if len(samples) != n:
@@ -280,9 +296,9 @@ def decompress_stream(data: bytes, path: Path) -> bytes:
 
 
 def make_index(*, tokenizer: dict, dtype: np.dtype, segment_len: int, sample_segments: int, mode: str,
-               splits: dict[str, list[dict]], zstd_level: int, **extra) -> dict:
+               splits: dict[str, list[dict]], zstd_level: int, version: int = FORMAT_VERSION, **extra) -> dict:
     """The index.json content: everything a reader needs plus the per-shard sizes and hashes (see SHARD_FORMAT.md)."""
-    return {"format": "infinitrain-shards", "version": FORMAT_VERSION, "dtype": dtype_name(dtype),
+    return {"format": "infinitrain-shards", "version": version, "dtype": dtype_name(dtype),
             "segment_len": segment_len, "sample_segments": sample_segments, "sample_tokens": segment_len * sample_segments,
             "mode": mode, "tokenizer": tokenizer,
             "compression": {"codec": "zstd", "level": zstd_level, "content_checksum": True},
@@ -310,8 +326,9 @@ def read_index(directory: str | os.PathLike) -> dict:
         raise ShardCorruptError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(index, dict) or index.get("format") != "infinitrain-shards":
         raise ShardCorruptError(f"{path}: not an infinitrain shard index")
-    if index.get("version") != FORMAT_VERSION:
-        raise DataError(f"{path}: index version {index.get('version')}, this reader reads version {FORMAT_VERSION}")
+    if index.get("version") not in READ_VERSIONS:
+        raise DataError(f"{path}: index version {index.get('version')}, this reader reads versions "
+                        f"{', '.join(map(str, READ_VERSIONS))}")
     if index.get("dtype") not in DTYPES:
         raise ShardCorruptError(f"{path}: unknown dtype {index.get('dtype')!r}")
     return index

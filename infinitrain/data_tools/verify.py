@@ -58,12 +58,15 @@ def verify_dir(directory: str | Path) -> VerifyReport:
 def _verify_shard(path: Path, dtype: np.dtype, entry: dict, index: dict) -> Counter:
     shard = ShardFile(path, dtype, entry=entry)
     L = index["sample_tokens"]
+    n_labels = len(index["labels"]["names"]) if "labels" in index else None  # classification: every sample has one
     totals = Counter()
     for j in range(len(shard.frames)):
         for packed in shard.read_frame(j):
             n = len(packed.tokens) - 1
             spans_ok = np.all((0 <= packed.loss_spans) & (packed.loss_spans <= n))
-            if n > L or n % index["segment_len"] or not spans_ok or np.any(packed.tokens >= index["tokenizer"]["vocab_size"]):
+            label_ok = packed.label is None if n_labels is None else packed.label is not None and 0 <= packed.label < n_labels
+            if (n > L or n % index["segment_len"] or not spans_ok or not label_ok
+                    or np.any(packed.tokens >= index["tokenizer"]["vocab_size"])):
                 raise ShardCorruptError(f"{path}: frame at byte {shard.frames[j][0]} holds an invalid sample")
             totals["samples"] += 1
             totals["tokens"] += n
@@ -91,11 +94,19 @@ def inspect_dir(directory: str | Path) -> dict:
     docs = read_documents_table(directory)
     hist = Counter(1 << max(0, int(d["tokens"]).bit_length() - 1) for d in docs)
     return {"mode": index["mode"], "segment_len": index["segment_len"], "sample_segments": index["sample_segments"],
-            "dtype": index["dtype"], "vocab_size": index["tokenizer"]["vocab_size"],
+            "dtype": index["dtype"], "vocab_size": index["tokenizer"]["vocab_size"], **_labels(index),
             "splits": {s: {k: v for k, v in info.items() if k != "shards"} | {"shards": len(info["shards"])}
                        for s, info in index["splits"].items()},
             "doc_tokens_histogram": {f">={k}": hist[k] for k in sorted(hist)},
             "issues": index.get("report", {})}
+
+
+def _labels(index: dict) -> dict:
+    if "labels" not in index:
+        return {}
+    labels = index["labels"]
+    return {"labels": {name: {split: counts[i] for split, counts in labels["counts"].items()}
+                       for i, name in enumerate(labels["names"])}}
 
 
 def decode_sample(directory: str | Path, split: str, i: int, tokenizer_path: str) -> dict:
@@ -110,7 +121,8 @@ def decode_sample(directory: str | Path, split: str, i: int, tokenizer_path: str
         raise DataError(f"{directory}: split {split} has {len(ds)} samples, no sample {i}")
     s = ds[i]
     n_real = int(np.flatnonzero(s.loss_mask).max() + 1) if s.loss_mask.any() else 0
-    return {"sample_id": s.sample_id, "tokens": len(s.input_ids), "loss_tokens": int(s.loss_mask.sum()),
+    label = {} if s.label is None else {"label": ds.label_names[s.label]}
+    return {"sample_id": s.sample_id, **label, "tokens": len(s.input_ids), "loss_tokens": int(s.loss_mask.sum()),
             "doc_starts": s.doc_starts.tolist(), "doc_ids": s.doc_ids.tolist(),
             "text": tok.decode(s.input_ids[:n_real].tolist(), skip_special_tokens=False)}
 

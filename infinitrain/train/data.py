@@ -28,6 +28,7 @@ class Sample(NamedTuple):
     loss_mask: Tensor  # (L,) bool, False where the target does not count (padding, cross-document)
     doc_start: Tensor  # (L,) bool, True where a document starts (memory resets there)
     sample_id: int
+    label: int | None = None  # class id (classification data); read at the one loss_mask position
 
 
 class Batch(NamedTuple):
@@ -36,6 +37,7 @@ class Batch(NamedTuple):
     loss_mask: Tensor  # (B, L) bool
     doc_start: Tensor  # (B, L) bool
     sample_ids: Tensor  # (B,)
+    labels: Tensor | None = None  # (B,) int64 class ids, -1 for a sample without one; None when no sample has one
 
 
 class SampleSource(Protocol):
@@ -50,9 +52,12 @@ class SampleSource(Protocol):
 
 
 def collate(samples: list[Sample]) -> Batch:
+    labels = None
+    if any(s.label is not None for s in samples):
+        labels = torch.tensor([-1 if s.label is None else s.label for s in samples], dtype=torch.long)
     return Batch(torch.stack([s.input_ids for s in samples]), torch.stack([s.targets for s in samples]),
                  torch.stack([s.loss_mask for s in samples]), torch.stack([s.doc_start for s in samples]),
-                 torch.tensor([s.sample_id for s in samples], dtype=torch.long))
+                 torch.tensor([s.sample_id for s in samples], dtype=torch.long), labels)
 
 
 class TokenSource:
@@ -121,6 +126,7 @@ class ShardSource:
         self.segment_len = self.ds.segment_len
         self.sample_len = self.ds.sample_segments * self.ds.segment_len
         self.vocab_size = int(self.ds.index["tokenizer"]["vocab_size"])
+        self.label_names = self.ds.label_names  # classification data: class names by id, else None
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -133,7 +139,7 @@ class ShardSource:
         ids[:n], tgt[:n] = torch.from_numpy(s.input_ids), torch.from_numpy(s.targets)
         mask[:n] = torch.from_numpy(s.loss_mask) > 0
         doc[torch.from_numpy(s.doc_starts)] = True
-        return Sample(ids, tgt, mask, doc, s.sample_id)
+        return Sample(ids, tgt, mask, doc, s.sample_id, s.label)
 
 
 def open_source(path: str, sample_len: int, vocab_size: int, val_fraction: float,
