@@ -126,8 +126,19 @@ def _safetensors_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _identity(shapes: dict[str, tuple[int, ...]]) -> Callable[[str], str | None]:
-    return lambda ours: ours if ours in shapes or not CREATABLE.fullmatch(ours) else None
+def _by_name(shapes: dict[str, tuple[int, ...]]) -> Callable[[str], str | None]:
+    """Our own formats: the same name, also across Mixture-of-Depths wrapping (``layers.1.block.attn...`` in a
+    routed layer is ``layers.1.attn...`` in a plain model, and back)."""
+
+    def name_for(ours: str) -> str | None:
+        unwrapped = re.sub(r"^(layers\.\d+\.)block\.", r"\1", ours)
+        wrapped = re.sub(r"^(layers\.\d+\.)(?!block\.|router\.)", r"\1block.", ours)
+        for name in (ours, unwrapped, wrapped):
+            if name in shapes:
+                return name
+        return None if CREATABLE.fullmatch(ours) else ours
+
+    return name_for
 
 
 def _llama_source(path: Path, hf: dict[str, Any], model: ModelConfig) -> Source:
@@ -147,7 +158,7 @@ def _export_source(path: Path) -> Source:
     config, _ = read_config(path)
     files, listing = tensor_files(path)
     shapes = _safetensors_shapes(files)
-    return Source("infinitrain export", path, listing, config, shapes, _identity(shapes), files)
+    return Source("infinitrain export", path, listing, config, shapes, _by_name(shapes), files)
 
 
 def _run_source(path: Path) -> Source:
@@ -173,7 +184,7 @@ def _run_source(path: Path) -> Source:
     config = ModelConfig.from_dict(raw["model"], where=f"{cfg_path}: model")
     with torch.device("meta"):
         shapes = {n: tuple(p.shape) for n, p in InfiniLM(config).named_parameters()}
-    return Source("run checkpoint", path, ckpt, config, shapes, _identity(shapes))
+    return Source("run checkpoint", path, ckpt, config, shapes, _by_name(shapes))
 
 
 def open_source(directory: str | Path, model: ModelConfig) -> Source:
