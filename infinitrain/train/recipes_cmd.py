@@ -37,7 +37,7 @@ def recipe_info(path: Path) -> RecipeInfo:
     raw = load_yaml(path)
     m = raw.get("model")
     model = m if isinstance(m, str) else (m.get("preset") or "custom") + ("" if "preset" not in m or len(m) == 1
-                                                                         else "+changes")
+                                                                         else " (edited)")
     cfg = load_recipe(str(path))
     return RecipeInfo(path.stem, path, model, count_parameters(cfg.model), tuple(recipe_stages(raw, str(path))),
                       _description(path.read_text(), path.stem))
