@@ -132,12 +132,12 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     Written out (not numpy's Generator) so that the order never changes with the numpy version.
     """
     with np.errstate(over="ignore"):
-        salt = _splitmix64(np.array([seed & (2**64 - 1)], np.uint64) ^ _splitmix64(np.array([epoch], np.uint64)))
-        keys = _splitmix64(np.arange(num_samples, dtype=np.uint64) ^ salt)
+        salt = splitmix64(np.array([seed & (2**64 - 1)], np.uint64) ^ splitmix64(np.array([epoch], np.uint64)))
+        keys = splitmix64(np.arange(num_samples, dtype=np.uint64) ^ salt)
     return np.argsort(keys, kind="stable")
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
     x = x + np.uint64(0x9E3779B97F4A7C15)
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
@@ -186,6 +186,8 @@ class ShardSampler:
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from ``state``; the world size may differ, the data and global batch may not."""
+        if state.get("kind") == "mixture":
+            raise ConfigError("the checkpoint's data cursor is a mixture's; this run reads one dataset")
         if state.get("version") != SAMPLER_STATE_VERSION:
             raise ConfigError(f"data cursor version {state.get('version')}, expected {SAMPLER_STATE_VERSION}")
         for key in ("num_samples", "global_batch_size", "seed", "shuffle"):

@@ -8,11 +8,15 @@ L = N·S tokens (input ids, next-token targets, loss mask, document starts, samp
 The order comes from ``infinitrain.data_tools.dataset.ShardSampler`` (a pure function of seed and epoch,
 world-size independent, resumable from a small dict): each optimizer step takes one global batch of
 micro_batch × grad_accum × world samples; this rank's contiguous slice is cut into grad_accum micro-batches.
-Shape legend: B micro-batch, L sample length (N segments × S tokens).
+A mixture (``data.path`` a mapping, see ``infinitrain.data_tools.mixture``) is a :class:`MixtureSource` read
+through a ``MixtureSampler``; :class:`DatasetMetrics` and :class:`Validation` report it per dataset.
+Shape legend: B micro-batch, L sample length (N segments × S tokens), D datasets of a mixture.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -142,10 +146,48 @@ class ShardSource:
         return Sample(ids, tgt, mask, doc, s.sample_id, s.label)
 
 
-def open_source(path: str, sample_len: int, vocab_size: int, val_fraction: float,
+class MixtureSource:
+    """Several sources laid end to end (dataset d's sample j is index ``offsets[d] + j``, which is also the
+    returned sample id), with their names and mixture weights."""
+
+    def __init__(self, names: list[str], parts: list[SampleSource], weights: list[float]):
+        lengths = {name: part.sample_len for name, part in zip(names, parts)}
+        if len(set(lengths.values())) > 1:
+            raise DataError(f"the datasets of a mixture must have samples of one length, got {lengths}")
+        self.names, self.parts, self.weights = list(names), list(parts), list(weights)
+        self.sample_len = parts[0].sample_len
+        self.vocab_size = max(part.vocab_size for part in parts)
+        self.offsets = [0]
+        for part in parts[:-1]:
+            self.offsets.append(self.offsets[-1] + len(part))
+
+    def __len__(self) -> int:
+        return self.offsets[-1] + len(self.parts[-1])
+
+    def dataset_of(self, i: int) -> int:
+        return bisect_right(self.offsets, int(i)) - 1
+
+    def __getitem__(self, i: int) -> Sample:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        d = self.dataset_of(i)
+        return self.parts[d][int(i) - self.offsets[d]]._replace(sample_id=int(i))
+
+
+def open_source(path: str | dict, sample_len: int, vocab_size: int, val_fraction: float,
                 ) -> tuple[SampleSource, SampleSource | None]:
     """The train and validation sources for ``data.path``: prepared shards (a folder with index.json; its own
-    val split, None when it has none), else raw text (byte-level, the tail held out)."""
+    val split, None when it has none), else raw text (byte-level, the tail held out); a mapping is a mixture
+    of such paths (a :class:`MixtureSource` each, the validation one of the datasets that have a val split)."""
+    if isinstance(path, dict):
+        from infinitrain.data_tools.mixture import parse_mixture
+
+        entries = parse_mixture(path)
+        pairs = [open_source(e.path, sample_len, vocab_size, val_fraction) for e in entries]
+        train = MixtureSource([e.name for e in entries], [t for t, _ in pairs], [e.weight for e in entries])
+        vals = [(e, v) for e, (_, v) in zip(entries, pairs) if v is not None]
+        val = MixtureSource([e.name for e, _ in vals], [v for _, v in vals], [e.weight for e, _ in vals]) if vals else None
+        return train, val
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: data path does not exist")
@@ -157,11 +199,17 @@ def open_source(path: str, sample_len: int, vocab_size: int, val_fraction: float
     return text_source(p, sample_len, vocab_size, val_fraction)
 
 
-def make_sampler(size: int, *, micro_batch: int, grad_accum: int, rank: int, world: int, seed: int):
+def make_sampler(source: SampleSource | int, *, micro_batch: int, grad_accum: int, rank: int, world: int, seed: int):
+    """A ShardSampler over ``len(source)`` samples (or ``source`` samples), a MixtureSampler for a mixture."""
     from infinitrain.data_tools.dataset import ShardSampler
+    from infinitrain.data_tools.mixture import MixtureSampler
 
-    return ShardSampler(size, global_batch_size=micro_batch * grad_accum * world, rank=rank, world_size=world,
-                        seed=seed)
+    batch = micro_batch * grad_accum * world
+    if isinstance(source, MixtureSource):
+        return MixtureSampler(source.names, [len(p) for p in source.parts], source.weights, global_batch_size=batch,
+                              rank=rank, world_size=world, seed=seed)
+    size = source if isinstance(source, int) else len(source)
+    return ShardSampler(size, global_batch_size=batch, rank=rank, world_size=world, seed=seed)
 
 
 def next_micro_batches(sampler, micro_batch: int) -> list[list[int]]:
@@ -179,3 +227,60 @@ def val_batches(source: SampleSource | None, n_samples: int, micro_batch: int, r
     n = min(n_samples, len(source)) // (micro_batch * world) * (micro_batch * world)
     idx = list(range(n))[rank::world]
     return [collate([source[i] for i in idx[a:a + micro_batch]]) for a in range(0, len(idx), micro_batch)]
+
+
+class Validation:
+    """Validation batches per dataset: one set for a single source, one per mixture dataset (``n_samples``
+    each). ``run`` returns ``val_loss`` and the extra metrics row: for a mixture, ``val_loss/<name>`` per
+    dataset, and ``val_loss`` is their average under the mixture weights (the training distribution)."""
+
+    def __init__(self, source: SampleSource | None, n_samples: int, micro_batch: int, rank: int, world: int):
+        parts = zip(source.names, source.parts, source.weights) if isinstance(source, MixtureSource) \
+            else [("", source, 1.0)]
+        self.sets = {name: (val_batches(part, n_samples, micro_batch, rank, world), w) for name, part, w in parts}
+        self.sets = {name: bw for name, bw in self.sets.items() if bw[0]}
+        self.mixture = isinstance(source, MixtureSource)
+
+    def __bool__(self) -> bool:
+        return bool(self.sets)
+
+    def run(self, evaluate: Callable[[list[Batch]], float]) -> tuple[float, dict]:
+        losses = {name: evaluate(batches) for name, (batches, _) in self.sets.items()}
+        if not self.mixture:
+            return losses[""], {}
+        total = sum(w for _, w in self.sets.values())
+        mean = sum(losses[name] * w for name, (_, w) in self.sets.items()) / total
+        return mean, {f"val_loss/{name}": loss for name, loss in losses.items()}
+
+
+class DatasetMetrics:
+    """Per-dataset training figures of a mixture run for metrics.jsonl (nothing for a single dataset):
+    ``tokens/<name>`` = samples the sampler drew from it so far × L (skipped steps included), ``loss/<name>`` =
+    its mean target cross-entropy over the applied steps since the previous row (null if none of its samples)."""
+
+    def __init__(self, source: SampleSource, sampler):
+        self.source, self.sampler = source, sampler
+        self.enabled = isinstance(source, MixtureSource)
+        self.sums = torch.zeros(len(source.names) if self.enabled else 0, 2, dtype=torch.float64)  # (D, 2)
+
+    def add(self, indices: list[list[int]], micro_batches: list[Batch], sample_loss: Tensor) -> None:
+        """One applied step of this rank: its micro-batch indices, batches and per-sample summed loss."""
+        if not self.enabled:
+            return
+        d = torch.tensor([self.source.dataset_of(i) for ids in indices for i in ids])
+        targets = torch.cat([mb.loss_mask.sum(1) for mb in micro_batches]).double()
+        self.sums.index_add_(0, d, torch.stack([sample_loss.double().cpu(), targets], 1))
+
+    def row(self) -> dict:
+        """The figures since the last call, summed over ranks (collective: every rank calls it)."""
+        if not self.enabled:
+            return {}
+        from infinitrain.train.step import all_reduce
+
+        sums = all_reduce(self.sums.clone())
+        self.sums.zero_()
+        out = {}
+        for k, (name, drawn) in enumerate(zip(self.source.names, self.sampler.samples_drawn())):
+            out[f"tokens/{name}"] = drawn * self.source.sample_len
+            out[f"loss/{name}"] = float(sums[k, 0] / sums[k, 1]) if sums[k, 1] > 0 else None
+        return out
