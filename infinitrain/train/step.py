@@ -38,6 +38,7 @@ class StepStats(NamedTuple):
     seg_targets: Tensor  # (N,)
     aux: Tensor  # () token-weighted MoD router BCE
     nonfinite: Tensor  # () 1 if this rank saw a non-finite loss
+    sample_loss: Tensor | None = None  # (samples,) this rank's summed cross-entropy per sample, micro-batch order
 
 
 def all_reduce(t: Tensor) -> Tensor:
@@ -66,10 +67,10 @@ def backward_windows(engine, micro_batches: list[Batch], *, segment_len: int, wi
     N, span = L // segment_len, window * segment_len
     windows = [(a, min(L, a + span)) for a in range(0, L, span)]
     stats = dict(loss=torch.zeros((), dtype=torch.float64), aux=torch.zeros((), dtype=torch.float64),
-                 seg=torch.zeros(N, dtype=torch.float64))
+                 seg=torch.zeros(N, dtype=torch.float64), sample=torch.zeros(len(micro_batches) * B, dtype=torch.float64))
     nonfinite = torch.zeros(())
     n_backward, total = 0, len(micro_batches) * len(windows)
-    for mb in micro_batches:
+    for m, mb in enumerate(micro_batches):
         state = None  # memory resets at every sample start
         for a, b in windows:
             n_backward += 1
@@ -90,8 +91,10 @@ def backward_windows(engine, micro_batches: list[Batch], *, segment_len: int, wi
             stats["aux"] += out.aux_loss.detach().double().cpu() * aux_share
             stats["seg"][a // segment_len:math.ceil(b / segment_len)] += (
                 ce.double().cpu().view(B, -1, segment_len).sum(dim=(0, 2)))
+            stats["sample"][m * B:(m + 1) * B] += ce.double().cpu().sum(1)
     seg_targets = torch.stack([mb.loss_mask.view(B, N, segment_len).sum(dim=(0, 2)) for mb in micro_batches]).sum(0)
-    return StepStats(stats["loss"], n_targets, stats["seg"], seg_targets.double(), stats["aux"], nonfinite.double())
+    return StepStats(stats["loss"], n_targets, stats["seg"], seg_targets.double(), stats["aux"], nonfinite.double(),
+                     stats["sample"])
 
 
 def reduce_stats(s: StepStats) -> StepStats:
@@ -99,7 +102,7 @@ def reduce_stats(s: StepStats) -> StepStats:
     flat = all_reduce(torch.cat([s.loss_sum.view(1), s.seg_loss, s.seg_targets, s.aux.view(1), s.nonfinite.view(1)]))
     N = s.seg_loss.numel()
     return StepStats(flat[0], s.targets, flat[1:1 + N], flat[1 + N:1 + 2 * N], flat[1 + 2 * N] / dist.get_world_size(),
-                     flat[2 + 2 * N])
+                     flat[2 + 2 * N], s.sample_loss)  # per-sample losses stay this rank's
 
 
 @torch.no_grad()
