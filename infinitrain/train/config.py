@@ -5,6 +5,9 @@ Recipe schema (every key optional except ``model``; see ``infinitrain/recipes/de
     model: debug                  # a preset name, or a mapping: {preset: debug, segment_len: 32, ...}
                                   # or a full ModelConfig mapping without ``preset``
     data:      {path, segments_per_sample, micro_batch_size, grad_accum, val_fraction, val_samples, seed}
+               # path: a prepared shard dir or text, or a weighted mixture of them, either form:
+               #   {data/pg19: 0.5, data/arxiv: 0.5}  or  {pg19: {path: data/pg19, weight: 0.5}, ...}
+               # (infinitrain/data_tools/mixture.py: sampling, resume; per-dataset tokens/loss in metrics)
     optim:     {lr, gate_lr, weight_decay, beta1, beta2, eps, grad_clip}
     schedule:  {steps, warmup, min_lr_ratio}
     tbptt:     {window, checkpointing: none|layer|segment, mod_aux_weight}
@@ -80,12 +83,12 @@ def _number(where: str, value: Any, lo: float = -math.inf, hi: float = math.inf,
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    path: str | None = None  # prepared shard dir, or a text file / dir of .txt files (byte-level ids); --data
+    path: str | dict | None = None  # shard dir, text file or dir of .txt (byte-level ids), or a mixture; --data
     segments_per_sample: int = 4  # N: a sample is N * segment_len tokens
     micro_batch_size: int = 2  # samples per rank per micro-batch
     grad_accum: int = 1  # micro-batches per rank per optimizer step
     val_fraction: float = 0.05  # text sources: tail of the corpus held out for validation
-    val_samples: int = 16  # validation samples evaluated (in order, sharded over ranks)
+    val_samples: int = 16  # validation samples evaluated (in order, sharded over ranks; per dataset of a mixture)
     seed: int = 0  # shuffle seed of the sampler
 
     def __post_init__(self) -> None:
@@ -93,7 +96,12 @@ class DataConfig:
             _positive_int(f"data.{name}", getattr(self, name))
         _number("data.val_fraction", self.val_fraction, 0.0, 0.5, lo_open=True)
         _positive_int("data.seed", self.seed, zero_ok=True)
-        _check(self.path is None or isinstance(self.path, str), f"data.path must be a string, got {self.path!r}")
+        _check(self.path is None or isinstance(self.path, (str, dict)), f"data.path must be a string or a mixture "
+                                                                         f"mapping, got {self.path!r}")
+        if isinstance(self.path, dict):
+            from infinitrain.data_tools.mixture import parse_mixture
+
+            parse_mixture(self.path)
 
 
 @dataclass(frozen=True, kw_only=True)
