@@ -26,7 +26,8 @@ from infinitrain.errors import ConfigError, DataError, InfinitrainError, Trainin
 from infinitrain.train import checkpoint as ckpt
 from infinitrain.train import faults
 from infinitrain.train.config import TrainConfig
-from infinitrain.train.data import SampleSource, collate, make_sampler, next_micro_batches, open_source, val_batches
+from infinitrain.train.data import (DatasetMetrics, SampleSource, Validation, collate, make_sampler, next_micro_batches,
+                                    open_source)
 from infinitrain.train.engine import build_engine, deepspeed_config, init_distributed, setup_environment
 from infinitrain.train.step import all_reduce, backward_windows, evaluate, reduce_stats
 
@@ -231,13 +232,14 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: int, wor
         raise ConfigError(f"{run_dir / 'checkpoints'} already holds checkpoints; use --resume auto or a new --run-dir")
     resume_from = ckpt.find_resume(run_dir, resume)
     engine, model = build_engine(cfg, ds_config)
-    sampler = make_sampler(len(train_src), micro_batch=cfg.data.micro_batch_size, grad_accum=cfg.data.grad_accum,
+    sampler = make_sampler(train_src, micro_batch=cfg.data.micro_batch_size, grad_accum=cfg.data.grad_accum,
                            rank=rank, world=world, seed=cfg.data.seed)
     state = TrainState()
     if resume_from is not None:
         state = TrainState(**ckpt.load(engine, resume_from)["train_state"])
         sampler.load_state_dict(state.data)
-    val = val_batches(val_src, cfg.data.val_samples, cfg.data.micro_batch_size, rank, world)
+    val = Validation(val_src, cfg.data.val_samples, cfg.data.micro_batch_size, rank, world)
+    per_dataset = DatasetMetrics(train_src, sampler)  # mixtures: tokens and loss per dataset
 
     S, W = cfg.model.segment_len, cfg.window
     tokens_per_step = sampler.global_batch_size * cfg.sample_len
@@ -253,7 +255,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: int, wor
 
     try:
         while state.step < cfg.schedule.steps:
-            micro = [collate([train_src[i] for i in idx]) for idx in next_micro_batches(sampler, cfg.data.micro_batch_size)]
+            indices = next_micro_batches(sampler, cfg.data.micro_batch_size)
+            micro = [collate([train_src[i] for i in idx]) for idx in indices]
             stats = backward_windows(engine, micro, segment_len=S, window=W, aux_weight=cfg.tbptt.mod_aux_weight,
                                      step=state.step + state.skipped_total + 1)  # attempt number (fault hook)
             stats = reduce_stats(stats)
@@ -273,6 +276,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: int, wor
                 state.tokens += tokens_per_step
                 window_tokens += tokens_per_step
                 loss = float(stats.loss_sum / stats.targets)
+                per_dataset.add(indices, micro, stats.sample_loss)
                 metrics.progress(1, loss=f"{loss:.4f}",
                                  tok_s=f"{window_tokens / max(1e-9, time.time() - window_start):.0f}")
 
@@ -287,11 +291,11 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: int, wor
                     "grad_norm": _float_or_none(engine.get_global_grad_norm()), "tokens_per_s": window_tokens / elapsed,
                     "peak_mem_mb": peak_memory_mb(), "mod_aux_loss": float(stats.aux),
                     "mod_router_acc": router.take(), "gates": gates,
-                    "skipped_total": state.skipped_total})
+                    "skipped_total": state.skipped_total, **per_dataset.row()})
                 window_start, window_tokens = time.time(), 0
             if not skipped and cfg.log.eval_every and step % cfg.log.eval_every == 0 and val:
-                last_val = evaluate(engine, val, segment_len=S, window=W)
-                metrics.write({"step": step, "val_loss": last_val})
+                last_val, per_val = val.run(lambda batches: evaluate(engine, batches, segment_len=S, window=W))
+                metrics.write({"step": step, "val_loss": last_val, **per_val})
             if not skipped and cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0:
                 save()
                 last_saved = step
@@ -303,8 +307,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: int, wor
                 raise Preempted(signum, path)
 
         if val and not (cfg.log.eval_every and state.step % cfg.log.eval_every == 0):
-            last_val = evaluate(engine, val, segment_len=S, window=W)
-            metrics.write({"step": state.step, "val_loss": last_val})
+            last_val, per_val = val.run(lambda batches: evaluate(engine, batches, segment_len=S, window=W))
+            metrics.write({"step": state.step, "val_loss": last_val, **per_val})
         done = ckpt.committed(run_dir / "checkpoints")
         path = done[-1] if last_saved == state.step and done else save()
         return {"step": state.step, "tokens": state.tokens, "loss": loss, "val_loss": last_val,
