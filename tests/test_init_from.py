@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -115,13 +114,18 @@ def test_bad_sources_are_refused(tmp_path, llama_dir):
         report_for(cfg, tmp_path / "run")
 
 
-def test_cli_bad_init_from_is_one_line(tmp_path, llama_dir):
+def test_cli_bad_init_from_is_one_line(tmp_path, llama_dir, monkeypatch, capsys):
+    """Through the console entry (`main`), before DeepSpeed starts: one line on stderr, exit code 3."""
+    from infinitrain.cli import main
+
     for source, needle in [(tmp_path / "nothing", "no such directory"), (llama_dir, "has shape (192, 64)")]:
-        res = subprocess.run([sys.executable, "-m", "infinitrain.cli", "train", "--recipe", "debug", "--data", str(TEXT),
-                              "--init-from", str(source), "--run-dir", str(tmp_path / "run"), "model.d_ff=128"],
-                             capture_output=True, text=True, timeout=120)
-        assert res.returncode == ConfigError.code, res.stderr
-        assert res.stderr.strip().count("\n") == 0 and needle in res.stderr and "Traceback" not in res.stderr
+        monkeypatch.setattr(sys, "argv", ["infinitrain", "train", "--recipe", "debug", "--data", str(TEXT),
+                                          "--init-from", str(source), "--run-dir", str(tmp_path / "run"),
+                                          "model.d_ff=128"])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        err = capsys.readouterr().err
+        assert exit_.value.code == ConfigError.code and err.strip().count("\n") == 0 and needle in err, err
 
 
 def test_llama_weights_survive_zero3_init_and_one_step(llama_dir, tmp_path):
