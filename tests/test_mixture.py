@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -82,9 +84,10 @@ def test_resume_mid_epoch_gives_the_same_sample_sequence_on_any_world_size():
         MixtureSampler(*args, global_batch_size=8).load_state_dict(ShardSampler(40, global_batch_size=8).state_dict())
 
 
-def test_trainer_on_a_two_dataset_mixture_logs_per_dataset_tokens_and_loss(tmp_path):
+def test_trainer_on_a_two_dataset_mixture_logs_per_dataset_tokens_and_loss_and_resumes_exactly(tmp_path):
     """Raw text (byte-level) mixed 3:1 with a prepared folder: every row has tokens/<name> and loss/<name>, the
-    tokens add up, and the overall loss is the target-weighted mean of the per-dataset losses of that step."""
+    tokens add up, the overall loss is the target-weighted mean of the per-dataset losses of that step, and a
+    run resumed from the step-2 checkpoint logs the same steps 3-5 bit for bit."""
     from infinitrain.data_tools.prepare import PrepareConfig, prepare
     from infinitrain.data_tools.tokenizer import byte_tokenizer, save_tokenizer
     from infinitrain.train import train
@@ -99,13 +102,19 @@ def test_trainer_on_a_two_dataset_mixture_logs_per_dataset_tokens_and_loss(tmp_p
     mix = {"austen": {"path": str(TEXT), "weight": 3}, str(tmp_path / "syn"): 1}
     overrides = ["data.segments_per_sample=4", "data.micro_batch_size=4", "data.val_samples=8", "schedule.steps=5",
                  "schedule.warmup=1", "log.every=1", "log.eval_every=0", "log.progress=false", "tbptt.window=2",
-                 "model.segment_len=32", "run.zero_stage=0", "data.seed=3"]
-    cfg = load_recipe("debug", overrides).replace(data=load_recipe("debug", overrides).data.__class__(
-        **{**load_recipe("debug", overrides).data.__dict__, "path": mix}))
+                 "model.segment_len=32", "run.zero_stage=0", "data.seed=3", "checkpoint.save_every=2",
+                 "checkpoint.keep_last=0"]
+    cfg = load_recipe("debug", overrides)
+    cfg = cfg.replace(data=dataclasses.replace(cfg.data, path=mix))
     out = train(cfg, tmp_path / "run", "none")
     assert out["step"] == 5
     log = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r]
+    shutil.copytree(tmp_path / "run" / "checkpoints" / "step-00000002", tmp_path / "again" / "checkpoints" / "step-00000002")
+    assert train(cfg, tmp_path / "again", "auto")["step"] == 5
+    again = [json.loads(x) for x in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()]
+    keys = ("step", "loss", "tokens", "tokens/austen", "tokens/syn", "loss/austen", "loss/syn")
+    assert [[r[k] for k in keys] for r in again if "loss" in r] == [[r[k] for k in keys] for r in steps[2:]]
     # replay the run's sampler to know which dataset each sample came from
     src, _ = open_source(mix, cfg.sample_len, cfg.model.vocab_size, cfg.data.val_fraction)
     sampler = make_sampler(src, micro_batch=4, grad_accum=1, rank=0, world=1, seed=3)
