@@ -1,0 +1,250 @@
+"""``infinitrain export``: a committed training checkpoint -> a model directory (safetensors, config.json, tokenizer.json).
+
+    RUN_DIR/checkpoints/step-N  --verify manifest sha256-->  gather ZeRO partitions (fp32)  -->  OUT/
+        model.safetensors (or model-0000i-of-0000n.safetensors + model.safetensors.index.json above --max-shard-size)
+        config.json       the ModelConfig, the dtype, the tokenizer ("tokenizer.json", "bytes" or null), provenance
+        tokenizer.json    the run's tokenizer (beside the run, or beside its prepared data), when it has one
+
+Everything is written under ``.OUT.partial`` beside OUT and renamed into place at the end, so OUT is either
+absent or complete. The exported model is loaded by ``InfiniLM.from_pretrained(OUT)`` from JSON and
+safetensors only (nothing unpickled). Reading the *training* checkpoint goes through DeepSpeed's
+``zero_to_fp32``, which calls ``torch.load``: export forces every such call to ``weights_only=True``
+(tensors, containers and three DeepSpeed record classes only), after checking every file's sha256 against
+the checkpoint's manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from infinitrain.errors import CheckpointError, ConfigError
+
+DTYPES = ("bf16", "fp32")
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``5GB`` (10^9, as Hugging Face), ``512MiB`` (2^20), ``40KB`` or a plain integer."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if unit not in _UNITS:
+        raise ConfigError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB, 2GiB or a byte count")
+    n = int(float(m.group(1)) * _UNITS[unit])
+    if n <= 0:
+        raise ConfigError(f"--max-shard-size {text!r} must be positive")
+    return n
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out: Path
+    checkpoint: Path
+    step: int
+    dtype: str
+    files: tuple[str, ...]  # weight files written (one, or the shards)
+    bytes: int  # weight bytes on disk
+    tokenizer: str | None  # "tokenizer.json", "bytes" or None
+    seconds: float
+
+
+def find_checkpoint(path: Path, step: int | None) -> Path:
+    """The committed checkpoint to export: PATH itself if it is one, else the newest (or step N) of a run dir."""
+    from infinitrain.train.checkpoint import MANIFEST, STEP_DIR, committed, step_dir_name
+
+    if (path / MANIFEST).is_file():
+        m = STEP_DIR.match(path.name)
+        if step is not None and (m is None or int(m.group(1)) != step):
+            raise CheckpointError(f"{path}: is the checkpoint of another step than --step {step}")
+        return path
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such run directory")
+    if not (path / "config.yaml").is_file():
+        raise CheckpointError(f"{path}: not a run directory (no config.yaml) nor a committed checkpoint "
+                              f"(no {MANIFEST})")
+    found = committed(path / "checkpoints")
+    if not found:
+        raise CheckpointError(f"{path / 'checkpoints'}: no committed checkpoint (step-N with a {MANIFEST})")
+    if step is None:
+        return found[-1]
+    want = path / "checkpoints" / step_dir_name(step)
+    if want not in found:
+        steps = ", ".join(str(int(STEP_DIR.match(p.name).group(1))) for p in found)
+        raise CheckpointError(f"{want}: no committed checkpoint for step {step} (committed steps: {steps})")
+    return want
+
+
+@contextlib.contextmanager
+def _world_of_one():
+    """A single-process gloo group for the trainer's collective ``checkpoint.verify`` (reused if one exists)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
+    """Every file of the checkpoint against its manifest (size and sha256); returns the manifest."""
+    from infinitrain.train.checkpoint import read_manifest, verify
+
+    manifest = read_manifest(ckpt)
+    with _world_of_one():
+        verify(ckpt, manifest)
+    return manifest
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Inside, every ``torch.load`` runs with ``weights_only=True`` whatever the caller asked (DeepSpeed's
+    zero_to_fp32 asks for False). Beyond tensors and containers, only the three DeepSpeed classes its ZeRO
+    optimizer files hold (stages 1-3, fp32 and bf16, DeepSpeed 0.19) may be rebuilt: an enum, two records."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    real = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return real(*args, **kwargs)
+
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
+            yield
+    finally:
+        torch.load = real
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in sorted(root.iterdir()):
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp: Path, out: Path, force: bool) -> None:
+    """Rename the finished ``tmp`` to ``out`` (replacing an existing ``out`` only with ``force``)."""
+    old = out.with_name(f".{out.name}.old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out, old)
+    os.rename(tmp, out)
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _run_precision(run_dir: Path) -> str:
+    import yaml
+
+    try:
+        raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+        precision = raw["run"]["precision"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return "fp32"
+    return precision if precision in DTYPES else "fp32"
+
+
+def export(path: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None, dtype: str | None = None,
+           max_shard_size: str | int = "5GB", tokenizer: str | None = None, force: bool = False,
+           log: Callable[[str], None] = lambda s: None) -> ExportResult:
+    """Export the newest (or step ``step``) committed checkpoint of a run directory, or the checkpoint
+    directory ``path``, to the model directory ``out``. ``dtype`` None: the run's training precision."""
+    from infinitrain.evaluate.loading import load_for_inference
+    from infinitrain.model.io import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, save_pretrained
+    from infinitrain.train.checkpoint import MANIFEST
+
+    t0 = time.time()
+    path, out = Path(path), Path(out)
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    shard_bytes = parse_size(max_shard_size)
+    ckpt = find_checkpoint(path, step)
+    if out.exists() and not force:
+        raise ConfigError(f"{out}: already exists; choose another --out or pass --force to replace it")
+    if out.resolve() == ckpt.resolve() or ckpt.resolve() in out.resolve().parents:
+        raise ConfigError(f"{out}: must not be inside the checkpoint {ckpt}")
+    manifest = verify_checkpoint(ckpt)
+    log(f"verified {len(manifest['files'])} files of {ckpt} against {MANIFEST} (sha256)")
+    run_dir = ckpt.parent.parent
+    dtype = dtype or _run_precision(run_dir)
+    with weights_only_loads():
+        model, codec = load_for_inference(ckpt, tokenizer=tokenizer, need_tokenizer=False)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"gathered {n_params / 1e6:.2f} M parameters (fp32) from step {manifest['step']} "
+        f"({manifest['world_size']} rank{'s' if manifest['world_size'] != 1 else ''})")
+    if codec is None:
+        log("note: no tokenizer found beside the run or its data; the export has none (pass --tokenizer FILE|bytes)")
+    tok = None if codec is None else "bytes" if codec.source == "bytes" else "tokenizer.json"
+    provenance = {"run_dir": str(run_dir.resolve()), "checkpoint": ckpt.name, "step": manifest["step"],
+                  "world_size": manifest["world_size"],
+                  "manifest_sha256": hashlib.sha256((ckpt / MANIFEST).read_bytes()).hexdigest()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an export that was killed
+    try:
+        save_pretrained(model, tmp, dtype=dtype, max_shard_bytes=shard_bytes,
+                        extra={"tokenizer": tok, "exported_from": provenance})
+        if tok == "tokenizer.json":
+            shutil.copyfile(codec.source, tmp / "tokenizer.json")
+        _fsync_tree(tmp)
+        files = tuple(sorted(p.name for p in tmp.glob("*.safetensors")))
+        size = sum((tmp / f).stat().st_size for f in files)
+        _publish(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    written = [*files, INDEX_NAME] if len(files) > 1 else [WEIGHTS_NAME]
+    log(f"wrote {out}: {', '.join(written[:3])}{' ...' if len(written) > 3 else ''}, {CONFIG_NAME}"
+        f"{', tokenizer.json' if tok == 'tokenizer.json' else ''}")
+    return ExportResult(out, ckpt, int(manifest["step"]), dtype, files, size, tok, time.time() - t0)
+
+
+@click.command("export")
+@click.argument("run_dir", metavar="RUN_DIR")
+@click.option("--out", required=True, help="Model directory to write (must not exist, unless --force).")
+@click.option("--step", type=click.IntRange(min=0), default=None,
+              help="Export this step's committed checkpoint [default: the newest].")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None,
+              help="Weight dtype in the export [default: the run's training precision].")
+@click.option("--max-shard-size", default="5GB", show_default=True,
+              help="Shard model.safetensors above this size (5GB = 5e9 bytes, 5GiB = 5*2^30).")
+@click.option("--tokenizer", default=None,
+              help="tokenizer.json to ship, or 'bytes' [default: the run's, or the one beside its data].")
+@click.option("--force", is_flag=True, help="Replace an existing --out (atomically).")
+def export_cmd(run_dir: str, out: str, step: int | None, dtype: str | None, max_shard_size: str,
+               tokenizer: str | None, force: bool) -> None:
+    """Export a run's committed checkpoint (RUN_DIR, or RUN_DIR/checkpoints/step-N) as safetensors +
+    config.json + tokenizer.json, loadable with InfiniLM.from_pretrained and `infinitrain generate`."""
+    res = export(run_dir, out, step=step, dtype=dtype, max_shard_size=max_shard_size, tokenizer=tokenizer,
+                 force=force, log=lambda s: click.echo(s, err=True))
+    click.echo(f"exported step {res.step} of {res.checkpoint.parent.parent} to {res.out}: {len(res.files)} weight "
+               f"file{'s' if len(res.files) != 1 else ''}, {res.bytes / 1e6:.1f} MB {res.dtype}, tokenizer "
+               f"{res.tokenizer or 'none'} ({res.seconds:.1f} s)")
