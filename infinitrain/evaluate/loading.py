@@ -81,6 +81,10 @@ def load_for_inference(path: str | os.PathLike, *, tokenizer: str | os.PathLike 
         raise CheckpointError(f"{p}: no such model directory")
     if (p / "config.json").is_file():
         model = InfiniLM.from_pretrained(p, device=device, dtype=dtype)
+        from infinitrain.model.io import read_config
+
+        if tokenizer is None and read_config(p)[1].get("tokenizer") == "bytes":  # export of a byte-level run
+            tokenizer = "bytes"
         codec = _codec(tokenizer, [p], data_path=None, required=need_tokenizer)
     else:
         ckpt, run_dir = _checkpoint_and_run(p)
