@@ -277,7 +277,7 @@ def test_passkey_samples_prepare_as_qa_with_the_exact_prompt_tokens_and_loss_on_
         assert r["context"] + r["question"] == r["prompt"] and r["prompt"] + r["answer"] == r["text"]
     assert recs[0]["prompt"].index(f"is {recs[0]['pass_key']}.") < recs[4]["prompt"].index(f"is {recs[4]['pass_key']}.")
     res = invoke("prepare", str(out), "--tokenizer", str(bpe_path), "--out", str(tmp_path / "d"), "--format", "qa",
-                 "--question-separator", "", "--separator", "", "--segment-len", "64", "--sample-segments", "5",
+                 "--question-separator", "", "--answer-separator", "", "--segment-len", "64", "--sample-segments", "5",
                  "--no-progress")
     assert res.exit_code == 0, res.output
     ds = ShardDataset(tmp_path / "d", "train")

@@ -57,10 +57,11 @@ def _default_workers() -> int:
 @click.option("--answer-field", default="answer", show_default=True, help="QA: the answer field.")
 @click.option("--label-field", default="label", show_default=True,
               help="Classification: the label field (a string or an integer).")
-@click.option("--separator", default=None,
-              help="Text before the summary or answer [default: summarization '\n\nSummary:\n', qa '\nAnswer:'].")
+@click.option("--separator", default="\n\nSummary:\n", show_default=True,
+              help="Summarization: text between document and summary.")
 @click.option("--question-separator", default="\n\nQuestion: ", show_default=True,
               help="QA: text between context and question.")
+@click.option("--answer-separator", default="\nAnswer:", show_default=True, help="QA: text between question and answer.")
 @click.option("--eos-token", default=None, help="End-of-document token, if the tokenizer's is not found.")
 @click.option("--workers", type=int, default=None, help="Tokenizer processes [default: usable CPUs].")
 @click.option("--min-doc-tokens", type=int, default=0, show_default=True, help="Skip shorter documents.")
@@ -71,8 +72,8 @@ def _default_workers() -> int:
 @click.option("--zstd-level", type=int, default=3, show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def prepare_cmd(inputs, tokenizer, out, segment_len, sample_segments, fmt, text_field, summary_field, question_field,
-                answer_field, label_field, separator, question_separator, eos_token, workers, min_doc_tokens,
-                val_fraction, seed, strict, shard_mb, zstd_level, progress) -> None:
+                answer_field, label_field, separator, question_separator, answer_separator, eos_token, workers,
+                min_doc_tokens, val_fraction, seed, strict, shard_mb, zstd_level, progress) -> None:
     """Tokenize INPUT files, folders or globs into segment-aligned, checksummed zstd shards in OUT."""
     from infinitrain.data_tools.prepare import PrepareConfig, prepare
 
@@ -80,6 +81,7 @@ def prepare_cmd(inputs, tokenizer, out, segment_len, sample_segments, fmt, text_
                         sample_segments=sample_segments, format=fmt, text_field=text_field,
                         summary_field=summary_field, question_field=question_field, answer_field=answer_field,
                         label_field=label_field, separator=separator, question_separator=question_separator,
+                        answer_separator=answer_separator,
                         eos_token=eos_token,
                         workers=workers or _default_workers(), min_doc_tokens=min_doc_tokens,
                         val_fraction=val_fraction, seed=seed, strict=strict, shard_bytes=int(shard_mb * (1 << 20)),
@@ -148,7 +150,7 @@ def data_inspect_cmd(directory, sample, split, tokenizer) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 def data_passkey_cmd(out, tokenizer, length, depths, count, seed) -> None:
     """Write the paper's passkey-retrieval samples as JSONL (fields text, prompt, context, question, answer,
-    pass_key, depth, ...); `prepare --format qa --question-separator "" --separator ""` trains on the answer."""
+    pass_key, depth, ...); `prepare --format qa --question-separator "" --answer-separator ""` trains on the answer."""
     from infinitrain.data_tools.passkey import parse_depths, passkey_records
     from infinitrain.data_tools.tokenizer import load_tokenizer, write_atomic
 

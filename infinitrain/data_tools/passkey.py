@@ -4,7 +4,7 @@ Each record is ``{"text", "prompt", "context", "question", "answer", "pass_key",
 ``context`` is the task, filler and needle, ``question`` is " What is the pass key? The pass key is",
 ``prompt = context + question``, ``answer`` is " <key>." and ``text = prompt + answer``. Train on all tokens
 with ``prepare --format jsonl`` (field ``text``) or on the answer only with
-``prepare --format qa --question-separator "" --separator ""``, whose samples are exactly the tokens of
+``prepare --format qa --question-separator "" --answer-separator ""``, whose samples are exactly the tokens of
 ``text`` (every field starts at a pre-token boundary) with the loss on the answer and eos.
 """
 

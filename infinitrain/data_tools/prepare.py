@@ -45,7 +45,6 @@ FAULT_ENV = "INFINITRAIN_FAULT"  # test hook: "prepare.unit:N" / "prepare.shard:
 UNIT_HEADER = struct.Struct("<Q")
 UNIT_VERSION = 2  # layout of the .work units: (text, question, answer) token lengths per document, label in meta
 RECORD_MODES = ("summarization", "qa", "classification")  # one sample per record (else: packed pretrain stream)
-DEFAULT_SEPARATORS = {"summarization": "\n\nSummary:\n", "qa": "\nAnswer:"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,8 +62,9 @@ class PrepareConfig:
     question_field: str = "question"
     answer_field: str = "answer"
     label_field: str = "label"
-    separator: str | None = None  # before the summary / answer; None: DEFAULT_SEPARATORS of the format
+    separator: str = "\n\nSummary:\n"  # summarization: between the document and the summary
     question_separator: str = "\n\nQuestion: "  # qa: between the context and the question
+    answer_separator: str = "\nAnswer:"  # qa: between the question and the answer
     eos_token: str | None = None
     min_doc_tokens: int = 0
     val_fraction: float = 0.0
@@ -105,22 +105,17 @@ class PrepareConfig:
         """The index's ``mode``: the record format, or ``pretrain`` for packed text."""
         return self.format if self.format in RECORD_MODES else "pretrain"
 
-    @property
-    def resolved_separator(self) -> str:
-        return DEFAULT_SEPARATORS.get(self.format, "") if self.separator is None else self.separator
-
     def output_args(self) -> dict:
         """The arguments that shape the output (worker count, progress and unit size do not); only those of
         this format are listed, so adding options for other formats does not change a folder's fingerprint."""
         skip = {"inputs", "tokenizer", "out", "workers", "progress", "unit_chars"}
         args = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         args["text_field"] = self.read_options.field
-        args["separator"] = self.resolved_separator
         used = {"summarization": {"separator", "summary_field"},
-                "qa": {"separator", "question_separator", "question_field", "answer_field"},
+                "qa": {"question_separator", "answer_separator", "question_field", "answer_field"},
                 "classification": {"label_field"}}.get(self.format, set())
-        for name in {"separator", "summary_field", "question_separator", "question_field", "answer_field",
-                     "label_field"} - used:
+        for name in {"separator", "summary_field", "question_separator", "answer_separator", "question_field",
+                     "answer_field", "label_field"} - used:
             args.pop(name)
         return args
 
@@ -142,8 +137,9 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     t0 = time.perf_counter()
     paths = expand_inputs(cfg.inputs)
     tokenizer, tok_info = load_tokenizer(cfg.tokenizer, eos_token=cfg.eos_token)
+    before_answer = cfg.answer_separator if cfg.format == "qa" else cfg.separator
     separators = tuple(np.array(tokenizer.encode(text, add_special_tokens=False).ids, tok_info.dtype)
-                       for text in (cfg.question_separator, cfg.resolved_separator))
+                       for text in (cfg.question_separator, before_answer))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     version = LABEL_FORMAT_VERSION if cfg.format == "classification" else FORMAT_VERSION
@@ -417,7 +413,8 @@ def label_order(name: str) -> tuple:
 
 def record_middle(mode: str, separators: tuple[np.ndarray, np.ndarray], question: np.ndarray) -> np.ndarray:
     """The tokens between a record's text and its answer: the separator (summarization), question separator +
-    question + separator (qa), nothing (classification: the sample is ``text + eos``)."""
+    question + answer separator (qa), nothing (classification: the sample is ``text + eos``). ``separators`` =
+    (question separator, separator before the answer) as token ids."""
     question_sep, sep = separators
     if mode == "qa":
         return np.concatenate([question_sep, question.astype(sep.dtype), sep])
