@@ -18,6 +18,7 @@ from infinitrain.model.io import save_pretrained
 from infinitrain.model.lm import InfiniLM
 from infinitrain.train.checkpoint import committed
 from infinitrain.train.config import load_recipe
+from infinitrain.train.export import export
 from infinitrain.train.init_from import REPORT_NAME, report_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -130,7 +131,7 @@ def test_cli_bad_init_from_is_one_line(tmp_path, llama_dir, monkeypatch, capsys)
 
 def test_llama_weights_survive_zero3_init_and_one_step(llama_dir, tmp_path):
     """Partitioned at construction (zero.Init), loaded under GatheredParameters, one real step, then the
-    checkpoint: embedding rows of ids the byte-level data never holds (256..511) get no gradient and no decay,
+    checkpoint and its export (the same tensors): embedding rows of ids the byte-level data never holds (256..511) get no gradient and no decay,
     so they equal the source exactly; every other loaded tensor moved by at most one Adam step (lr)."""
     run = tmp_path / "run"
     res = train_cli(["--recipe", "debug", "--data", str(TEXT), "--init-from", str(llama_dir), "--run-dir", str(run),
@@ -139,6 +140,8 @@ def test_llama_weights_survive_zero3_init_and_one_step(llama_dir, tmp_path):
     report = json.loads((run / REPORT_NAME).read_text())
     assert report["kind"] == "Hugging Face Llama" and len(report["loaded"]) == 21 and report["unused"] == []
     trained = checkpoint_state_dict(committed(run / "checkpoints")[-1])
+    exported = export(run, tmp_path / "model").out  # `infinitrain export`: what a user ships
+    assert all(torch.equal(t, trained[k]) for k, t in hf_tensors(exported).items())
     src = hf_tensors(llama_dir)
     emb, src_emb = trained["embed.weight"], src["model.embed_tokens.weight"]
     assert torch.equal(emb[256:], src_emb[256:])

@@ -5,8 +5,9 @@ DIR may be
     sharded index): tensors are mapped as in ``infinitrain.model.llama`` (the paper continually pretrains an LLM);
   * an exported infinitrain model (``config.json`` with ``format: infinitrain`` + safetensors);
   * a run directory of ``infinitrain train`` (its newest committed checkpoint) or one committed checkpoint
-    ``RUN/checkpoints/step-N`` (the previous stage of a recipe). That is DeepSpeed's own checkpoint, written by
-    our trainer, read the way DeepSpeed writes it (``evaluate.loading.checkpoint_state_dict``).
+    ``RUN/checkpoints/step-N`` (the previous stage of a recipe): DeepSpeed's own files, gathered by
+    ``evaluate.loading.checkpoint_state_dict`` with every ``torch.load`` forced to ``weights_only=True``
+    (``export.weights_only_loads``).
 Safetensors only for outside weights: a directory holding only ``*.bin``/``*.pt`` files is refused.
 
 The recipe's model config decides the model. Tensors the source lacks but the model may create (the per-head
@@ -256,8 +257,10 @@ def _reader(source: Source, active: bool) -> Iterator[Callable[[str], torch.Tens
         return
     if source.files is None:
         from infinitrain.evaluate.loading import checkpoint_state_dict
+        from infinitrain.train.export import weights_only_loads
 
-        state = checkpoint_state_dict(source.origin)
+        with weights_only_loads():  # DeepSpeed's files: tensors and three DeepSpeed records, nothing else
+            state = checkpoint_state_dict(source.origin)
         yield state.__getitem__
         return
     from safetensors import safe_open
