@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from infinitrain.data_tools.dataset import ShardSampler
 from infinitrain.data_tools.mixture import MixtureEntry, MixtureSampler, dataset_draws, parse_mixture
@@ -28,10 +29,11 @@ def test_both_recipe_forms_parse_and_bad_specs_are_one_line_config_errors():
                          ({"a": {"path": 3, "weight": 1}}, "path must be"), ({"d1/x": 1, "d2/x": 1}, "two datasets")]:
         with pytest.raises(ConfigError, match=needle):
             parse_mixture(spec)
-    from infinitrain.train.config import load_recipe
+    from infinitrain.train.config import TrainConfig, load_recipe
 
     cfg = load_recipe("debug", ["data.path={a/one: 3, b: {path: two, weight: 1}}"])
     assert cfg.data.path == {"a/one": 3, "b": {"path": "two", "weight": 1}}
+    assert TrainConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg  # config.yaml round-trips
     with pytest.raises(ConfigError, match="data.path.a: weight"):
         load_recipe("debug", ["data.path={a: zero}"])
 
