@@ -127,6 +127,9 @@ def test_recipes_list_show_cp(tmp_path):
     (["recipes", "cp", "nope", "x.yaml"], "unknown recipe 'nope'"),
     (["train", "--recipe", "8b-booksum", "--stage", "posttrain"], "unknown stage 'posttrain' (stages: pretrain, finetune)"),
     (["train", "--recipe", "debug", "--stage", "finetune"], "recipe has no stages"),
+    (["train", "--recipe", "8b-booksum", "--stage", "finetune", "--run-dir", "exp/finetune"],
+     "stage finetune starts from pretrain's run exp/pretrain, which has no committed checkpoint: train that stage "
+     "first (--stage pretrain"),
 ])
 def test_cli_errors_are_one_line(argv, needle, monkeypatch, capsys, tmp_path):
     from infinitrain.cli import main

@@ -34,6 +34,8 @@ def train_cmd(recipe: str, overrides: tuple[str, ...], stage: str | None, data: 
     cfg, stage = load_recipe(recipe, overrides, data, stage=stage, with_stage=True)
     run_dir = run_dir or str(Path("runs", Path(recipe).stem, *([stage] if stage else [])))
     cfg = prepare_init_from(cfg, run_dir, resume, stage, verbose=os.environ.get("RANK", "0") == "0")
+    if stage is not None and os.environ.get("RANK", "0") == "0":
+        click.echo(f"stage {stage}: run dir {run_dir}", err=True)
     summary = train(cfg, run_dir, resume, local_rank=local_rank)
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"done: step {summary['step']}  loss {summary['loss']:.4f}  val_loss {summary['val_loss']:.4f}  "
@@ -48,19 +50,23 @@ def prepare_init_from(cfg, run_dir: str, resume: str, stage: str | None, verbose
     source against the recipe's model now (before DeepSpeed starts) and write the report to the run dir."""
     import dataclasses
 
+    from infinitrain.errors import ConfigError
     from infinitrain.train import init_from as init
     from infinitrain.train.checkpoint import committed
-    from infinitrain.train.config import resolve_stage_ref
+    from infinitrain.train.config import STAGE_REF, resolve_stage_ref
 
+    ref = cfg.run.init_from
     cfg = resolve_stage_ref(cfg, run_dir)
-    if stage is not None and verbose:
-        click.echo(f"stage {stage}: run dir {run_dir}", err=True)
     if cfg.run.init_from is None:
         return cfg
     if resume not in ("auto", "none") or (resume == "auto" and committed(Path(run_dir) / "checkpoints")):
         if verbose:
             click.echo(f"resuming {run_dir}: run.init_from {cfg.run.init_from} is not applied", err=True)
         return cfg.replace(run=dataclasses.replace(cfg.run, init_from=None))
+    if ref != cfg.run.init_from and not committed(Path(cfg.run.init_from) / "checkpoints"):
+        raise ConfigError(f"stage {stage} starts from {ref[len(STAGE_REF):]}'s run {cfg.run.init_from}, which has no "
+                          f"committed checkpoint: train that stage first (--stage {ref[len(STAGE_REF):]}, run dir "
+                          f"{cfg.run.init_from}) or set run.init_from=DIR")
     report = init.report_for(cfg.model, cfg.run.init_from)
     if verbose:
         click.echo(report.summary(), err=True)
