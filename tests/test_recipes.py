@@ -108,6 +108,9 @@ def test_recipes_list_show_cp(tmp_path):
 
     res = runner.invoke(cli, ["recipes", "show", "pg19"])
     assert res.exit_code == 0 and res.output == (RECIPE_DIR / "pg19.yaml").read_text()
+    res = runner.invoke(cli, ["recipes", "show", "8b-booksum", "--resolved", "--stage", "finetune"])
+    assert res.exit_code == 0, res.output
+    assert TrainConfig.from_dict(yaml.safe_load(res.output)) == load_recipe("8b-booksum", stage="finetune")
 
     res = runner.invoke(cli, ["recipes", "cp", "8b-booksum", str(tmp_path)])
     assert res.exit_code == 0, res.output

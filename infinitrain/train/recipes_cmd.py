@@ -91,9 +91,22 @@ def list_cmd() -> None:
 
 @recipes_group.command("show")
 @click.argument("name")
-def show_cmd(name: str) -> None:
+@click.option("--resolved", is_flag=True, help="Print the resolved config instead (every default filled in), as "
+              "the run dir's config.yaml will hold it.")
+@click.option("--stage", default=None, help="With --resolved: this stage (default: the first one).")
+def show_cmd(name: str, resolved: bool, stage: str | None) -> None:
     """Print the recipe's YAML (comments included)."""
-    click.echo(_shipped(name).read_text(), nl=False)
+    path = _shipped(name)
+    if not resolved:
+        if stage is not None:
+            raise ConfigError("--stage needs --resolved (the file holds every stage)")
+        click.echo(path.read_text(), nl=False)
+        return
+    import yaml
+
+    from infinitrain.train.config import load_recipe
+
+    click.echo(yaml.safe_dump(load_recipe(str(path), stage=stage).to_dict(), sort_keys=False), nl=False)
 
 
 @recipes_group.command("cp")
