@@ -34,17 +34,17 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-def parse_size(text: str | int) -> int:
+def parse_size(text: str | int, what: str = "--max-shard-size") -> int:
     """Bytes from ``5GB`` (10^9, as Hugging Face), ``512MiB`` (2^20), ``40KB`` or a plain integer."""
     if isinstance(text, int):
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*", str(text))
     unit = m.group(2).lower() if m else None
     if unit not in _UNITS:
-        raise ConfigError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB, 2GiB or a byte count")
+        raise ConfigError(f"{what} {text!r}: expected a size such as 5GB, 500MB, 2GiB or a byte count")
     n = int(float(m.group(1)) * _UNITS[unit])
     if n <= 0:
-        raise ConfigError(f"--max-shard-size {text!r} must be positive")
+        raise ConfigError(f"{what} {text!r} must be positive")
     return n
 
 

@@ -1,0 +1,262 @@
+"""``infinitrain plan``: per-GPU memory of a recipe before renting a cluster (ZeRO states, activations as the trainer
+keeps them, memory states, buffers) and the tokens per step.
+
+Symbols: Ψ parameters, N GPUs (data parallel), e bytes per parameter element (bf16 2, fp32 4), L layers,
+B micro-batch, W segments per backward (TBPTT window), S segment length, T = B·W·S tokens per backward,
+D model dim, H query heads, G KV heads, K head dim, F FFN dim, V vocabulary. Bytes are decimal (1 GB = 1e9).
+
+Model states follow DeepSpeed 0.19 with our generated config (torch AdamW, no grad_accum_dtype): mixed
+precision keeps e·Ψ parameters, e·Ψ gradients and 12Ψ optimizer states (fp32 master, Adam m and v); fp32
+keeps 4Ψ + 4Ψ + 8Ψ (the parameters are the master copy). ZeRO-1 partitions the optimizer states over N,
+ZeRO-2 the gradients too, ZeRO-3 the parameters too (those under stage3_param_persistence_threshold stay
+whole on every GPU).
+
+Activations are what autograd saves in ``Block.forward`` as the trainer calls it (``doc_start`` always
+given, so local attention takes PyTorch's math SDPA kernel: fp32 scores and probabilities per segment,
+H·S·4 bytes per token and layer). Per layer, per token (``tests/test_plan.py`` holds this to the bytes
+autograd saves):
+    A = 4·H·S + (20 + 2e)·H·K + 4·H·(K+1) + 8·H + 12·G·K + (8 + 4e)·D + 4e·F + 8·K + 10
+and per segment A_seg = 4·H·K·(K+1) (the memory read by each segment, broadcast to the query heads).
+Checkpointing (``tbptt.checkpointing``): none keeps every layer's A over T; layer keeps each layer's input
+(e·D per token) and recomputes one layer at a time; segment keeps each layer's input and its (M, z) before
+every segment, and recomputes one (layer, segment) at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from infinitrain.errors import ConfigError
+
+GB = 1e9
+DS_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7,
+               "stage3_param_persistence_threshold": 1e5}  # DeepSpeed 0.19 zero_optimization defaults
+HEADROOM = 0.9  # a plan "fits" below 90% of the GPU: CUDA context, NCCL buffers and allocator fragmentation
+
+
+@dataclass(frozen=True)
+class Term:
+    name: str
+    bytes: float
+    formula: str
+    when: str = "always"  # "always" (held for the whole step), "backward" (during a window), "step" (optimizer step)
+
+
+@dataclass(frozen=True)
+class Plan:
+    title: str
+    gpus: int
+    nodes: int
+    gpu_memory: float
+    params: int
+    terms: tuple[Term, ...]
+    tokens_per_backward: int
+    tokens_per_step: int
+    notes: tuple[str, ...]
+
+    @property
+    def peak(self) -> float:
+        """Held states plus the larger of the two transient phases (a window's backward, the optimizer step)."""
+        held = sum(t.bytes for t in self.terms if t.when == "always")
+        return held + max(sum(t.bytes for t in self.terms if t.when == w) for w in ("backward", "step"))
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= HEADROOM * self.gpu_memory
+
+
+# --- per-layer activation bytes --------------------------------------------------------------------------
+
+
+def ffn_bytes_per_token(activation: str, d_ff: int, e: int) -> int:
+    """SwiGLU-style (ffn*): gate, up, act(gate), product; GLU layer (swiglu/geglu): up, w, act, v, product;
+    plain: up, act(up)."""
+    n = 4 if activation.startswith("ffn") else 5 if activation in ("swiglu", "geglu") else 2
+    return n * e * d_ff
+
+
+def layer_bytes_per_token(model, e: int, segment_len: int | None = None, rope_tables: int = 2) -> float:
+    """A: bytes autograd keeps per token for one dense block (formula in the module docstring); the RoPE
+    cos and sin (fp32, rot_dim each) are shared by q and k (``rope_tables=2``), or built for each of them
+    when positions vary per row (Mixture-of-Depths, 4)."""
+    H, G, K, D, S = model.n_heads, model.n_kv_heads, model.head_dim, model.d_model, segment_len or model.segment_len
+    rotary = 4 * rope_tables * model.rot_dim if model.pos_emb != "none" else 0
+    return (4 * H * S + (20 + 2 * e) * H * K + 4 * H * (K + 1) + 8 * H + 12 * G * K + (8 + 4 * e) * D
+            + ffn_bytes_per_token(model.activation, model.d_ff, e) + rotary + 10)
+
+
+def segment_bytes(model) -> float:
+    """A_seg: per layer and segment, the memory [M | z] broadcast to the H query heads for retrieval."""
+    return 4 * model.n_heads * model.head_dim * (model.head_dim + 1)
+
+
+def routed_layer_bytes_per_token(model, e: int) -> float:
+    """A Mixture-of-Depths block in training: the block runs on C = ceil(capacity·S) tokens per segment
+    (local attention over C), plus the gathered tokens and the routed difference (2·e·D each routed
+    token); every token keeps the router's input (e·D), its logit and the BCE target (8)."""
+    C = model.mod_tokens_per_segment()
+    frac = C / model.segment_len
+    return frac * (layer_bytes_per_token(model, e, segment_len=C, rope_tables=4) + 2 * e * model.d_model) \
+        + e * model.d_model + 8
+
+
+def _layers(model, e: int) -> list[tuple[float, float]]:
+    """(bytes per token, bytes per segment) of each layer, in order."""
+    out = []
+    for i in range(model.n_layers):
+        if model.is_routed(i):
+            out.append((routed_layer_bytes_per_token(model, e), segment_bytes(model)))
+        else:
+            out.append((layer_bytes_per_token(model, e), segment_bytes(model)))
+    return out
+
+
+def activation_bytes(cfg, e: int | None = None) -> tuple[float, str, float, str]:
+    """(bytes kept, formula, backward working set, formula) of one backward under the recipe's checkpointing.
+
+    The working set is the gradient side of the unit being differentiated (a layer, or a layer-segment under
+    segment checkpointing): about its activations again, plus the fp32 gradients of its attention scores and
+    probabilities (8·H·S per token) that exist together in the softmax backward."""
+    m = cfg.model
+    e = e or (2 if cfg.run.precision == "bf16" else 4)
+    B, W, S = cfg.data.micro_batch_size, cfg.window, m.segment_len
+    T = B * W * S
+    layers = _layers(m, e)
+    head_norm = (4 + 2 * e) * m.d_model * T  # the final RMSNorm's fp32 input and its two outputs
+    state_in = B * m.n_kv_heads * m.head_dim * (m.head_dim + 1) * 4  # one layer's (M, z)
+    a, a_seg = max(layers)
+    grads = 8 * m.n_heads * S
+    mode = cfg.tbptt.checkpointing
+    if mode == "none":
+        kept = sum(T * a_ + B * W * s_ for a_, s_ in layers) + head_norm
+        return kept, "Σ_layers (T·A + B·W·A_seg) + (4+2e)·D·T", T * (a + grads), "T·(A + 8·H·S)"
+    if mode == "layer":
+        kept = m.n_layers * e * m.d_model * T + T * a + B * W * a_seg + head_norm
+        return (kept, "L·e·D·T + (T·A + B·W·A_seg) [one layer recomputed] + (4+2e)·D·T",
+                T * (a + grads), "T·(A + 8·H·S)")
+    kept = m.n_layers * (e * m.d_model * T + W * state_in) + B * S * a + B * a_seg + head_norm
+    return (kept, "L·(e·D·T + W·B·G·K(K+1)·4) + (B·S·A + B·A_seg) [one layer-segment recomputed] + (4+2e)·D·T",
+            B * S * (a + grads), "B·S·(A + 8·H·S)")
+
+
+# --- the plan ----------------------------------------------------------------------------------------------
+
+
+def _ds_setting(ds: dict[str, Any], key: str) -> float:
+    return float(ds.get("zero_optimization", {}).get(key, DS_DEFAULTS[key]))
+
+
+def _param_stats(model) -> tuple[int, int, list[int]]:
+    """(Ψ, the largest single module's own parameters, every parameter's size)."""
+    import torch
+
+    from infinitrain.model.lm import InfiniLM
+
+    with torch.device("meta"):
+        net = InfiniLM(model)
+    numels = [p.numel() for p in net.parameters()]
+    largest = max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in net.modules())
+    return sum(numels), largest, numels
+
+
+def plan(cfg, *, gpus: int, nodes: int = 1, gpu_memory: float = 80 * GB, title: str = "") -> Plan:
+    """The per-GPU memory of training ``cfg`` (a TrainConfig) data-parallel on ``gpus`` GPUs."""
+    from infinitrain.train.engine import deepspeed_config
+
+    if gpus < 1 or nodes < 1 or gpus % nodes:
+        raise ConfigError(f"--gpus ({gpus}) must be a positive multiple of --nodes ({nodes})")
+    m, run = cfg.model, cfg.run
+    N, stage = gpus, run.zero_stage
+    e = 2 if run.precision == "bf16" else 4
+    ds = deepspeed_config(cfg, N)
+    psi, largest, numels = _param_stats(m)
+    persist = sum(n for n in numels if n <= _ds_setting(ds, "stage3_param_persistence_threshold")) if stage == 3 else 0
+    grad_e = {"fp32": 4, "bf16": 2, "fp16": 2}.get(str(ds.get("data_types", {}).get("grad_accum_dtype", "")), e)
+    opt_k = 12 if e == 2 else 8
+    part = lambda s: f"/N" if stage >= s else ""  # noqa: E731
+    terms = [
+        Term(f"parameters ({run.precision})", e * (psi / N + persist) if stage == 3 else e * psi,
+             f"{e}·Ψ/N + {e}·Ψ_persistent" if stage == 3 else f"{e}·Ψ"),
+        Term(f"gradients ({'bf16' if grad_e == 2 else 'fp32'})", grad_e * psi / (N if stage >= 2 else 1),
+             f"{grad_e}·Ψ{part(2)}"),
+        Term("optimizer states" + (" (fp32 master, Adam m, v)" if e == 2 else " (Adam m, v)"),
+             opt_k * psi / (N if stage >= 1 else 1), f"{opt_k}·Ψ{part(1)}"),
+    ]
+    act, act_formula, work, work_formula = activation_bytes(cfg, e)
+    B, W, S, V = cfg.data.micro_batch_size, cfg.window, m.segment_len, m.vocab_size
+    T = B * W * S
+    memory = 2 * m.n_layers * B * m.n_kv_heads * m.head_dim * (m.head_dim + 1) * 4
+    terms += [
+        Term(f"activations (checkpointing {cfg.tbptt.checkpointing})", act, act_formula, "backward"),
+        Term("backward working set", work, work_formula + "  [one unit's gradients]", "backward"),
+        Term("memory states (M, z), fp32", memory, "2·L·B·G·K·(K+1)·4  [carried in and out of a window]", "backward"),
+        Term("logits and loss", T * V * (e + 12), "T·V·(e + 12)  [logits; fp32 log-softmax, its gradient and "
+             "the logits' gradient]", "backward"),
+    ]
+    if stage == 3:
+        prefetch, bucket = _ds_setting(ds, "stage3_prefetch_bucket_size"), _ds_setting(ds, "reduce_bucket_size")
+        terms.append(Term("ZeRO-3 buffers", e * (2 * largest + min(prefetch, psi)) + grad_e * bucket,
+                          f"{e}·(2·P_max + min(prefetch, Ψ)) + {grad_e}·reduce_bucket  [the gathered largest module "
+                          f"and its full gradient, prefetch {prefetch:.0e}, reduce bucket {bucket:.0e}]", "backward"))
+        terms.append(Term("optimizer step: fp32 gradient copy", 4 * psi / N, "4·Ψ/N  [flattened for the step]",
+                          "step"))
+    else:
+        terms.append(Term("largest module's full gradient", grad_e * largest, f"{grad_e}·P_max", "backward"))
+        terms.append(Term("optimizer step: fp32 gradient copy", 4 * psi / (N if stage >= 1 else 1) if e == 2 else 0,
+                          f"4·Ψ{part(1)} (mixed precision only)", "step"))
+    notes = (f"P_max = {largest / 1e6:.1f} M (largest module's own parameters), "
+             f"A = {layer_bytes_per_token(m, e) / 1e3:.1f} KB/token, A_seg = {segment_bytes(m) / 1e6:.2f} MB",)
+    per_step = B * cfg.data.grad_accum * N * cfg.sample_len
+    return Plan(title, gpus, nodes, gpu_memory, psi, tuple(terms), T, per_step, notes)
+
+
+def format_plan(p: Plan, cfg) -> str:
+    m = cfg.model
+    lines = [f"{p.title}: {p.gpus} GPU{'s' if p.gpus > 1 else ''}"
+             + (f" ({p.nodes} nodes x {p.gpus // p.nodes})" if p.nodes > 1 else "")
+             + f", ZeRO-{cfg.run.zero_stage}, {cfg.run.precision}, checkpointing {cfg.tbptt.checkpointing}",
+             f"model: Ψ = {p.params / 1e9:.3f} B, L {m.n_layers}, D {m.d_model}, heads {m.n_heads}/{m.n_kv_heads} x "
+             f"{m.head_dim}, FFN {m.d_ff}, V {m.vocab_size}, S {m.segment_len}"
+             + (f", MoD every {m.mod_every} at {m.mod_capacity:g}" if m.mod_every else ""),
+             f"tokens: T = B {cfg.data.micro_batch_size} x W {cfg.window} x S {m.segment_len} = {p.tokens_per_backward:,} "
+             f"per backward; {p.tokens_per_step:,} per optimizer step (B x accum {cfg.data.grad_accum} x "
+             f"{p.gpus} GPUs x {cfg.data.segments_per_sample} x {m.segment_len})",
+             "", f"{'term':44s} {'GB/GPU':>8s}  formula"]
+    for t in p.terms:
+        tag = {"always": "", "backward": " *", "step": " +"}[t.when]
+        lines.append(f"{t.name + tag:44s} {t.bytes / GB:8.2f}  {t.formula}")
+    verdict = ("fits" if p.fits else "tight: above 90% of" if p.peak <= p.gpu_memory else "does NOT fit in")
+    lines += [f"{'peak per GPU':44s} {p.peak / GB:8.2f}  held + max(* during a backward, + during the step)",
+              f"verdict: {verdict} {p.gpu_memory / GB:.0f} GB" + (
+                  f" ({p.peak / p.gpu_memory:.0%}; 10% kept for the CUDA context and fragmentation)")]
+    lines += [f"note: {n}" for n in p.notes]
+    return "\n".join(lines)
+
+
+@click.command("plan")
+@click.option("--recipe", required=True, help="Shipped recipe name or a path to a recipe .yaml.")
+@click.argument("overrides", nargs=-1, metavar="[KEY.SUB=VALUE]...")
+@click.option("--stage", default=None, help="Plan this stage [default: every stage of a staged recipe].")
+@click.option("--gpus", type=click.IntRange(min=1), required=True, help="GPUs in total (the data-parallel size).")
+@click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True, help="Nodes they are spread over.")
+@click.option("--gpu-memory", default="80GB", show_default=True, help="Memory of one GPU (80GB = 80e9 bytes).")
+def plan_cmd(recipe: str, overrides: tuple[str, ...], stage: str | None, gpus: int, nodes: int,
+             gpu_memory: str) -> None:
+    """Per-GPU memory (ZeRO states, activations, memory states, buffers) and tokens per step of a recipe."""
+    from pathlib import Path
+
+    from infinitrain.train.config import load_recipe, load_yaml, recipe_path, recipe_stages
+    from infinitrain.train.export import parse_size
+
+    path = recipe_path(recipe)
+    stages = [stage] if stage is not None else list(recipe_stages(load_yaml(path), str(path))) or [None]
+    memory = parse_size(gpu_memory, what="--gpu-memory")
+    blocks = []
+    for s in stages:
+        cfg = load_recipe(recipe, overrides, stage=s)
+        title = f"plan {Path(recipe).stem}" + (f", stage {s}" if s else "")
+        blocks.append(format_plan(plan(cfg, gpus=gpus, nodes=nodes, gpu_memory=memory, title=title), cfg))
+    click.echo("\n\n".join(blocks))
