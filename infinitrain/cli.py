@@ -28,12 +28,14 @@ from infinitrain.data_tools.commands import data_group, prepare_cmd, tokenizer_g
 from infinitrain.evaluate.commands import eval_group, generate_cmd  # noqa: E402
 from infinitrain.train.commands import train_cmd  # noqa: E402
 from infinitrain.train.export import export_cmd  # noqa: E402
+from infinitrain.train.plan import plan_cmd  # noqa: E402
 from infinitrain.train.recipes_cmd import recipes_group  # noqa: E402
 
 cli.add_command(data_group)
 cli.add_command(eval_group)
 cli.add_command(export_cmd)
 cli.add_command(generate_cmd)
+cli.add_command(plan_cmd)
 cli.add_command(prepare_cmd)
 cli.add_command(recipes_group)
 cli.add_command(tokenizer_group)
