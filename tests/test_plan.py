@@ -208,3 +208,16 @@ def test_cli_table_verdict_and_errors(tmp_path, capsys):
         code, _, err = run_main(["plan", "--recipe", str(recipe), *argv], capsys)
         assert code == ConfigError.code and needle in err and err.strip().count("\n") == 0, err
     assert GB == 1e9
+
+
+def test_readme_plan_outputs_are_current(capsys):
+    """Every ``$ infinitrain plan ...`` block of the README is what the command prints today."""
+    import re
+    import shlex
+
+    blocks = re.findall(r"```text\n\$ (infinitrain plan [^\n]*)\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert len(blocks) >= 2
+    for command, shown in blocks:
+        code, out, err = run_main(shlex.split(command)[1:], capsys)
+        assert code == 0, err
+        assert out == shown, f"README output of `{command}` is stale: rerun it and paste the output"

@@ -232,8 +232,24 @@ def format_plan(p: Plan, cfg) -> str:
     lines += [f"{'peak per GPU':44s} {p.peak / GB:8.2f}  held + max(* during a backward, + during the step)",
               f"verdict: {verdict} {p.gpu_memory / GB:.0f} GB" + (
                   f" ({p.peak / p.gpu_memory:.0%}; 10% kept for the CUDA context and fragmentation)")]
+    if not p.fits:
+        lines.append(f"advice: {advice(p)}")
     lines += [f"note: {n}" for n in p.notes]
     return "\n".join(lines)
+
+
+SHARDED = ("parameters", "gradients", "optimizer states", "optimizer step")  # the terms ZeRO divides by N
+
+
+def advice(p: Plan) -> str:
+    """What to change when a plan does not fit: the largest term, and whether more GPUs shrink it."""
+    phase = "step" if sum(t.bytes for t in p.terms if t.when == "step") > sum(
+        t.bytes for t in p.terms if t.when == "backward") else "backward"
+    big = max((t for t in p.terms if t.when in ("always", phase)), key=lambda t: t.bytes)
+    if big.name.startswith(SHARDED):
+        return f"the largest term is {big.name} ({big.bytes / GB:.1f} GB): more GPUs (or a higher ZeRO stage) shrink it"
+    return (f"the largest term is {big.name} ({big.bytes / GB:.1f} GB), which more GPUs do not shrink: lower "
+            "tbptt.window or data.micro_batch_size (T = B·W·S tokens per backward), or checkpoint more")
 
 
 @click.command("plan")
