@@ -221,3 +221,18 @@ def test_readme_plan_outputs_are_current(capsys):
         code, out, err = run_main(shlex.split(command)[1:], capsys)
         assert code == 0, err
         assert out == shown, f"README output of `{command}` is stale: rerun it and paste the output"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "infinitrain" / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_recipe_plans(path):
+    """Each stage of each shipped recipe gives a table on 8 GPUs, its model states 16Ψ/N bytes at ZeRO-3."""
+    from infinitrain.train.config import load_yaml, recipe_stages
+    from infinitrain.train.plan import format_plan
+
+    for stage in list(recipe_stages(load_yaml(path), str(path))) or [None]:
+        cfg = load_recipe(str(path), stage=stage)
+        p = plan(cfg, gpus=8, title=path.stem)
+        states = sum(t.bytes for t in p.terms[:3])
+        if cfg.run.zero_stage == 3:
+            assert states >= 16 * p.params / 8
+        assert 0 < p.peak < 1e12 and "peak per GPU" in format_plan(p, cfg)
