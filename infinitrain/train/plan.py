@@ -12,8 +12,9 @@ ZeRO-2 the gradients too, ZeRO-3 the parameters too (those under stage3_param_pe
 whole on every GPU).
 
 Activations are what autograd saves in ``Block.forward`` as the trainer calls it (``doc_start`` always
-given, so local attention takes PyTorch's math SDPA kernel: fp32 scores and probabilities per segment,
-H·S·4 bytes per token and layer). Per layer, per token (``tests/test_plan.py`` holds this to the bytes
+given, so local attention gets a boolean mask and 5-D tensors, which PyTorch's fused kernels refuse on any
+device: its math kernel runs, in fp32 unless allow_fp16_bf16_reduction_math_sdp, and keeps the attention
+probabilities, H·S·4 bytes per token and layer). Per layer, per token (``tests/test_plan.py`` holds this to the bytes
 autograd saves):
     A = 4·H·S + (20 + 2e)·H·K + 4·H·(K+1) + 8·H + 12·G·K + (8 + 4e)·D + 4e·F + 8·K + 10
 and per segment A_seg = 4·H·K·(K+1) (the memory read by each segment, broadcast to the query heads).
