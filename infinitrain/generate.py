@@ -159,8 +159,9 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: Sampling, *,
     was_training = model.training
     model.eval()
     try:
-        return _generate(model, prompts, sampling, generator, on_tokens, on_prefill,
-                         prefill_chunk or model.config.segment_len, state)
+        with torch.inference_mode():  # less per-op bookkeeping than no_grad; nothing made here is trained
+            return _generate(model, prompts, sampling, generator, on_tokens, on_prefill,
+                             prefill_chunk or model.config.segment_len, state)
     finally:
         model.train(was_training)
 
@@ -168,35 +169,40 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: Sampling, *,
 def _generate(model, prompts, sampling, generator, on_tokens, on_prefill, chunk, state) -> list[list[int]]:
     device = next(model.parameters()).device
     B = len(prompts)
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    longest = int(lengths.max())
+    lengths = [len(p) for p in prompts]
+    longest = max(lengths)
     padded = torch.zeros(B, longest, dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
         padded[b, : len(p)] = torch.as_tensor(list(p), dtype=torch.long, device=device)
-    shared = int(lengths.min()) - 1  # prefill all but the last token of the shortest prompt in bulk
+    shared = min(lengths) - 1  # prefill all but the last token of the shortest prompt in bulk
     for i in range(0, shared, chunk):
         state = advance(model, padded[:, i:min(shared, i + chunk)], state)
         if on_prefill:
             on_prefill(min(shared, i + chunk), longest)
+    # The loop's bookkeeping is in Python lists: a decode step of a small model is a few hundred
+    # microseconds, and every tensor op on (B,) flags would cost a few of them.
     out: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    done = [False] * B
     pos = shared  # every row is at this stream position
     token = padded[:, pos]
     while True:
         logits, state = model(token[:, None], state)[:2]
         pos += 1
-        in_prompt = pos < lengths  # these rows still have prompt tokens to feed
-        if on_prefill and bool(in_prompt.any()):
+        in_prompt = [pos < n for n in lengths]  # these rows still have prompt tokens to feed
+        if on_prefill and any(in_prompt):
             on_prefill(pos, longest)
         sampled = sample_next(logits[:, -1], sampling, generator)
-        emitting = ~in_prompt & ~done
-        for b in emitting.nonzero().flatten().tolist():
-            out[b].append(int(sampled[b]))
-        if on_tokens and bool(emitting.any()):
-            on_tokens(sampled, emitting)
-        if sampling.eos_id is not None:
-            done |= emitting & (sampled == sampling.eos_id)
-        done |= torch.tensor([len(o) >= sampling.max_new_tokens for o in out], device=device)
-        if bool(done.all()):
+        ids = sampled.tolist()
+        emitting = [not (p or d) for p, d in zip(in_prompt, done)]
+        if on_tokens and any(emitting):
+            on_tokens(sampled, torch.tensor(emitting, device=device))
+        for b in range(B):
+            if emitting[b]:
+                out[b].append(ids[b])
+                done[b] = ids[b] == sampling.eos_id or len(out[b]) >= sampling.max_new_tokens
+        if all(done):
             return out
-        token = torch.where(in_prompt, padded[:, min(pos, longest - 1)], sampled)
+        if any(in_prompt):
+            token = torch.where(torch.tensor(in_prompt, device=device), padded[:, min(pos, longest - 1)], sampled)
+        else:
+            token = sampled

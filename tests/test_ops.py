@@ -12,6 +12,7 @@ from infinitrain.ops import (
     MemoryState,
     RotarySpec,
     apply_rotary,
+    apply_rotary_at,
     apply_rotary_naive,
     delta_update,
     infini_attention,
@@ -142,6 +143,38 @@ def test_stream_in_random_chunks_equals_one_call(update):
         torch.testing.assert_close(st.mem.M, st_full.mem.M)
         torch.testing.assert_close(st.k, st_full.k)
 
+
+
+def test_stream_without_the_rotated_key_cache_is_the_same():
+    """The state's k_rot is only a cache: a state stripped of it (rebuilt by rotating k) continues identically,
+    and the cache equals the held keys rotated at positions 0..P-1 by the loop twin."""
+    q, k, v, beta, _ = make_inputs(N=3, S=8, H=4, G=2)
+    spec = RotarySpec(head_dim=15, rot_dim=12, scale=2.0, original_len=4)
+    kw = dict(segment_len=8, rotary=spec)
+    st_a = st_b = None
+    for i in range(20):
+        o_a, st_a = infini_attention_stream(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], beta, st_a, **kw)
+        o_b, st_b = infini_attention_stream(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], beta,
+                                            None if st_b is None else st_b._replace(k_rot=None), **kw)
+        torch.testing.assert_close(o_a, o_b, rtol=1e-12, atol=1e-12)
+        P = st_a.k.shape[2]
+        if P:  # at a segment boundary nothing is held (k_rot None)
+            torch.testing.assert_close(st_a.k_rot, apply_rotary_naive(st_a.k, torch.arange(P), spec))
+    assert st_a.k.shape[2] == 4
+
+
+def test_cached_rope_table_equals_apply_rotary():
+    for spec in (RotarySpec(head_dim=16, rot_dim=16), RotarySpec(head_dim=16, rot_dim=10, scale=4.0, original_len=8)):
+        x = torch.randn(2, 3, 5, 16, dtype=F64)
+        for start in (0, 3, 11):
+            want = apply_rotary_naive(x, torch.arange(start, start + 5), spec)
+            torch.testing.assert_close(apply_rotary_at(x, start, spec, 16), want)
+            torch.testing.assert_close(apply_rotary(x, torch.arange(start, start + 5), spec), want)
+        with torch.inference_mode():  # a table first built in inference mode still serves autograd later
+            apply_rotary_at(x.float(), 0, spec, 32)
+        xg = x.float().requires_grad_()
+        apply_rotary_at(xg, 2, spec, 32).sum().backward()
+        assert xg.grad is not None
 
 def test_keep_mask_equals_dropping_the_tokens():
     """A token masked by keep is invisible: same outputs for kept tokens as deleting it from every segment."""

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from infinitrain.ops.rope import RotarySpec, apply_rotary
+from infinitrain.ops.rope import RotarySpec, apply_rotary, apply_rotary_at
 
 Update = Literal["linear", "delta"]
 UPDATES = ("linear", "delta")
@@ -39,6 +39,7 @@ class AttnState(NamedTuple):
     k: Tensor  # (B, G, P, K)
     v: Tensor  # (B, G, P, V)
     keep: Tensor | None  # (B, P) bool, for Mixture-of-Depths routing; None when every token is kept
+    k_rot: Tensor | None = None  # (B, G, P, K) the same keys rotated (a cache; None: rotate k when needed)
 
 
 def zero_memory(batch: int, kv_heads: int, key_dim: int, value_dim: int, device=None,
@@ -402,23 +403,28 @@ def infini_attention_naive(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: M
 
 def infini_attention_partial(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: MemoryState, *,
                              causal: bool = True, rotary: RotarySpec | None = None,
-                             keep: Tensor | None = None, eps: float = DEFAULT_EPS) -> Tensor:
+                             keep: Tensor | None = None, eps: float = DEFAULT_EPS, k_rot: Tensor | None = None,
+                             table_len: int | None = None) -> Tensor:
     """Outputs for the last t tokens of an unfinished segment, without writing the memory.
 
     q (B, H, t, K) are those tokens' queries; k (B, G, P+t, K), v (B, G, P+t, V) are every key/value
     of the segment so far (un-rotated), so the queries sit at in-segment positions P .. P+t-1.
-    keep (B, P+t) masks dropped tokens.
+    keep (B, P+t) masks dropped tokens. k_rot: the same keys already rotated (the stream's cache), used
+    instead of rotating k; table_len (>= P+t, the segment length): rotate q from the cached ``rope_table``.
     """
     B, H, t, K = q.shape
     L = k.shape[2]
     P = L - t
     a_mem = retrieve(sigma(q), mem, eps)
     if rotary is not None:
-        q = apply_rotary(q, torch.arange(P, L, device=q.device), rotary)
-        k = apply_rotary(k, torch.arange(L, device=q.device), rotary)
+        if table_len is None:
+            q = apply_rotary(q, torch.arange(P, L, device=q.device), rotary)
+        else:
+            q = apply_rotary_at(q, P, rotary, table_len)
+        k = k_rot if k_rot is not None else apply_rotary(k, torch.arange(L, device=q.device), rotary)
     k, v = _expand_kv(k, H), _expand_kv(v, H)
     mask = None
-    if causal or keep is not None:
+    if (causal and t > 1) or keep is not None:  # one causal query at the end sees every key: no mask
         qpos = torch.arange(P, L, device=q.device)[:, None]
         kpos = torch.arange(L, device=q.device)[None, :]
         mask = (kpos <= qpos) if causal else torch.ones(t, L, dtype=torch.bool, device=q.device)
@@ -444,7 +450,7 @@ def infini_attention_stream(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, state
     G, Vd, S = k.shape[1], v.shape[-1], segment_len
     if state is None:
         state = zero_attn_state(B, G, K, Vd, k.dtype, q.device)
-    mem, kc, vc, keepc = state
+    mem, kc, vc, keepc, krc = state
     if doc_start is not None and (kc.shape[2] or T % S):
         raise ValueError("doc_start needs a segment-aligned call: whole segments and no unfinished segment "
                          f"in the state (got {T} tokens, {kc.shape[2]} held, segment {S})")
@@ -452,7 +458,7 @@ def infini_attention_stream(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, state
         keepc = torch.ones(B, kc.shape[2], dtype=torch.bool, device=q.device)
     if keep is None and keepc is not None:
         keep = torch.ones(B, T, dtype=torch.bool, device=q.device)
-    kw = dict(causal=causal, rotary=rotary, eps=eps)
+    kw = dict(causal=causal, rotary=rotary, eps=eps, table_len=S)
     outs = []
     i = 0
     P = kc.shape[2]
@@ -460,21 +466,27 @@ def infini_attention_stream(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, state
         i = min(T, S - P)
         ks, vs = torch.cat((kc, k[:, :, :i]), 2), torch.cat((vc, v[:, :, :i]), 2)
         keeps = None if keep is None else torch.cat((keepc, keep[:, :i]), 1)
-        outs.append(infini_attention_partial(q[:, :, :i], ks, vs, beta, mem, keep=keeps, **kw))
+        krs = None
+        if rotary is not None:  # rotate only the new keys: the held ones were rotated when they came
+            krc = apply_rotary_at(kc, 0, rotary, S) if krc is None else krc
+            krs = torch.cat((krc, apply_rotary_at(k[:, :, :i], P, rotary, S)), 2)
+        outs.append(infini_attention_partial(q[:, :, :i], ks, vs, beta, mem, keep=keeps, k_rot=krs, **kw))
         if P + i < S:
-            return outs[0], AttnState(mem, ks, vs, keeps)
+            return outs[0], AttnState(mem, ks, vs, keeps, krs)
         mem = memory_update(ks, vs, mem, update, keeps, eps)
     n_full = (T - i) // S * S
     if n_full:  # 2. whole segments, fast path
         j = i + n_full
         o, mem = infini_attention(q[:, :, i:j], k[:, :, i:j], v[:, :, i:j], beta, mem, segment_len=S,
                                   update=update, keep=None if keep is None else keep[:, i:j], doc_start=doc_start,
-                                  **kw)
+                                  causal=causal, rotary=rotary, eps=eps)
         outs.append(o)
         i = j
     kt, vt = k[:, :, i:], v[:, :, i:]  # 3. the remainder starts a new unfinished segment
     keept = None if keep is None else keep[:, i:]
+    krt = None
     if i < T:
-        outs.append(infini_attention_partial(q[:, :, i:], kt, vt, beta, mem, keep=keept, **kw))
+        krt = None if rotary is None else apply_rotary_at(kt, 0, rotary, S)
+        outs.append(infini_attention_partial(q[:, :, i:], kt, vt, beta, mem, keep=keept, k_rot=krt, **kw))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
-    return out, AttnState(mem, kt, vt, keept)
+    return out, AttnState(mem, kt, vt, keept, krt)

@@ -9,6 +9,7 @@ Shape legend: B batch, H heads, T tokens, K head dim, R rotated dims (even, R <=
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -66,20 +67,50 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rope_angles(pos: Tensor, spec: RotarySpec, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin (..., R) of positions pos (T,) or (B, T): each frequency twice, in rotate-half order."""
+    angles = pos.to(dtype)[..., None] * rope_inv_freq(spec, dtype).to(pos.device)  # (..., R/2)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+
+
+@functools.lru_cache(maxsize=64)
+def rope_table(spec: RotarySpec, length: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos, sin (length, R) of positions 0..length-1, computed once per (spec, length, dtype, device).
+
+    In-segment positions never exceed the segment, so decoding slices rows of this table instead of
+    recomputing frequencies and angles for every token. Built outside inference mode, so a table first
+    made under ``torch.inference_mode()`` still serves training later. Read-only: never write into it.
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        return rope_angles(torch.arange(length, device=device), spec, dtype)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor, spec: RotarySpec) -> Tensor:
+    """Rotate the first R dims of x (B, H, T, K) by precomputed cos, sin (T, R) or (B, 1, T, R)."""
+    wide = cos.dtype
+    xr = x[..., : spec.rot_dim].to(wide)
+    rotated = (xr * cos + rotate_half(xr) * sin).to(x.dtype)
+    out = torch.cat((rotated, x[..., spec.rot_dim :]), dim=-1) if spec.rot_dim < spec.head_dim else rotated
+    m = rope_mscale(spec)
+    return out if m == 1.0 else out * m
+
+
 def apply_rotary(x: Tensor, pos: Tensor, spec: RotarySpec) -> Tensor:
     """Rotate the first R dims of x (B, H, T, K) by positions pos, (T,) or (B, T) integers."""
     wide = torch.promote_types(x.dtype, torch.float32)  # fp32 math for bf16 inputs, fp64 kept for tests
-    inv_freq = rope_inv_freq(spec, wide).to(x.device)
-    angles = pos.to(wide)[..., None] * inv_freq  # (T, R/2) or (B, T, R/2)
-    if angles.dim() == 3:
-        angles = angles[:, None]  # (B, 1, T, R/2): broadcast over heads
-    cos = torch.cat((angles.cos(), angles.cos()), dim=-1)
-    sin = torch.cat((angles.sin(), angles.sin()), dim=-1)
-    xr, xp = x[..., : spec.rot_dim], x[..., spec.rot_dim :]
-    rotated = (xr.to(wide) * cos + rotate_half(xr.to(wide)) * sin).to(x.dtype)
-    out = torch.cat((rotated, xp), dim=-1) if spec.rot_dim < spec.head_dim else rotated
-    m = rope_mscale(spec)
-    return out if m == 1.0 else out * m
+    cos, sin = rope_angles(pos, spec, wide)  # (T, R) or (B, T, R)
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, R): broadcast over heads
+    return rotate(x, cos, sin, spec)
+
+
+def apply_rotary_at(x: Tensor, start: int, spec: RotarySpec, table_len: int) -> Tensor:
+    """``apply_rotary(x, arange(start, start + T), spec)`` from the cached ``rope_table`` rows (start + T <= table_len)."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    cos, sin = rope_table(spec, table_len, wide, x.device)
+    T = x.shape[-2]
+    return rotate(x, cos[start:start + T], sin[start:start + T], spec)
 
 
 def apply_rotary_naive(x: Tensor, pos: Tensor, spec: RotarySpec) -> Tensor:
