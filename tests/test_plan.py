@@ -167,8 +167,11 @@ def test_estimate_against_the_trainers_measured_peak(tmp_path):
     """Peak RSS growth of one real training step (fp32, ZeRO-3, 1 rank) against the plan's terms that appear
     during a window: activations, backward working set, memory states, logits and loss, ZeRO-3 buffers (the
     reduce bucket counted at the bytes a step touches: on CPU untouched pages of torch.empty are not
-    resident). Measured 2026-12-01: none 231 MB vs 274, layer 213 vs 213, segment 146 vs 131; the band
-    [0.75, 1.33] leaves room for allocator caching and fails on a missing or doubled term."""
+    resident). Three runs on 2026-12-01 (a busy 2-core box): none 218-231 MB vs 274 estimated (0.80-0.84),
+    layer 180-225 vs 213 (0.85-1.06), segment 123-146 vs 131 (0.94-1.11); allocator reuse moves the measure by
+    about 20% between runs, so the test asks for a factor 1.4 either way. Dropping the activations breaks it in
+    every mode, doubling them in none and layer, dropping the backward working set in layer and segment; the
+    per-tensor accounting is held exactly by the tests above."""
     try:
         open("/proc/self/clear_refs", "w").close()
     except OSError:
@@ -185,7 +188,7 @@ def test_estimate_against_the_trainers_measured_peak(tmp_path):
         psi, bucket = p.params, 5e8
         estimate = sum(t.bytes for t in p.terms if t.when == "backward") - 4 * (bucket - min(bucket, psi))
         print(f"{mode}: measured {growth / 1e6:.0f} MB, estimate {estimate / 1e6:.0f} MB")
-        assert 0.75 < growth / estimate < 1.33, (mode, growth, estimate)
+        assert 1 / 1.4 < growth / estimate < 1.4, (mode, growth, estimate)
 
 
 def test_cli_table_verdict_and_errors(tmp_path, capsys):
