@@ -14,7 +14,7 @@ Recipe schema (every key optional except ``model``; see ``infinitrain/recipes/de
     checkpoint:{save_every, keep_last}
     log:       {every, eval_every, tensorboard, progress}
     run:       {precision: bf16|fp32, zero_stage: 0-3, zero_init: auto|true|false, seed,
-                max_nonfinite, deterministic, init_from}
+                max_nonfinite, deterministic, init_from, timeout_s}
     eval:      {task: passkey|ppl|summarize|null, data, lengths, temperature, top_p, max_new_tokens}
     deepspeed: {}                 # merged last into the generated DeepSpeed config (pass-through)
     stages:                       # optional: named stages run one by one (``train --stage NAME``)
@@ -182,6 +182,7 @@ class RunConfig:
     # start from these weights (not on resume): a Hugging Face Llama dir, an exported model dir, a run dir,
     # or ``stage:NAME`` (an earlier stage's run dir); see infinitrain/train/init_from.py
     init_from: str | None = None
+    timeout_s: float = 1800.0  # collectives: a dead or hung peer stops the run after this (exit 8)
 
     def __post_init__(self) -> None:
         _check(self.precision in PRECISIONS, f"run.precision must be one of {', '.join(PRECISIONS)}; "
@@ -193,6 +194,7 @@ class RunConfig:
         _positive_int("run.seed", self.seed, zero_ok=True)
         _positive_int("run.max_nonfinite", self.max_nonfinite)
         _check(isinstance(self.deterministic, bool), f"run.deterministic must be true or false")
+        _number("run.timeout_s", self.timeout_s, 0.0, lo_open=True)
         _check(self.init_from is None or (isinstance(self.init_from, str) and self.init_from.strip() != ""),
                f"run.init_from must be a directory path or stage:NAME, got {self.init_from!r}")
 

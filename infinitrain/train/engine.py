@@ -44,12 +44,16 @@ def setup_environment(local_rank: int | None = None) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def init_distributed() -> tuple[int, int]:
-    """(rank, world size) after the process group is up (gloo on CPU, nccl on CUDA)."""
+def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
+    """(rank, world size) after the process group is up (gloo on CPU, nccl on CUDA); ``timeout_s`` bounds every
+    collective (run.timeout_s; DeepSpeed's default is 30 min)."""
+    import datetime
+
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
+    timeout = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False, **timeout)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
