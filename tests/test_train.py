@@ -21,34 +21,7 @@ from infinitrain.errors import CheckpointError, ConfigError, TrainingAborted
 from infinitrain.train.config import RECIPE_DIR, TrainConfig, load_recipe
 from infinitrain.train.engine import deepspeed_config, lr_lambda
 
-REPO = Path(__file__).resolve().parent.parent
-TEXT = REPO / "tests" / "fixtures" / "pride_and_prejudice_ch1-12.txt"
-SMALL = ["data.segments_per_sample=4", "data.micro_batch_size=4", "data.val_samples=8", "schedule.steps=6",
-         "schedule.warmup=2", "log.every=1", "log.eval_every=0", "log.progress=false", "tbptt.window=2",
-         "checkpoint.save_every=0", "model.segment_len=32", "run.zero_stage=3"]
-
-
-def rows(run_dir: Path) -> dict[int, dict]:
-    """Per-step training rows of metrics.jsonl (the last row wins for a step logged twice)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            out[r["step"]] = r
-    return out
-
-
-def same_steps(a: dict[int, dict], b: dict[int, dict]) -> None:
-    assert sorted(a) == sorted(b)
-    for k in a:  # bitwise: JSON floats round-trip exactly
-        assert (a[k]["loss"], a[k]["grad_norm"], a[k]["lr"]) == (b[k]["loss"], b[k]["grad_norm"], b[k]["lr"]), k
-
-
-def train(run_dir: Path, overrides: list[str] = (), resume: str = "auto"):
-    from infinitrain.train import train as run
-
-    return run(load_recipe("debug", [*SMALL, *overrides], str(TEXT)), run_dir, resume)
-
+from trainkit import REPO, SMALL, TEXT, rows, same_steps, train
 
 # --- recipes, config, CLI -----------------------------------------------------------------------------
 
@@ -114,26 +87,6 @@ def test_sigterm_saves_and_resumes_bitwise(reference_run, tmp_path, monkeypatch)
     monkeypatch.delenv("INFINITRAIN_FAULT")
     out = train(tmp_path)
     assert out["step"] == 6
-    same_steps(rows(tmp_path), reference_run)
-
-
-@pytest.mark.parametrize("site", ["after_shards", "before_commit"])
-def test_kill9_during_save_resumes_from_previous_commit(reference_run, tmp_path, site):
-    """SIGKILL after the shards (no manifest yet) or after the manifest but before the rename: step 4 never
-    commits; the restart cleans the .tmp, resumes from step 2 and reproduces the uninterrupted losses."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "INFINITRAIN_FAULT": f"kill:{site}:4:0"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "infinitrain.train", "--recipe", "debug", "--data", str(TEXT), "--run-dir",
-           str(tmp_path), *SMALL, "checkpoint.save_every=2"]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == -9, res.stderr[-2000:]
-    ck = tmp_path / "checkpoints"
-    assert sorted(p.name for p in ck.iterdir()) == ["step-00000002", "step-00000004.tmp"]
-    env.pop("INFINITRAIN_FAULT")
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert sorted(p.name for p in ck.iterdir()) == ["step-00000004", "step-00000006"]  # keep_last 2, .tmp cleaned
     same_steps(rows(tmp_path), reference_run)
 
 

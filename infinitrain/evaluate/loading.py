@@ -16,6 +16,7 @@ import contextlib
 import io
 import logging
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,11 +173,13 @@ def _check_manifest(ckpt: Path) -> None:
 def checkpoint_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of a committed checkpoint: ZeRO 1-3 partitions gathered, or stage 0's whole module."""
     from infinitrain.train.checkpoint import TAG
+    from infinitrain.train.export import weights_only_loads
 
     _check_manifest(ckpt)
     ds = ckpt / TAG
-    # DeepSpeed prints its progress to stdout and stderr: keep both for our results and bars.
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    # DeepSpeed prints its progress to stdout and stderr: keep both for our results and bars. Every torch.load
+    # inside is weights-only: a checkpoint file that would run code when unpickled is refused.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), weights_only_loads():
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         if any(ds.glob("zero_pp_rank_*_optim_states.pt")) or any(ds.glob("bf16_zero_pp_rank_*_optim_states.pt")):
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -189,8 +192,10 @@ def checkpoint_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
         files = sorted(ds.glob("mp_rank_*_model_states.pt"))
         if not files:
             raise CheckpointError(f"{ds}: no DeepSpeed model states (mp_rank_*_model_states.pt or zero_pp_rank_*)")
-        # DeepSpeed's own checkpoint of this run: a pickle written by the trainer, read the way DeepSpeed does.
-        state = torch.load(files[0], map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(files[0], map_location="cpu")
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(f"{files[0]}: refused to unpickle ({str(err).strip().splitlines()[-1][:200]})") from None
     module = state.get("module") if isinstance(state, dict) else None
     if not isinstance(module, dict):
         raise CheckpointError(f"{files[0]}: no 'module' weights in the model states")

@@ -10,8 +10,10 @@ Layout of ``run_dir/checkpoints/step-00001000/``::
 
 Commit protocol (RELIABILITY.md §6.2): everything is written under ``step-N.tmp/``; every rank writes its
 done marker; barrier; rank 0 hashes and fsyncs every file, writes ``manifest.json`` (tmp + fsync + replace),
-renames the directory to ``step-N`` and fsyncs the parent. A directory without a manifest, or with a
-``.tmp`` suffix, is never loaded. A corrupt committed checkpoint is an error naming the file.
+renames the directory to ``step-N`` and fsyncs the parent. A ``.tmp`` directory is never loaded (the next
+start removes it). A corrupt ``step-N`` (bad hash, missing file, garbage or missing manifest) is an error
+naming the file, unless ``--allow-fallback`` lets the resume take the previous one. Files are unpickled
+weights-only (``export.weights_only_loads``): a checkpoint cannot run code.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -87,7 +90,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(engine, root: Path, step: int, trainer_state: dict[str, Any], keep_last: int) -> Path:
-    """Write and commit ``root/step-N`` (collective: every rank calls it). Returns the committed path."""
+    """Write and commit ``root/step-N`` (collective: every rank calls it). Returns the committed path.
+    A write that fails on any rank (disk full, EFBIG under ``ulimit -f``) removes the partial directory and
+    raises CheckpointError on every rank; the previous checkpoint is untouched."""
     rank, world = dist.get_rank(), dist.get_world_size()
     final = root / step_dir_name(step)
     tmp = root / (final.name + ".tmp")
@@ -97,34 +102,57 @@ def save(engine, root: Path, step: int, trainer_state: dict[str, Any], keep_last
             shutil.rmtree(tmp)
         tmp.mkdir()
     dist.barrier()
-    faults.kill_at("before_shards", step)
-    engine.save_checkpoint(str(tmp), tag=TAG, client_state={}, save_latest=False)
-    torch.save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
+    faults.point("before_shards", step)
+    error = None
+    try:
+        engine.save_checkpoint(str(tmp), tag=TAG, client_state={}, save_latest=False)
+        torch.save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
+        if rank == 0:
+            _write_atomic(tmp / "trainer_state.json", json.dumps({**trainer_state, "world_size": world}, indent=1))
+        faults.point("after_shards", step)
+        (tmp / f"done.rank{rank:05d}").write_text("done\n")
+    except OSError as err:
+        error = f"{getattr(err, 'filename', None) or tmp}: {err.strerror or err}"
+    _raise_if_any(error, tmp, "rank")
     if rank == 0:
-        _write_atomic(tmp / "trainer_state.json", json.dumps({**trainer_state, "world_size": world}, indent=1))
-    faults.kill_at("after_shards", step)
-    (tmp / f"done.rank{rank:05d}").write_text("done\n")
-    dist.barrier()
+        try:
+            _commit(tmp, final, step, world)
+        except OSError as err:
+            error = f"{getattr(err, 'filename', None) or tmp}: {err.strerror or err}"
+    _raise_if_any(error, tmp, "commit")
     if rank == 0:
-        missing = [r for r in range(world) if not (tmp / f"done.rank{r:05d}").is_file()]
-        if missing:
-            raise CheckpointError(f"{tmp}: ranks {missing} did not finish writing; checkpoint not committed")
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        manifest = {"version": 1, "step": step, "world_size": world,
-                    "files": {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p, fsync=True)}
-                              for p in files}}
-        for d in {p.parent for p in files} | {tmp}:
-            _fsync_dir(d)
-        _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
-        faults.kill_at("before_commit", step)
-        if final.exists():  # a run resumed from an older checkpoint reaches this step again
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        faults.kill_at("after_commit", step)
+        faults.point("after_commit", step)
         prune(root, keep_last)
     dist.barrier()
     return final
+
+
+def _raise_if_any(error: str | None, tmp: Path, what: str) -> None:
+    """Collective: if any rank failed to write, drop the partial directory and raise on every rank."""
+    first = _agree(error)
+    if first:
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{first}; checkpoint {tmp.name} not committed, the previous one is intact")
+
+
+def _commit(tmp: Path, final: Path, step: int, world: int) -> None:
+    """Rank 0: check every rank's done marker, hash and fsync, write the manifest, rename, fsync the parent."""
+    missing = [r for r in range(world) if not (tmp / f"done.rank{r:05d}").is_file()]
+    if missing:
+        raise CheckpointError(f"{tmp}: ranks {missing} did not finish writing; checkpoint not committed")
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest = {"version": 1, "step": step, "world_size": world,
+                "files": {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p, fsync=True)}
+                          for p in files}}
+    for d in {p.parent for p in files} | {tmp}:
+        _fsync_dir(d)
+    _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
+    faults.point("before_commit", step)
+    if final.exists():  # a run resumed from an older checkpoint reaches this step again
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
 
 
 def committed(root: Path) -> list[Path]:
@@ -156,10 +184,23 @@ def read_manifest(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: missing; {ckpt} is not a committed checkpoint")
     try:
         m = json.loads(path.read_text())
-        m["files"], m["world_size"], m["step"]  # noqa: B018 (shape check)
-    except (ValueError, KeyError, TypeError) as err:
+        ok = (isinstance(m, dict) and isinstance(m.get("files"), dict) and isinstance(m.get("world_size"), int)
+              and isinstance(m.get("step"), int))
+        ok = ok and all(isinstance(v, dict) and isinstance(v.get("sha256"), str) and isinstance(v.get("bytes"), int)
+                        and not Path(k).is_absolute() and ".." not in Path(k).parts for k, v in m["files"].items())
+    except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: unreadable manifest ({err.__class__.__name__}: {err})") from None
+    if not ok:
+        raise CheckpointError(f"{path}: not a checkpoint manifest (expected step, world_size and files: "
+                              "{relative path: {bytes, sha256}})")
     return m
+
+
+def _agree(error: str | None) -> str | None:
+    """Collective: the first rank's error, on every rank."""
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
 
 
 def verify(ckpt: Path, manifest: dict[str, Any]) -> None:
@@ -172,44 +213,76 @@ def verify(ckpt: Path, manifest: dict[str, Any]) -> None:
             continue
         path = ckpt / rel
         if not path.is_file():
-            error = f"{path}: missing (listed in {ckpt / MANIFEST})"
+            error = f"{path}: missing (sha256 expected {meta['sha256']}, listed in {ckpt / MANIFEST})"
             break
-        digest = _sha256(path)
-        if digest != meta["sha256"] or path.stat().st_size != meta["bytes"]:
-            error = f"{path}: corrupt (sha256 expected {meta['sha256']}, got {digest})"
+        digest, size = _sha256(path), path.stat().st_size
+        if digest != meta["sha256"] or size != meta["bytes"]:
+            error = f"{path}: corrupt (sha256 expected {meta['sha256']}, got {digest}; {size} of {meta['bytes']} bytes)"
             break
-    errors: list[str | None] = [None] * world
-    dist.all_gather_object(errors, error)
-    first = next((e for e in errors if e), None)
+    first = _agree(error)
     if first:
         raise CheckpointError(first)
 
 
-def load(engine, ckpt: Path) -> dict[str, Any]:
-    """Verify and load a committed checkpoint into the engine; restores this rank's RNG. Returns the
-    trainer state saved with it."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+def check(ckpt: Path) -> dict[str, Any]:
+    """Collective: the manifest, the world size and every file's sha256; returns the manifest."""
+    world = dist.get_world_size()
     manifest = read_manifest(ckpt)
     if manifest["world_size"] != world:
-        raise CheckpointError(f"{ckpt}: saved by {manifest['world_size']} ranks, this run has {world}; "
-                              "convert it with python -m deepspeed.checkpoint.ds_to_universal first")
+        raise CheckpointError(f"{ckpt}: saved by {manifest['world_size']} ranks, this run has {world}; resume it "
+                              f"with {manifest['world_size']} ranks (changing the world size is not supported)")
     verify(ckpt, manifest)
-    path, _ = engine.load_checkpoint(str(ckpt), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+    return manifest
+
+
+def choose(run_dir: Path, resume: str, allow_fallback: bool = False) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from, checked (collective), and the errors of newer ones skipped on the way.
+
+    ``none``: nothing. A path: that checkpoint. ``auto``: the newest ``step-N`` of the run (a ``step-N`` without a
+    manifest is damaged, not partial: partial saves are ``.tmp``); with ``allow_fallback`` a damaged one is
+    skipped for the next older. Never None when a damaged checkpoint exists: no silent start from scratch."""
+    if resume == "none":
+        return None, []
+    if resume == "auto":
+        root = run_dir / "checkpoints"
+        found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)] if root.is_dir() else []
+        candidates = sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)), reverse=True)
+        if not candidates:
+            return None, []
+    else:
+        candidates = [Path(resume)]
+        if not candidates[0].is_dir():
+            raise CheckpointError(f"{candidates[0]}: no such checkpoint directory")
+    skipped = []
+    for c in candidates:
+        try:
+            check(c)
+            return c, skipped
+        except CheckpointError as err:
+            if not allow_fallback:
+                raise
+            skipped.append(str(err))
+    raise CheckpointError(f"no valid checkpoint in {run_dir / 'checkpoints'}; newest: {skipped[0]}")
+
+
+def load(engine, ckpt: Path) -> dict[str, Any]:
+    """Load a checkpoint that ``choose`` checked into the engine (weights-only unpickling) and restore this
+    rank's RNG. Returns the trainer state saved with it."""
+    from infinitrain.train.export import weights_only_loads
+
+    rank = dist.get_rank()
+    try:
+        with weights_only_loads():
+            path, _ = engine.load_checkpoint(str(ckpt), tag=TAG, load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)
+            set_rng_state(torch.load(ckpt / f"rng_rank{rank:05d}.pt"))
+    except pickle.UnpicklingError as err:  # a class or callable outside the allow-list: refused, never run
+        raise CheckpointError(f"{ckpt}: refused to unpickle a file holding code or an unknown class "
+                              f"({str(err).strip().splitlines()[-1][:300]})") from None
     if path is None:
         raise CheckpointError(f"{ckpt / TAG}: DeepSpeed could not load this checkpoint")
-    set_rng_state(torch.load(ckpt / f"rng_rank{rank:05d}.pt", weights_only=True))
-    return json.loads((ckpt / "trainer_state.json").read_text())
-
-
-def find_resume(run_dir: Path, resume: str) -> Path | None:
-    """``auto``: the newest committed checkpoint of the run, or None; ``none``: None; else a path."""
-    if resume == "none":
-        return None
-    if resume == "auto":
-        found = committed(run_dir / "checkpoints")
-        return found[-1] if found else None
-    p = Path(resume)
-    if not p.is_dir():
-        raise CheckpointError(f"{p}: no such checkpoint directory")
-    read_manifest(p)
-    return p
+    state_file = ckpt / "trainer_state.json"
+    try:
+        return json.loads(state_file.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{state_file}: unreadable ({err})") from None

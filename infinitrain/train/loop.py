@@ -12,6 +12,7 @@ import math
 import os
 import resource
 import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from infinitrain.errors import ConfigError, DataError, InfinitrainError, TrainingAborted
+from infinitrain.errors import CollectiveError, ConfigError, DataError, Preempted, TrainingAborted
 from infinitrain.train import checkpoint as ckpt
 from infinitrain.train import faults
 from infinitrain.train.config import TrainConfig
@@ -30,14 +31,6 @@ from infinitrain.train.data import (DatasetMetrics, SampleSource, Validation, co
                                     open_source)
 from infinitrain.train.engine import build_engine, deepspeed_config, init_distributed, setup_environment
 from infinitrain.train.step import all_reduce, backward_windows, evaluate, reduce_stats
-
-
-class Preempted(InfinitrainError):
-    """SIGTERM/SIGINT: a checkpoint was committed and the run stopped; exit code 128 + signal number."""
-
-    def __init__(self, signum: int, path: Path | None):
-        super().__init__(f"stopped by {signal.Signals(signum).name} after committing {path}")
-        self.code = 128 + signum
 
 
 @dataclass
@@ -194,21 +187,37 @@ def optimizer_step(engine, bad_loss: bool, plain_fp32: bool) -> bool:
     return bad_loss or not engine.was_step_applied()
 
 
+def _collective_failure(err: Exception) -> bool:
+    """A peer died or a collective timed out (gloo raises a plain RuntimeError naming itself)."""
+    text = str(err)
+    return isinstance(err, dist.DistError) or any(
+        k in text for k in ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL", "Timed out"))
+
+
 def train(cfg: TrainConfig, run_dir: str | Path, resume: str = "auto",
           sources: tuple[SampleSource, SampleSource | None] | None = None, local_rank: int | None = None,
-          ) -> dict[str, Any]:
-    """Train to ``cfg.schedule.steps``; returns a summary. ``sources`` (train, val) replace ``data.path``."""
+          allow_fallback: bool = False) -> dict[str, Any]:
+    """Train to ``cfg.schedule.steps``; returns a summary. ``sources`` (train, val) replace ``data.path``.
+    ``allow_fallback``: a damaged newest checkpoint is skipped for the previous one (logged) instead of an error."""
     setup_environment(local_rank)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    rank, world = init_distributed()
+    rank, world = init_distributed(cfg.run.timeout_s)
     restore_determinism = _configure_determinism(cfg, rank)
     try:
-        return _train(cfg, Path(run_dir), resume, sources, rank, world)
+        return _train(cfg, Path(run_dir), resume, sources, rank, world, allow_fallback)
+    except RuntimeError as err:
+        if world > 1 and _collective_failure(err):
+            done = ckpt.committed(Path(run_dir) / "checkpoints")
+            raise CollectiveError(f"rank {rank}: a collective failed, a peer died or hung ("
+                                  f"{str(err).strip().splitlines()[0][:200]}); last committed checkpoint: "
+                                  f"{done[-1] if done else 'none'}; restart with --resume auto") from None
+        raise
     finally:
         restore_determinism()
 
 
-def _train(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: int, world: int) -> dict[str, Any]:
+def _train(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: int, world: int,
+           allow_fallback: bool) -> dict[str, Any]:
     ds_config = deepspeed_config(cfg, world)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -230,7 +239,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: int, wor
 
     if resume == "none" and ckpt.committed(run_dir / "checkpoints"):
         raise ConfigError(f"{run_dir / 'checkpoints'} already holds checkpoints; use --resume auto or a new --run-dir")
-    resume_from = ckpt.find_resume(run_dir, resume)
+    resume_from, fallbacks = ckpt.choose(run_dir, resume, allow_fallback)  # checked before the engine is built
     engine, model = build_engine(cfg, ds_config)
     sampler = make_sampler(train_src, micro_batch=cfg.data.micro_batch_size, grad_accum=cfg.data.grad_accum,
                            rank=rank, world=world, seed=cfg.data.seed)
@@ -246,6 +255,11 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: int, wor
     stop = _StopFlag()
     router = RouterAccuracy(model)
     metrics = Metrics(run_dir, cfg, state.step, enabled=rank == 0)
+    if resume_from is not None and rank == 0:
+        for skipped_error in fallbacks:
+            print(f"warning: skipped a damaged checkpoint (--allow-fallback): {skipped_error}", file=sys.stderr)
+        print(f"resuming from {resume_from} (step {state.step})", file=sys.stderr)
+        metrics.write({"step": state.step, "resumed_from": str(resume_from), "fallbacks": fallbacks})
     last_saved, last_val, loss, window_start, window_tokens = state.step, math.nan, math.nan, time.time(), 0
 
     def save() -> Path:
@@ -255,17 +269,24 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: int, wor
 
     try:
         while state.step < cfg.schedule.steps:
+            attempt = state.step + state.skipped_total + 1  # step attempts, skipped ones included (fault hooks)
+            faults.point("step_start", attempt)
             indices = next_micro_batches(sampler, cfg.data.micro_batch_size)
             micro = [collate([train_src[i] for i in idx]) for idx in indices]
             stats = backward_windows(engine, micro, segment_len=S, window=W, aux_weight=cfg.tbptt.mod_aux_weight,
-                                     step=state.step + state.skipped_total + 1)  # attempt number (fault hook)
+                                     step=attempt)
             stats = reduce_stats(stats)
             bad_loss = bool(stats.nonfinite > 0)
             skipped = optimizer_step(engine, bad_loss, cfg.run.zero_stage == 0 and cfg.run.precision == "fp32")
+            faults.point("after_step", attempt)
+            faults.trace({"attempt": attempt, "step": state.step + (not skipped), "skipped": skipped,
+                          "ids": [int(i) for mb in micro for i in mb.sample_ids]},
+                         module=engine.module if faults.tracing() else None)
             if skipped:
                 state.skipped_total += 1
                 state.skipped_in_row += 1
                 metrics.write({"step": state.step + 1, "skipped": True, "skipped_total": state.skipped_total,
+                               "skipped_in_row": state.skipped_in_row,
                                "reason": "non-finite loss" if bad_loss else "non-finite gradient"})
                 if state.skipped_in_row >= cfg.run.max_nonfinite:
                     raise TrainingAborted(f"{state.skipped_in_row} steps in a row had a non-finite loss or gradient "

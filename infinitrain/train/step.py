@@ -84,6 +84,7 @@ def backward_windows(engine, micro_batches: list[Batch], *, segment_len: int, wi
             if faults.matches("nan", step):
                 loss = loss * float("nan")
             engine.backward(loss, scale_wrt_gas=False)
+            faults.point("mid_step", step)
             state = out.state.detach()
             if not torch.isfinite(loss.detach()):
                 nonfinite.fill_(1.0)
