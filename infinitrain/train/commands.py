@@ -22,9 +22,11 @@ import click
               "runs/<recipe name>/<stage> for a staged recipe).")
 @click.option("--resume", default="auto", show_default=True,
               help="auto: newest committed checkpoint of the run dir if any; none: start fresh; or a checkpoint dir.")
+@click.option("--allow-fallback", is_flag=True, help="If the newest checkpoint is damaged, resume from the previous "
+              "one (logged) instead of stopping with an error.")
 @click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True)
 def train_cmd(recipe: str, overrides: tuple[str, ...], stage: str | None, data: str | None, init_from: str | None,
-              run_dir: str | None, resume: str, local_rank: int | None) -> None:
+              run_dir: str | None, resume: str, allow_fallback: bool, local_rank: int | None) -> None:
     """Train an Infini-attention LM with DeepSpeed (single process, torchrun or the deepspeed launcher)."""
     from infinitrain.train.config import load_recipe
     from infinitrain.train.loop import train
@@ -36,7 +38,7 @@ def train_cmd(recipe: str, overrides: tuple[str, ...], stage: str | None, data: 
     cfg = prepare_init_from(cfg, run_dir, resume, stage, verbose=os.environ.get("RANK", "0") == "0")
     if stage is not None and os.environ.get("RANK", "0") == "0":
         click.echo(f"stage {stage}: run dir {run_dir}", err=True)
-    summary = train(cfg, run_dir, resume, local_rank=local_rank)
+    summary = train(cfg, run_dir, resume, local_rank=local_rank, allow_fallback=allow_fallback)
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"done: step {summary['step']}  loss {summary['loss']:.4f}  val_loss {summary['val_loss']:.4f}  "
                    f"skipped {summary['skipped_total']}  checkpoint {summary['checkpoint']}")
