@@ -21,9 +21,10 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -62,7 +63,12 @@ class ExportResult:
 
 def find_checkpoint(path: Path, step: int | None) -> Path:
     """The committed checkpoint to export: PATH itself if it is one, else the newest (or step N) of a run dir."""
-    from infinitrain.train.checkpoint import MANIFEST, STEP_DIR, committed, step_dir_name
+    from infinitrain.train.checkpoint import (
+        MANIFEST,
+        STEP_DIR,
+        committed,
+        step_dir_name,
+    )
 
     if (path / MANIFEST).is_file():
         m = STEP_DIR.match(path.name)
@@ -178,7 +184,12 @@ def export(path: str | os.PathLike, out: str | os.PathLike, *, step: int | None 
     """Export the newest (or step ``step``) committed checkpoint of a run directory, or the checkpoint
     directory ``path``, to the model directory ``out``. ``dtype`` None: the run's training precision."""
     from infinitrain.evaluate.loading import load_for_inference
-    from infinitrain.model.io import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, save_pretrained
+    from infinitrain.model.io import (
+        CONFIG_NAME,
+        INDEX_NAME,
+        WEIGHTS_NAME,
+        save_pretrained,
+    )
     from infinitrain.train.checkpoint import MANIFEST
 
     t0 = time.time()

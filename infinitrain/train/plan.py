@@ -177,7 +177,10 @@ def plan(cfg, *, gpus: int, nodes: int = 1, gpu_memory: float = 80 * GB, title: 
     persist = sum(n for n in numels if n <= _ds_setting(ds, "stage3_param_persistence_threshold")) if stage == 3 else 0
     grad_e = {"fp32": 4, "bf16": 2, "fp16": 2}.get(str(ds.get("data_types", {}).get("grad_accum_dtype", "")), e)
     opt_k = 12 if e == 2 else 8
-    part = lambda s: f"/N" if stage >= s else ""  # noqa: E731
+
+    def part(s: int) -> str:  # "/N" where ZeRO stage s partitions the term
+        return "/N" if stage >= s else ""
+
     terms = [
         Term(f"parameters ({run.precision})", e * (psi / N + persist) if stage == 3 else e * psi,
              f"{e}·Ψ/N + {e}·Ψ_persistent" if stage == 3 else f"{e}·Ψ"),
@@ -208,8 +211,8 @@ def plan(cfg, *, gpus: int, nodes: int = 1, gpu_memory: float = 80 * GB, title: 
         terms.append(Term("largest module's full gradient", grad_e * largest, f"{grad_e}·P_max", "backward"))
         terms.append(Term("optimizer step: fp32 gradient copy", 4 * psi / (N if stage >= 1 else 1) if e == 2 else 0,
                           f"4·Ψ{part(1)} (mixed precision only)", "step"))
-    notes = (f"P_max = {largest / 1e6:.1f} M (largest module's own parameters), "
-             f"A = {layer_bytes_per_token(m, e) / 1e3:.1f} KB/token, A_seg = {segment_bytes(m) / 1e6:.2f} MB",)
+    notes = ((f"P_max = {largest / 1e6:.1f} M (largest module's own parameters), "
+              f"A = {layer_bytes_per_token(m, e) / 1e3:.1f} KB/token, A_seg = {segment_bytes(m) / 1e6:.2f} MB"),)
     per_step = B * cfg.data.grad_accum * N * cfg.sample_len
     return Plan(title, gpus, nodes, gpu_memory, psi, tuple(terms), T, per_step, notes)
 
@@ -219,12 +222,12 @@ def format_plan(p: Plan, cfg) -> str:
     lines = [f"{p.title}: {p.gpus} GPU{'s' if p.gpus > 1 else ''}"
              + (f" ({p.nodes} nodes x {p.gpus // p.nodes})" if p.nodes > 1 else "")
              + f", ZeRO-{cfg.run.zero_stage}, {cfg.run.precision}, checkpointing {cfg.tbptt.checkpointing}",
-             f"model: Ψ = {p.params / 1e9:.3f} B, L {m.n_layers}, D {m.d_model}, heads {m.n_heads}/{m.n_kv_heads} x "
-             f"{m.head_dim}, FFN {m.d_ff}, V {m.vocab_size}, S {m.segment_len}"
+             (f"model: Ψ = {p.params / 1e9:.3f} B, L {m.n_layers}, D {m.d_model}, heads {m.n_heads}/{m.n_kv_heads} x "
+              f"{m.head_dim}, FFN {m.d_ff}, V {m.vocab_size}, S {m.segment_len}")
              + (f", MoD every {m.mod_every} at {m.mod_capacity:g}" if m.mod_every else ""),
-             f"tokens: T = B {cfg.data.micro_batch_size} x W {cfg.window} x S {m.segment_len} = {p.tokens_per_backward:,} "
-             f"per backward; {p.tokens_per_step:,} per optimizer step (B x accum {cfg.data.grad_accum} x "
-             f"{p.gpus} GPUs x {cfg.data.segments_per_sample} x {m.segment_len})",
+             (f"tokens: T = B {cfg.data.micro_batch_size} x W {cfg.window} x S {m.segment_len} = "
+              f"{p.tokens_per_backward:,} per backward; {p.tokens_per_step:,} per optimizer step (B x accum "
+              f"{cfg.data.grad_accum} x {p.gpus} GPUs x {cfg.data.segments_per_sample} x {m.segment_len})"),
              "", f"{'term':44s} {'GB/GPU':>8s}  formula"]
     for t in p.terms:
         tag = {"always": "", "backward": " *", "step": " +"}[t.when]
@@ -265,7 +268,12 @@ def plan_cmd(recipe: str, overrides: tuple[str, ...], stage: str | None, gpus: i
     """Per-GPU memory (ZeRO states, activations, memory states, buffers) and tokens per step of a recipe."""
     from pathlib import Path
 
-    from infinitrain.train.config import load_recipe, load_yaml, recipe_path, recipe_stages
+    from infinitrain.train.config import (
+        load_recipe,
+        load_yaml,
+        recipe_path,
+        recipe_stages,
+    )
     from infinitrain.train.export import parse_size
 
     path = recipe_path(recipe)
