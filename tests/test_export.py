@@ -150,3 +150,25 @@ def test_export_of_a_two_rank_run(tmp_path):
     reference, _ = load_for_inference(tmp_path / "run")
     torch.testing.assert_close(logits(InfiniLM.from_pretrained(out.out)), logits(reference), rtol=0, atol=0)
     assert re.fullmatch(r"[0-9a-f]{64}", json.loads((out.out / "config.json").read_text())["exported_from"]["manifest_sha256"])
+
+
+def test_tokenizer_comes_from_the_prepared_data_or_the_flag(run, tmp_path):
+    """A run on prepared shards ships the tokenizer.json found beside its data; --tokenizer overrides."""
+    import yaml
+    from evalkit import make_tokenizer
+
+    copy, data = tmp_path / "run", tmp_path / "data"
+    shutil.copytree(run, copy)
+    data.mkdir()
+    (data / "index.json").write_text("{}")
+    make_tokenizer(data / "tokenizer.json")
+    cfg = yaml.safe_load((copy / "config.yaml").read_text())
+    cfg["data"]["path"] = str(data)
+    (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    res = export(copy, tmp_path / "m")
+    assert res.tokenizer == "tokenizer.json"
+    assert (tmp_path / "m" / "tokenizer.json").read_bytes() == (data / "tokenizer.json").read_bytes()
+    _, codec = load_for_inference(tmp_path / "m")
+    assert codec.source == str(tmp_path / "m" / "tokenizer.json")
+    assert export(copy, tmp_path / "b", tokenizer="bytes").tokenizer == "bytes"
+    assert not (tmp_path / "b" / "tokenizer.json").exists()
