@@ -24,6 +24,7 @@ import os
 import pickle
 import random
 import re
+import resource
 import shutil
 from pathlib import Path
 from typing import Any
@@ -111,15 +112,15 @@ def save(engine, root: Path, step: int, trainer_state: dict[str, Any], keep_last
             _write_atomic(tmp / "trainer_state.json", json.dumps({**trainer_state, "world_size": world}, indent=1))
         faults.point("after_shards", step)
         (tmp / f"done.rank{rank:05d}").write_text("done\n")
-    except OSError as err:
-        error = f"{getattr(err, 'filename', None) or tmp}: {err.strerror or err}"
-    _raise_if_any(error, tmp, "rank")
+    except (OSError, RuntimeError) as err:  # torch.save's zip writer turns a failed write into a RuntimeError
+        error = _write_error(err, tmp)
+    _raise_if_any(error, tmp)
     if rank == 0:
         try:
             _commit(tmp, final, step, world)
         except OSError as err:
-            error = f"{getattr(err, 'filename', None) or tmp}: {err.strerror or err}"
-    _raise_if_any(error, tmp, "commit")
+            error = _write_error(err, tmp)
+    _raise_if_any(error, tmp)
     if rank == 0:
         faults.point("after_commit", step)
         prune(root, keep_last)
@@ -127,7 +128,21 @@ def save(engine, root: Path, step: int, trainer_state: dict[str, Any], keep_last
     return final
 
 
-def _raise_if_any(error: str | None, tmp: Path, what: str) -> None:
+def _write_error(err: Exception, tmp: Path) -> str:
+    """One line: the file being written (the newest in ``tmp`` when the error does not say), the cause, and the
+    free space and file-size limit that explain most failed saves."""
+    name = getattr(err, "filename", None)
+    if name is None:
+        files = [p for p in tmp.rglob("*") if p.is_file()] if tmp.is_dir() else []
+        name = max(files, key=lambda p: p.stat().st_mtime_ns) if files else tmp
+    cause = getattr(err, "strerror", None) or str(err).strip().splitlines()[0][:200]
+    free = shutil.disk_usage(tmp.parent).free / 2**20
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    limit_text = "" if limit == resource.RLIM_INFINITY else f", file-size limit (ulimit -f) {limit / 2**20:.1f} MB"
+    return f"{name}: write failed ({cause}; {free:.0f} MB free{limit_text})"
+
+
+def _raise_if_any(error: str | None, tmp: Path) -> None:
     """Collective: if any rank failed to write, drop the partial directory and raise on every rank."""
     first = _agree(error)
     if first:
