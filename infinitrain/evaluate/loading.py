@@ -171,6 +171,19 @@ def _check_manifest(ckpt: Path) -> None:
 
 
 def checkpoint_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of a committed checkpoint as a plain model's: LoRA adapters of a ``finetune.lora`` run are
+    merged into their weights (W + α/r · B A), so exports, evaluations and ``init_from`` see an ordinary model."""
+    from infinitrain.model.lora import has_adapters, merge_lora_state
+
+    state = _gathered_state_dict(ckpt)
+    if not has_adapters(state):
+        return state
+    lora = ((_run_config(ckpt.parent.parent).get("finetune") or {}).get("lora") or {})
+    scale = lora["alpha"] / lora["rank"] if "alpha" in lora and "rank" in lora else None
+    return merge_lora_state(state, scale, where=str(ckpt))
+
+
+def _gathered_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of a committed checkpoint: ZeRO 1-3 partitions gathered, or stage 0's whole module."""
     from infinitrain.train.checkpoint import TAG
     from infinitrain.train.export import weights_only_loads
@@ -221,7 +234,7 @@ def _model_from_checkpoint(ckpt: Path, config: ModelConfig) -> InfiniLM:
             raise CheckpointError(f"{ckpt}: tensor {name!r} has shape {tuple(t.shape)}, the config needs "
                                   f"{tuple(params[name].shape)}")
     model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_embeddings:
+    if config.ties_lm_head:
         model.lm_head.weight = model.embed.weight
     return model
 

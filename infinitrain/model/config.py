@@ -47,6 +47,9 @@ class ModelConfig:
     mod_every: int = 0  # 0: no Mixture-of-Depths; k: every k-th block is routed (k=2: every other block)
     mod_capacity: float = 0.125  # fraction of each segment a routed block processes in training
     init_std: float = 0.02
+    # classification: the class names; the model then ends in a head of len(labels) outputs (``score``) in place
+    # of the LM head, read at each sample's labelled position (infinitrain/train/tasks.py). None: a language model.
+    labels: tuple[str, ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # free-form notes
 
     def __post_init__(self) -> None:
@@ -91,6 +94,13 @@ class ModelConfig:
             raise ConfigError(f"model.mod_capacity must be in (0, 1], got {self.mod_capacity}")
         if not math.isfinite(self.gate_init):
             raise ConfigError(f"model.gate_init must be finite, got {self.gate_init}")
+        if self.labels is not None:
+            labels = tuple(self.labels) if isinstance(self.labels, (list, tuple)) else None
+            if not labels or len(labels) < 2 or not all(isinstance(x, str) and x for x in labels) \
+                    or len(set(labels)) != len(labels):
+                raise ConfigError(f"model.labels must be null or a list of at least 2 distinct class names, "
+                                  f"got {self.labels!r}")
+            object.__setattr__(self, "labels", labels)
 
     # --- derived -----------------------------------------------------------------------------
     @property
@@ -104,6 +114,11 @@ class ModelConfig:
                           scale=self.yarn_scale if self.pos_emb == "yarn" else 1.0,
                           original_len=self.yarn_original_len, alpha=self.yarn_alpha, beta=self.yarn_beta,
                           mscale=self.yarn_mscale if self.pos_emb == "yarn" else None)
+
+    @property
+    def ties_lm_head(self) -> bool:
+        """The LM head shares the embedding matrix (a classifier has no LM head)."""
+        return self.tie_embeddings and self.labels is None
 
     def is_routed(self, layer: int) -> bool:
         """Mixture-of-Depths placement: with mod_every=k, blocks k-1, 2k-1, ... are routed (block 0 never)."""
@@ -121,6 +136,10 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         if not d["extra"]:
             d.pop("extra")
+        if d["labels"] is None:
+            d.pop("labels")  # language models' configs read as before
+        else:
+            d["labels"] = list(d["labels"])  # YAML and JSON lists
         return d
 
     @classmethod

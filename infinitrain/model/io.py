@@ -153,6 +153,6 @@ def from_pretrained(directory: str | os.PathLike, *, dtype: str | torch.dtype | 
                                           f"{tuple(params[name].shape)}")
                 state[name] = t.to(want) if want is not None and t.is_floating_point() else t
     model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_embeddings:
+    if config.ties_lm_head:
         model.lm_head.weight = model.embed.weight
     return model.eval()
