@@ -49,9 +49,12 @@ class InfiniLM(nn.Module):
         self.layers = nn.ModuleList(
             MoDBlock(config) if config.is_routed(i) else Block(config) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
+        if config.labels is not None:  # a classifier: class logits (B, T, C) in place of next-token logits
+            self.score = nn.Linear(config.d_model, len(config.labels), bias=False)
+        else:
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+            if config.tie_embeddings:
+                self.lm_head.weight = self.embed.weight
         self.reset_parameters()
 
     @torch.no_grad()
@@ -83,7 +86,7 @@ class InfiniLM(nn.Module):
             x, s, a = layer(x, s, doc_start=doc_start)
             new_states.append(s)
             aux = aux + a
-        logits = self.lm_head(self.norm(x))
+        logits = (self.lm_head if self.config.labels is None else self.score)(self.norm(x))
         return LMOutput(logits, ModelState(tuple(new_states)), aux)
 
     def save_pretrained(self, directory, **kw):
