@@ -15,7 +15,10 @@ Recipe schema (every key optional except ``model``; see ``infinitrain/recipes/de
     log:       {every, eval_every, tensorboard, progress}
     run:       {precision: bf16|fp32, zero_stage: 0-3, zero_init: auto|true|false, seed,
                 max_nonfinite, deterministic, init_from, timeout_s}
-    eval:      {task: passkey|ppl|summarize|null, data, lengths, temperature, top_p, max_new_tokens}
+    eval:      {task: passkey|ppl|summarize|classify|null, data, lengths, temperature, top_p, max_new_tokens}
+    task:      lm | classification  # classification: a class head read at each sample's labelled position
+                                    # (infinitrain/train/tasks.py; the class names come from the data's index)
+    finetune:  {lora: {rank, alpha, dropout, targets}, gates, memory, freeze, train}   # infinitrain/train/finetune.py
     deepspeed: {}                 # merged last into the generated DeepSpeed config (pass-through)
     stages:                       # optional: named stages run one by one (``train --stage NAME``)
       pretrain: {data: {path: data/long-8k}, schedule: {steps: 30000}, run: {init_from: models/Llama-3-8B}}
@@ -43,11 +46,13 @@ import yaml
 
 from infinitrain.errors import ConfigError
 from infinitrain.model.config import ModelConfig, get_preset
+from infinitrain.train.finetune import FinetuneConfig
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 CHECKPOINTING = ("none", "layer", "segment")
 PRECISIONS = ("bf16", "fp32")
-EVAL_TASKS = ("passkey", "ppl", "summarize")
+EVAL_TASKS = ("passkey", "ppl", "summarize", "classify")
+TASKS = ("lm", "classification")
 STAGE_REF = "stage:"  # run.init_from: stage:NAME = the run directory of an earlier stage
 
 
@@ -203,7 +208,7 @@ class RunConfig:
 class EvalConfig:
     """How the recipe's model is evaluated after training (``infinitrain eval TASK``; printed at the end of a run)."""
 
-    task: Literal["passkey", "ppl", "summarize"] | None = None
+    task: Literal["passkey", "ppl", "summarize", "classify"] | None = None
     data: str | None = None  # ppl: shards or text; summarize: JSONL with document and summary
     lengths: list[int] | None = None  # passkey: context lengths in tokens
     temperature: float = 0.5  # summarize decoding (the paper: 0.5, top-p 0.95, 1024 new tokens)
@@ -238,7 +243,9 @@ class EvalConfig:
 
 
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig, "tbptt": TBPTTConfig,
-            "checkpoint": CheckpointConfig, "log": LogConfig, "run": RunConfig, "eval": EvalConfig}
+            "checkpoint": CheckpointConfig, "log": LogConfig, "run": RunConfig, "eval": EvalConfig,
+            "finetune": FinetuneConfig}
+TOP_KEYS = ("model", "task", "deepspeed", *SECTIONS)  # what a recipe (and each stage) may hold
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -254,6 +261,8 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     run: RunConfig = field(default_factory=RunConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    task: Literal["lm", "classification"] = "lm"
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -262,6 +271,9 @@ class TrainConfig:
         _check(self.schedule.warmup <= self.schedule.steps,
                f"schedule.warmup ({self.schedule.warmup}) must be <= schedule.steps ({self.schedule.steps})")
         _check(isinstance(self.deepspeed, dict), "deepspeed: expected a mapping")
+        _check(self.task in TASKS, f"task must be one of {', '.join(TASKS)}; got {self.task!r}")
+        _check(self.task == "classification" or self.model.labels is None,
+               "model.labels is set: a classifier's recipe needs task: classification")
 
     # --- derived ---------------------------------------------------------------------------
     @property
@@ -281,18 +293,19 @@ class TrainConfig:
         d: dict[str, Any] = {"model": self.model.to_dict()}
         for name in SECTIONS:
             d[name] = dataclasses.asdict(getattr(self, name))
+        d["task"] = self.task
         d["deepspeed"] = copy.deepcopy(self.deepspeed)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         _check(isinstance(d, dict), f"recipe: expected a mapping at the top level, got {type(d).__name__}")
-        known = {"model", "deepspeed", *SECTIONS}
-        unknown = sorted(set(d) - known)
-        _check(not unknown, f"recipe: unknown key {unknown[0] if unknown else ''!s} (known: {', '.join(sorted(known))})")
+        unknown = sorted(set(d) - set(TOP_KEYS))
+        _check(not unknown, f"recipe: unknown key {unknown[0] if unknown else ''!s} (known: {', '.join(sorted(TOP_KEYS))})")
         _check("model" in d, "recipe: 'model' is required (a preset name or a mapping)")
         sections = {name: _from_dict(sec, d.get(name), name) for name, sec in SECTIONS.items()}
-        return cls(model=_model_from(d["model"]), deepspeed=dict(d.get("deepspeed") or {}), **sections)
+        return cls(model=_model_from(d["model"]), deepspeed=dict(d.get("deepspeed") or {}), task=d.get("task", "lm"),
+                   **sections)
 
     def replace(self, **sections: Any) -> "TrainConfig":
         return dataclasses.replace(self, **sections)
@@ -379,7 +392,7 @@ def recipe_stages(d: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
     if stages is None:
         return {}
     _check(isinstance(stages, dict) and bool(stages), f"{where}: stages must be a non-empty mapping of name: overrides")
-    known = {"model", "deepspeed", *SECTIONS}
+    known = set(TOP_KEYS)
     for name, body in stages.items():
         _check(isinstance(name, str) and bool(_STAGE_NAME.fullmatch(name)),
                f"{where}: stage name {name!r} must be letters, digits, '.', '_' or '-' (it names a run directory)")
@@ -439,8 +452,7 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
         parts = key.split(".")
         if parts[0] == "model" and isinstance(d.get("model"), str):
             d["model"] = {"preset": d["model"]}
-        _check(parts[0] in {"model", "deepspeed", *SECTIONS},
-               f"override {token!r}: unknown key {parts[0]} (known: deepspeed, model, {', '.join(SECTIONS)})")
+        _check(parts[0] in TOP_KEYS, f"override {token!r}: unknown key {parts[0]} (known: {', '.join(TOP_KEYS)})")
         if len(parts) > 1 and parts[0] in SECTIONS:
             names = {f.name for f in dataclasses.fields(SECTIONS[parts[0]])}
             _check(parts[1] in names and len(parts) == 2,
