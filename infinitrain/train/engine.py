@@ -8,6 +8,7 @@ import functools
 import math
 import os
 import socket
+import sys
 from typing import Any
 
 import torch
@@ -110,6 +111,8 @@ def param_groups(model: InfiniLM, cfg: TrainConfig) -> list[dict[str, Any]]:
     gate_ids = {id(p) for p in model.gate_parameters()}
     decay, no_decay, gates = [], [], []
     for p in model.parameters():
+        if not p.requires_grad:  # frozen by the recipe's finetune section
+            continue
         if id(p) in gate_ids:
             gates.append(p)
         elif getattr(p, "ds_shape", p.shape).__len__() >= 2:
@@ -154,6 +157,11 @@ def build_model(cfg: TrainConfig, ds_config: dict[str, Any]) -> InfiniLM:
             model.apply(functools.partial(_init_module, std=cfg.model.init_std, gate_init=cfg.model.gate_init))
     if cfg.run.init_from is not None:
         load_init_weights(model, cfg)
+    from infinitrain.train.finetune import apply_finetune
+
+    summary = apply_finetune(model, cfg.finetune, seed=cfg.run.seed)  # LoRA adapters, frozen parameters
+    if summary and os.environ.get("RANK", "0") == "0":
+        print(summary, file=sys.stderr)
     return model
 
 
