@@ -25,7 +25,7 @@ import yaml
 
 from infinitrain.errors import CollectiveError, ConfigError, DataError, Preempted, TrainingAborted
 from infinitrain.train import checkpoint as ckpt
-from infinitrain.train import faults
+from infinitrain.train import faults, tasks
 from infinitrain.train.config import TrainConfig
 from infinitrain.train.data import (DatasetMetrics, SampleSource, Validation, collate, make_sampler, next_micro_batches,
                                     open_source)
@@ -218,6 +218,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: str = "auto",
 
 def _train(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: int, world: int,
            allow_fallback: bool) -> dict[str, Any]:
+    cfg = tasks.resolve(cfg, sources)  # task classification: the class names from the data (config.yaml keeps them)
     ds_config = deepspeed_config(cfg, world)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -230,7 +231,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: int, wor
         if cfg.data.path is None:
             raise ConfigError("no training data: pass --data DIR or set data.path in the recipe")
         sources = open_source(cfg.data.path, cfg.sample_len, cfg.model.vocab_size, cfg.data.val_fraction)
-    train_src, val_src = sources
+    train_src, val_src = tasks.task_sources(cfg, sources)
     if train_src.sample_len != cfg.sample_len:
         raise DataError(f"data samples have {train_src.sample_len} tokens, the recipe needs "
                         f"{cfg.data.segments_per_sample} x {cfg.model.segment_len} = {cfg.sample_len}")
