@@ -194,6 +194,10 @@ def export(path: str | os.PathLike, out: str | os.PathLike, *, step: int | None 
 
     t0 = time.time()
     path, out = Path(path), Path(out)
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"  # as the trainer does: spares DeepSpeed's "Setting accelerator" warning
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     shard_bytes = parse_size(max_shard_size)
