@@ -261,7 +261,7 @@ def advice(p: Plan) -> str:
 @click.argument("overrides", nargs=-1, metavar="[KEY.SUB=VALUE]...")
 @click.option("--stage", default=None, help="Plan this stage [default: every stage of a staged recipe].")
 @click.option("--gpus", type=click.IntRange(min=1), required=True, help="GPUs in total (the data-parallel size).")
-@click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True, help="Nodes they are spread over.")
+@click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True, help="Nodes they are spread over (shown; the memory per GPU does not depend on it).")
 @click.option("--gpu-memory", default="80GB", show_default=True, help="Memory of one GPU (80GB = 80e9 bytes).")
 def plan_cmd(recipe: str, overrides: tuple[str, ...], stage: str | None, gpus: int, nodes: int,
              gpu_memory: str) -> None:
