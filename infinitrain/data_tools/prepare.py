@@ -74,7 +74,7 @@ class PrepareConfig:
     shard_bytes: int = 64 << 20
     frame_bytes: int = 1 << 20
     zstd_level: int = 3
-    unit_chars: int = 1 << 20  # text per resumable work unit (does not change the output)
+    unit_chars: int = 1 << 18  # text per resumable work unit (does not change the output; small: even load)
     max_piece_chars: int = 1 << 12  # long documents are tokenized in pieces of at most this many characters
     progress: bool = True
 
@@ -253,11 +253,12 @@ def tokenize_units(cfg: PrepareConfig, paths: list[Path], tok_info: TokenizerInf
 
     pool, saved_env = None, os.environ.get("TOKENIZERS_PARALLELISM")
     try:
+        # W workers = this process + W-1 spawned ones: this process tokenizes a unit whenever the spawned
+        # workers have enough queued, rather than wait for them (and it needs no start-up, unlike them).
+        _init_worker(settings)
         if cfg.workers > 1:
             ctx = multiprocessing.get_context("spawn")
-            pool = ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(settings,))
-        else:
-            _init_worker(settings)
+            pool = ctx.Pool(cfg.workers - 1, initializer=_init_worker, initargs=(settings,))
         pending = []
         for job in iter_units(cfg, paths, work, progress):
             n_units += 1
@@ -265,14 +266,13 @@ def tokenize_units(cfg: PrepareConfig, paths: list[Path], tok_info: TokenizerInf
                 resumed += 1
                 account((0, 0))
                 continue
-            if pool is None:
+            if pool is not None and len(pending) < 2 * (cfg.workers - 1):
+                pending.append(pool.apply_async(_tokenize_job, (job,)))
+            else:
                 account(_tokenize_job(job))
-                _fault("prepare.unit", n_units)
-                continue
-            pending.append(pool.apply_async(_tokenize_job, (job,)))
-            while len(pending) >= 2 * cfg.workers or (pending and pending[0].ready()):
+            while pending and pending[0].ready():
                 account(pending.pop(0).get())
-                _fault("prepare.unit", n_units - len(pending))
+            _fault("prepare.unit", n_units - len(pending))
         for result in pending:
             account(result.get())
         bar.update(progress.bytes_read - bar.n)
@@ -280,7 +280,7 @@ def tokenize_units(cfg: PrepareConfig, paths: list[Path], tok_info: TokenizerInf
         if pool is not None:
             pool.terminate()
             pool.join()
-        elif saved_env is None:
+        if saved_env is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = saved_env
