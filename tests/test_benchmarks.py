@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/attention.py at tiny sizes: every implementation reported with finite numbers (no timing assertions)."""
+"""Smoke tests of the benchmark scripts at tiny sizes: every cell reported with finite numbers (no timing assertions)."""
 
 from __future__ import annotations
 
@@ -69,3 +69,17 @@ def test_rss_is_measured_in_a_fresh_process():
             "--min-time", "0", "--impls", "local-only", "--threads", "1", "--rss"]
     (r,) = bench.run(bench.parse_args(argv), argv)["results"]
     assert isinstance(r["peak_bytes"], int) and r["peak_bytes"] >= 0
+
+
+def test_prepare_benchmark_times_every_cell_and_workers_agree(tmp_path, capsys):
+    """benchmarks/prepare.py at a tiny size: bare tokenizer and prepare at 1 and 2 workers, the same token count
+    for whole documents and pieces, byte-identical outputs (no timing assertions)."""
+    bench = _load("prepare")
+    report = bench.main(["--mb", "0.05", "--rounds", "1", "--json", str(tmp_path / "p.json")])
+    cells = {(r["impl"], r["workers"]): r for r in report["results"]}
+    assert set(cells) == {(i, w) for i in ("bare-docs", "bare-pieces", "prepare") for w in (1, 2)}
+    assert all(math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0 for r in cells.values())
+    assert cells["prepare", 2]["stage1"] > 0 and cells["prepare", 2]["stage2"] > 0
+    assert report["outputs_identical"] and report["tokens"] > 1000
+    assert "prepare 2 workers / 1 worker" in capsys.readouterr().out
+    assert json.loads((tmp_path / "p.json").read_text())["summary"] == report["summary"]
