@@ -14,13 +14,18 @@ whole on every GPU).
 Activations are what autograd saves in ``Block.forward`` as the trainer calls it (``doc_start`` always
 given, so local attention gets a boolean mask and 5-D tensors, which PyTorch's fused kernels refuse on any
 device: its math kernel runs, in fp32 unless allow_fp16_bf16_reduction_math_sdp, and keeps the attention
-probabilities, H·S·4 bytes per token and layer). Per layer, per token (``tests/test_plan.py`` holds this to the bytes
-autograd saves):
+probabilities, H·S·4 bytes per token and layer). Per layer, per token (``tests/test_plan.py`` holds this to
+the bytes autograd saves):
     A = 4·H·S + (20 + 2e)·H·K + 4·H·(K+1) + 8·H + 12·G·K + (8 + 4e)·D + 4e·F + 8·K + 10
 and per segment A_seg = 4·H·K·(K+1) (the memory read by each segment, broadcast to the query heads).
 Checkpointing (``tbptt.checkpointing``): none keeps every layer's A over T; layer keeps each layer's input
 (e·D per token) and recomputes one layer at a time; segment keeps each layer's input and its (M, z) before
 every segment, and recomputes one (layer, segment) at a time.
+
+On top, during a window's backward: the working set of the unit being differentiated (its activations again
+plus 8·H·S per token of fp32 score and probability gradients), the logits and the loss T·V·(e + 12), the
+carried (M, z) and ZeRO-3's buffers; at the optimizer step, a fp32 copy of the gradient partition. The peak
+is the held model states plus the larger of those two phases.
 """
 
 from __future__ import annotations
