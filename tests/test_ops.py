@@ -163,6 +163,40 @@ def test_stream_without_the_rotated_key_cache_is_the_same():
     assert st_a.k.shape[2] == 4
 
 
+
+def test_stream_buffer_grows_in_place_and_a_forked_stream_stays_exact():
+    """Without autograd the segment's keys/values grow in place in a SegmentBuffer; two streams continued from one
+    state, token by token in turn, each equal the concatenating path (autograd on), its naive twin."""
+    q, k, v, beta, _ = make_inputs(N=3, S=8, H=4, G=2)
+    streams = {"a": (q, k, v), "b": tuple(x.flip(2) for x in (q, k, v))}
+    kw = dict(segment_len=8, rotary=RotarySpec(head_dim=15, rot_dim=14), update="delta")
+
+    def step(st, i, src):
+        return infini_attention_stream(*(x[:, :, i:i + 1] for x in src), beta, st, **kw)
+
+    ref, outs, st0 = {}, {}, None
+    for i in range(11):  # a shared prefix inside the second segment
+        _, st0 = step(st0, i, streams["a"])
+    for name, src in streams.items():  # autograd on: every append concatenates
+        st, ref[name] = st0, []
+        for i in range(11, 22):
+            o, st = step(st, i, src)
+            ref[name].append(o)
+    with torch.no_grad():
+        st = None
+        for i in range(11):
+            _, st = step(st, i, streams["a"])
+        assert st.buffer is not None and st.buffer.filled == 3
+        states = dict.fromkeys(streams, st)
+        outs = {name: [] for name in streams}
+        for i in range(11, 22):  # in turn: "b" finds the buffer already extended past its prefix and copies
+            for name, src in streams.items():
+                o, states[name] = step(states[name], i, src)
+                outs[name].append(o)
+    for name in streams:
+        torch.testing.assert_close(torch.cat(outs[name], 2), torch.cat(ref[name], 2), rtol=1e-12, atol=1e-12)
+    assert states["a"].buffer is not states["b"].buffer
+
 def test_cached_rope_table_equals_apply_rotary():
     for spec in (RotarySpec(head_dim=16, rot_dim=16), RotarySpec(head_dim=16, rot_dim=10, scale=4.0, original_len=8)):
         x = torch.randn(2, 3, 5, 16, dtype=F64)

@@ -32,6 +32,22 @@ class MemoryState(NamedTuple):
     z: Tensor
 
 
+class SegmentBuffer:
+    """Room for a whole segment of keys, values and rotated keys, (B, G, S, ·) each (k_rot may be None), shared by
+    the states of one stream: a state holding P tokens holds views of the first P positions.
+
+    ``filled`` counts the positions some state has written. A state appends in place only when filled == P:
+    nobody wrote past its prefix, so every state sharing the buffer keeps reading what it read. Otherwise (the
+    stream forked, e.g. one prefilled state decoded twice) the append copies into a new buffer. Decoding then
+    costs O(1) per token instead of re-concatenating the segment's cache.
+    """
+
+    __slots__ = ("tensors", "filled")
+
+    def __init__(self, tensors: tuple[Tensor | None, ...], filled: int):
+        self.tensors, self.filled = tensors, filled
+
+
 class AttnState(NamedTuple):
     """Streaming state of one layer: the memory plus the un-rotated keys/values of the unfinished segment."""
 
@@ -40,6 +56,7 @@ class AttnState(NamedTuple):
     v: Tensor  # (B, G, P, V)
     keep: Tensor | None  # (B, P) bool, for Mixture-of-Depths routing; None when every token is kept
     k_rot: Tensor | None = None  # (B, G, P, K) the same keys rotated (a cache; None: rotate k when needed)
+    buffer: SegmentBuffer | None = None  # what k, v, k_rot are views of, when grown in place (no autograd)
 
 
 def zero_memory(batch: int, kv_heads: int, key_dim: int, value_dim: int, device=None,
@@ -434,6 +451,29 @@ def infini_attention_partial(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem:
     return gate(beta, a_mem, a_dot)
 
 
+def _extend(held: tuple[Tensor | None, ...], new: tuple[Tensor | None, ...], buffer: SegmentBuffer | None,
+            capacity: int) -> tuple[tuple[Tensor | None, ...], SegmentBuffer | None]:
+    """held (B, G, P, ·) tensors (None when P = 0) followed by new (B, G, t, ·) ones along the tokens, and the
+    buffer they are views of. With autograd on this concatenates (an in-place write would break tensors saved
+    for backward); else it writes into ``buffer`` when that is safe (see SegmentBuffer), or into a new one."""
+    P, t = (0 if held[0] is None else held[0].shape[2]), new[0].shape[2]
+    if torch.is_grad_enabled():
+        return tuple(n if h is None or n is None else torch.cat((h, n), 2) for h, n in zip(held, new)), None
+    first = None if buffer is None else buffer.tensors[0]
+    if (buffer is None or buffer.filled != P or P + t > first.shape[2]
+            or (first.is_inference() and not torch.is_inference_mode_enabled())):
+        room = [None if n is None else n.new_empty(*n.shape[:2], capacity, n.shape[3]) for n in new]
+        buffer = SegmentBuffer(tuple(room), 0)
+        for b, h in zip(room, held):
+            if b is not None and h is not None:
+                b[:, :, :P].copy_(h)
+    for b, n in zip(buffer.tensors, new):
+        if b is not None:
+            b[:, :, P:P + t].copy_(n)
+    buffer.filled = P + t
+    return tuple(None if b is None else b[:, :, :P + t] for b in buffer.tensors), buffer
+
+
 def infini_attention_stream(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, state: AttnState | None = None, *,
                             segment_len: int, update: Update = "linear", causal: bool = True,
                             rotary: RotarySpec | None = None, keep: Tensor | None = None,
@@ -450,7 +490,7 @@ def infini_attention_stream(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, state
     G, Vd, S = k.shape[1], v.shape[-1], segment_len
     if state is None:
         state = zero_attn_state(B, G, K, Vd, k.dtype, q.device)
-    mem, kc, vc, keepc, krc = state
+    mem, kc, vc, keepc, krc, buffer = state
     if doc_start is not None and (kc.shape[2] or T % S):
         raise ValueError("doc_start needs a segment-aligned call: whole segments and no unfinished segment "
                          f"in the state (got {T} tokens, {kc.shape[2]} held, segment {S})")
@@ -464,15 +504,15 @@ def infini_attention_stream(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, state
     P = kc.shape[2]
     if P > 0:  # 1. complete the unfinished segment
         i = min(T, S - P)
-        ks, vs = torch.cat((kc, k[:, :, :i]), 2), torch.cat((vc, v[:, :, :i]), 2)
-        keeps = None if keep is None else torch.cat((keepc, keep[:, :i]), 1)
-        krs = None
+        kr_new = None
         if rotary is not None:  # rotate only the new keys: the held ones were rotated when they came
             krc = apply_rotary_at(kc, 0, rotary, S) if krc is None else krc
-            krs = torch.cat((krc, apply_rotary_at(k[:, :, :i], P, rotary, S)), 2)
+            kr_new = apply_rotary_at(k[:, :, :i], P, rotary, S)
+        (ks, vs, krs), buffer = _extend((kc, vc, krc), (k[:, :, :i], v[:, :, :i], kr_new), buffer, S)
+        keeps = None if keep is None else torch.cat((keepc, keep[:, :i]), 1)
         outs.append(infini_attention_partial(q[:, :, :i], ks, vs, beta, mem, keep=keeps, k_rot=krs, **kw))
         if P + i < S:
-            return outs[0], AttnState(mem, ks, vs, keeps, krs)
+            return outs[0], AttnState(mem, ks, vs, keeps, krs, buffer)
         mem = memory_update(ks, vs, mem, update, keeps, eps)
     n_full = (T - i) // S * S
     if n_full:  # 2. whole segments, fast path
@@ -484,9 +524,10 @@ def infini_attention_stream(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, state
         i = j
     kt, vt = k[:, :, i:], v[:, :, i:]  # 3. the remainder starts a new unfinished segment
     keept = None if keep is None else keep[:, i:]
-    krt = None
+    krt = buffer = None
     if i < T:
         krt = None if rotary is None else apply_rotary_at(kt, 0, rotary, S)
+        (kt, vt, krt), buffer = _extend((None, None, None), (kt, vt, krt), None, S)
         outs.append(infini_attention_partial(q[:, :, i:], kt, vt, beta, mem, keep=keept, k_rot=krt, **kw))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
-    return out, AttnState(mem, kt, vt, keept, krt)
+    return out, AttnState(mem, kt, vt, keept, krt, buffer)
