@@ -335,7 +335,11 @@ def test_verify_and_inspect_commands_and_corruption_exit_code(corpus, bpe_path, 
     d, _ = corpus
     run_prepare([d / "a.jsonl"], bpe_path, tmp_path / "out")
     res = invoke("data", "verify", str(tmp_path / "out"))
-    assert res.exit_code == 0 and "ok (2 files" in res.output
+    assert res.exit_code == 0 and "ok (3 files" in res.output  # shard, documents file, tokenizer.json
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == bpe_path.read_bytes()
+    (tmp_path / "out" / "tokenizer.json").write_text("{}")
+    assert "tokenizer.json: sha256 expected" in verify_dir(tmp_path / "out").problems[0]
+    (tmp_path / "out" / "tokenizer.json").write_bytes(bpe_path.read_bytes())
     res = invoke("data", "inspect", str(tmp_path / "out"))
     assert json.loads(res.output)["splits"]["train"]["num_documents"] == 300
     proc = run_cli("data", "inspect", str(tmp_path / "out"), "--sample", "0", "--tokenizer", str(bpe_path))

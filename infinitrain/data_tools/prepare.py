@@ -33,6 +33,8 @@ from infinitrain.data_tools.pack import StreamPacker, answer_sample
 from infinitrain.data_tools.shards import (FORMAT_VERSION, INDEX_NAME, LABEL_FORMAT_VERSION, SHARD_SUFFIX, ShardWriter,
                                            make_index, write_index)
 from infinitrain.data_tools.tokenizer import TokenizerInfo, encoder, load_tokenizer, write_atomic
+
+TOKENIZER_NAME = "tokenizer.json"  # a copy of --tokenizer, byte for byte
 from infinitrain.errors import ConfigError, DataError
 
 DONE_NAME = ".prepare-done.json"
@@ -518,6 +520,8 @@ def write_output(cfg: PrepareConfig, paths: list[Path], tok: TokenizerInfo, sepa
                        args=cfg.output_args(), report=dict(sorted(counts.items())))
     for s in SPLITS:
         index["splits"][s]["num_documents"] = n_docs[s]
+    # The tokenizer travels with its data (train, export and generate find it here); its sha256 is in the index.
+    write_atomic(out / TOKENIZER_NAME, Path(tok.path).read_bytes())
     write_index(out, index)
     return index
 

@@ -39,6 +39,12 @@ def verify_dir(directory: str | Path) -> VerifyReport:
         if not report.problems and (totals["samples"], totals["tokens"]) != (info["num_samples"], info["num_tokens"]):
             report.problems.append(f"{directory / 'index.json'}: split {split} totals do not match its shards")
         report.samples += totals["samples"]
+    tok = directory / "tokenizer.json"  # written by prepare since 0.1 (older folders have none: not a problem)
+    if tok.exists():
+        report.files_checked += 1
+        actual = file_sha256(tok)
+        if actual != index["tokenizer"]["sha256"]:
+            report.problems.append(f"{tok}: sha256 expected {index['tokenizer']['sha256']} got {actual}")
     docs = index["documents"]
     report.files_checked += 1
     path = directory / docs["name"]
