@@ -371,6 +371,8 @@ def load_yaml(path: Path) -> dict[str, Any]:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(f"{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
     _check(isinstance(d, dict), f"{path}: a recipe must be a YAML mapping")
     return d
 
