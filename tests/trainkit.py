@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -76,6 +75,32 @@ def train_argv(run_dir: Path, overrides: list[str] = (), extra: list[str] = ()) 
             str(run_dir), *extra, *SMALL, *overrides]
 
 
+class Child:
+    """A process started by the zygote, with the subset of Popen's interface the tests use."""
+
+    def __init__(self, pid: int, argv: list[str], out: Path, err: Path):
+        self.pid, self.args, self.stdout_path, self.stderr_path = pid, argv, out, err
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        code = Path(str(self.stderr_path) + ".code")
+        if self.returncode is None and code.is_file():
+            self.returncode = int(code.read_text())
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.time() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.time() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, 9)
+
+
 class Zygote:
     """tests/zygote.py: forks pre-imported ``infinitrain train`` processes (about 1 s of CPU each instead of 6)."""
 
@@ -87,19 +112,24 @@ class Zygote:
                                      text=True)
         self.n = 0
 
-    def run(self, argv: list[str], env: dict[str, str], timeout: float, fsize: int | None = None,
-            ) -> subprocess.CompletedProcess:
+    def spawn(self, argv: list[str], env: dict[str, str], fsize: int | None = None) -> Child:
         self.n += 1
         out, err = self.work / f"{self.n}.out", self.work / f"{self.n}.err"
         req = {"argv": argv[3:], "env": env, "cwd": str(REPO), "stdout": str(out), "stderr": str(err), "fsize": fsize}
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
-        pid = json.loads(self.proc.stdout.readline())["pid"]
-        timer = threading.Timer(timeout, os.kill, (pid, 9))  # a hung run fails the test as killed, not forever
-        timer.start()
-        code = json.loads(self.proc.stdout.readline())["code"]
-        timer.cancel()
-        return subprocess.CompletedProcess(argv, code, out.read_text(), err.read_text())
+        return Child(json.loads(self.proc.stdout.readline())["pid"], argv, out, err)
+
+    def run(self, argv: list[str], env: dict[str, str], timeout: float, fsize: int | None = None,
+            ) -> subprocess.CompletedProcess:
+        child = self.spawn(argv, env, fsize)
+        try:
+            child.wait(timeout)
+        except subprocess.TimeoutExpired:  # a hung run fails the test as killed, not forever
+            child.kill()
+            child.wait()
+        return subprocess.CompletedProcess(argv, child.returncode, child.stdout_path.read_text(),
+                                           child.stderr_path.read_text())
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -139,9 +169,12 @@ def launch_ranks(run_dir: Path, overrides: list[str] = (), *, world: int = 2, lo
     for rank in range(world):
         e = clean_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), **env)
+        argv = train_argv(run_dir, [*TWO_RANKS, *overrides])
+        if ZYGOTE:
+            procs.append(ZYGOTE[0].spawn(argv, e))
+            continue
         err = open(log_dir / f"rank{rank}.{time.time_ns()}.err", "w")
-        procs.append(subprocess.Popen(train_argv(run_dir, [*TWO_RANKS, *overrides]), env=e, cwd=REPO,
-                                      stdout=subprocess.DEVNULL, stderr=err))
+        procs.append(subprocess.Popen(argv, env=e, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err))
         procs[-1].stderr_path = Path(err.name)
     return procs
 

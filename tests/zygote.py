@@ -2,10 +2,11 @@
 ``infinitrain train`` process per request (imports are ~85% of a tiny run's CPU time; the fault suite starts
 dozens of runs that SIGKILL themselves).
 
-Protocol, one JSON object per line: stdin {"argv", "env", "cwd", "stdout", "stderr", "fsize"} -> stdout
-{"pid"} when the child starts, then {"code"} (negative: killed by that signal) when it ends. The child is a
-fresh process as far as the run is concerned: its own environment, argv, files and RLIMIT_FSIZE (SIGXFSZ is
-ignored, as Python does, so an over-limit write raises EFBIG).
+Protocol: one JSON object per line on stdin {"argv", "env", "cwd", "stdout", "stderr", "fsize"}; the reply line
+is {"pid"} as soon as the child runs (several may run at once: the ranks of one job), and when it ends its exit
+code (negative: killed by that signal) is written to the file ``<stderr>.code``. The child is a fresh process as
+far as the run is concerned: its own environment, argv, files and RLIMIT_FSIZE (SIGXFSZ is ignored, as Python
+does, so an over-limit write raises EFBIG).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from __future__ import annotations
 import json
 import os
 import resource
+import select
 import signal
 import sys
+import time
 import traceback
 
 PROTOCOL = os.fdopen(os.dup(1), "w")  # replies only; whatever the imports print goes to stderr
@@ -55,11 +58,31 @@ def child(req: dict) -> int:
         sys.stderr.flush()
 
 
-for line in sys.stdin:
-    request = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        os._exit(child(request))
-    print(json.dumps({"pid": pid}), file=PROTOCOL, flush=True)
-    _, status = os.waitpid(pid, 0)
-    print(json.dumps({"code": os.waitstatus_to_exitcode(status)}), file=PROTOCOL, flush=True)
+def serve() -> None:
+    """Single-threaded (fork with no other thread): read requests, fork, reap finished children."""
+    children: dict[int, str] = {}
+    buf, stdin_open = b"", True
+    while stdin_open or children:
+        ready = select.select([0], [], [], 0.02)[0] if stdin_open else time.sleep(0.02)
+        if ready:
+            chunk = os.read(0, 65536)
+            stdin_open = bool(chunk)
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                request = json.loads(line)
+                pid = os.fork()
+                if pid == 0:
+                    os._exit(child(request))
+                children[pid] = request["stderr"] + ".code"
+                print(json.dumps({"pid": pid}), file=PROTOCOL, flush=True)
+        while children:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            with open(children.pop(pid) + ".tmp", "w") as f:
+                f.write(str(os.waitstatus_to_exitcode(status)))
+            os.replace(f.name, f.name[:-4])
+
+
+serve()

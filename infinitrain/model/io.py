@@ -8,6 +8,7 @@ Tied embeddings are stored once (``embed.weight``) and re-tied on load.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -90,6 +91,8 @@ def read_config(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, An
         raise CheckpointError(f"{path}: not found (not an infinitrain model directory)") from None
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path}: not UTF-8 JSON (byte {err.start})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an infinitrain config (format {data.get('format') if isinstance(data, dict) else None!r})")
     if data.get("format_version") != FORMAT_VERSION:
@@ -100,13 +103,24 @@ def read_config(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, An
     return ModelConfig.from_dict(data["model"], where=f"{path}: model"), data
 
 
+@contextlib.contextmanager
+def open_safetensors(path: Path, device: str = "cpu"):
+    """``safe_open`` with a damaged or hostile file (empty, truncated, invalid JSON or oversized header: the
+    library caps headers at 100 MB) reported as one CheckpointError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt", device=device) as f:
+            yield f
+    except SafetensorError as err:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({err})") from None
+
+
 def _weight_files(directory: Path) -> dict[str, Path]:
     """Tensor name -> file, from model.safetensors or the sharded index."""
     single, index = directory / WEIGHTS_NAME, directory / INDEX_NAME
     if single.is_file():
-        from safetensors import safe_open
-
-        with safe_open(single, "pt") as f:
+        with open_safetensors(single) as f:
             return {k: single for k in f.keys()}
     if index.is_file():
         try:
@@ -120,8 +134,6 @@ def _weight_files(directory: Path) -> dict[str, Path]:
 def from_pretrained(directory: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
                     device: str | torch.device = "cpu") -> InfiniLM:
     """Load a model saved by ``save_pretrained`` (or ``infinitrain export``); returned in eval mode."""
-    from safetensors import safe_open
-
     directory = Path(directory)
     config, meta = read_config(directory)
     files = _weight_files(directory)
@@ -145,7 +157,7 @@ def from_pretrained(directory: str | os.PathLike, *, dtype: str | torch.dtype | 
     for path, names in by_file.items():
         if not path.is_file():
             raise CheckpointError(f"{path}: listed in {INDEX_NAME} but missing")
-        with safe_open(path, "pt", device=str(device)) as f:
+        with open_safetensors(path, device=str(device)) as f:
             for name in names:
                 t = f.get_tensor(name)
                 if tuple(t.shape) != tuple(params[name].shape):

@@ -6,6 +6,7 @@
     kill:<site>:<steps>:<rank>  SIGKILL at a named point of those steps: step_start, mid_step (after each
                                 backward), after_step (after the optimizer), and the save sites before_shards,
                                 after_shards, before_commit, after_commit
+    stop:<site>:<steps>:<rank>  SIGSTOP there instead: a hung peer, alive but silent
     chaos:<n>:<rank>            SIGKILL at the n-th point this process reaches, whatever its site (a seeded
                                 random n kills "at a random time" reproducibly)
 
@@ -49,13 +50,15 @@ def matches(kind: str, step: int, site: str | None = None) -> bool:
 
 
 def point(site: str, step: int) -> None:
-    """A named point of the loop or of a save: SIGKILL here if ``kill:<site>:<step>`` or ``chaos:<n>`` says so."""
+    """A named point of the loop or of a save: SIGKILL (SIGSTOP) here if ``kill`` or ``chaos`` (``stop``) says so."""
     global _points
     assert site in SITES, site
     _points += 1
     chaos = _spec("chaos")
     if matches("kill", step, site) or (chaos and int(chaos[0]) == _points and int(chaos[1]) == dist.get_rank()):
         os.kill(os.getpid(), signal.SIGKILL)
+    if matches("stop", step, site):
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def sigterm_after(step: int) -> None:
