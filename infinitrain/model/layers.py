@@ -116,6 +116,18 @@ class InfiniAttention(nn.Module):
                                            keep=keep, doc_start=doc_start, eps=self.eps)
         return self.merge(o), state
 
+    def skip(self, x: Tensor, state: AttnState | None) -> AttnState:
+        """The state after normed tokens x (B, T, D) that no row routes through this layer (Mixture-of-Depths
+        decoding): their keys and values take their places in the segment, masked out (keep False), exactly as
+        the routed path stores them; no query, output projection or attention result is needed."""
+        B, T, _ = x.shape
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, K)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.value_dim).transpose(1, 2)  # (B, G, T, V)
+        q = x.new_zeros(B, self.n_heads, T, self.head_dim)
+        keep = torch.zeros(B, T, dtype=torch.bool, device=x.device)
+        return infini_attention_stream(q, k, v, self.betas, state, segment_len=self.segment_len, update=self.update,
+                                       causal=self.causal, rotary=self.rotary, keep=keep, eps=self.eps)[1]
+
     def forward_compact(self, x: Tensor, state: AttnState | None, *, pos: Tensor, tokens_per_segment: int,
                         doc_start: Tensor | None = None) -> tuple[Tensor, AttnState]:
         """Mixture-of-Depths training path: x (B, N*C, D) holds the C routed tokens of each of N whole
@@ -247,6 +259,9 @@ class MoDBlock(nn.Module):
             out, state, chosen = route_topk(x, logits, state, compact, segment_len=self.segment_len,
                                             tokens_per_segment=self.tokens_per_segment)
             return out, state, F.binary_cross_entropy_with_logits(logits, chosen.float())
+        if x.shape[1] == 1 and doc_start is None and not torch.is_grad_enabled() and not bool((logits > 0).any()):
+            state = self.block.attn.skip(self.block.attn_norm(x), state)  # decoding a token no row routes
+            return x, state, x.new_zeros((), dtype=torch.float32)
         full = self._full if doc_start is None else partial(self._full, doc_start=doc_start)
         out, state, _ = route_causal(x, logits, state, full)
         return out, state, x.new_zeros((), dtype=torch.float32)  # the BCE target is top-k, defined in training only
