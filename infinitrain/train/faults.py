@@ -2,7 +2,7 @@
 
     nan:<steps>:<rank>          this rank's loss is NaN at those step attempts (1-based, skipped ones
                                 included; joined by '+')
-    sigterm:<step>:<rank>       this rank sends itself SIGTERM after that step
+    sigterm:<step>:<rank>       this rank sends itself SIGTERM after that step (sigint: SIGINT)
     kill:<site>:<steps>:<rank>  SIGKILL at a named point of those steps: step_start, mid_step (after each
                                 backward), after_step (after the optimizer), and the save sites before_shards,
                                 after_shards, before_commit, after_commit
@@ -61,9 +61,10 @@ def point(site: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
 
 
-def sigterm_after(step: int) -> None:
-    if matches("sigterm", step):
-        os.kill(os.getpid(), signal.SIGTERM)
+def signal_after(step: int) -> None:
+    for kind, signum in (("sigterm", signal.SIGTERM), ("sigint", signal.SIGINT)):
+        if matches(kind, step):
+            os.kill(os.getpid(), signum)
 
 
 def tracing() -> bool:

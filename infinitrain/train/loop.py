@@ -321,7 +321,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: int, wor
             if not skipped and cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0:
                 save()
                 last_saved = step
-            faults.sigterm_after(state.step)
+            faults.signal_after(state.step)
             signum = stop.agreed()
             if signum:
                 done = ckpt.committed(run_dir / "checkpoints")

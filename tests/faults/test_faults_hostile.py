@@ -180,13 +180,18 @@ def _write(path: Path, content: bytes | None) -> None:
         path.write_bytes(content)
 
 
-@pytest.mark.parametrize("kind", list(SAFETENSORS))
-def test_broken_safetensors_header(model_dir, kind, tmp_path, capsys, monkeypatch):
+def _damaged_copy(model_dir: Path, tmp_path: Path, name: str, content: bytes | None) -> Path:
     import shutil
 
     d = tmp_path / "m"
     shutil.copytree(model_dir, d)
-    _write(d / "model.safetensors", SAFETENSORS[kind])
+    _write(d / name, content)
+    return d
+
+
+@pytest.mark.parametrize("kind", list(SAFETENSORS))
+def test_broken_safetensors_header(model_dir, kind, tmp_path, capsys, monkeypatch):
+    d = _damaged_copy(model_dir, tmp_path, "model.safetensors", SAFETENSORS[kind])
     code, out, err = _generate(d, tmp_path, capsys, monkeypatch)
     assert code == CheckpointError.code and out == ""
     one_line(err, d / "model.safetensors" if kind != "missing" else d)
@@ -194,11 +199,7 @@ def test_broken_safetensors_header(model_dir, kind, tmp_path, capsys, monkeypatc
 
 @pytest.mark.parametrize("kind", list(BROKEN))
 def test_broken_model_config(model_dir, kind, tmp_path, capsys, monkeypatch):
-    import shutil
-
-    d = tmp_path / "m"
-    shutil.copytree(model_dir, d)
-    _write(d / "config.json", BROKEN[kind])
+    d = _damaged_copy(model_dir, tmp_path, "config.json", BROKEN[kind])
     code, out, err = _generate(d, tmp_path, capsys, monkeypatch)
     assert code != 0 and out == ""
     one_line(err, d if kind == "missing" else d / "config.json")

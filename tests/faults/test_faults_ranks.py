@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from infinitrain.errors import CheckpointError, CollectiveError, Preempted, TrainingAborted
+from infinitrain.errors import CheckpointError, CollectiveError, TrainingAborted
 from trainkit import (TWO_RANKS, applied_ids, checkpoint_names, events, launch_ranks, manifest_holds, rows, run_ranks,
                       same_steps, stderr_tail, trace, train, wait_all)
 
