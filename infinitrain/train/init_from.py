@@ -38,8 +38,8 @@ from infinitrain.model.config import ModelConfig
 from infinitrain.model.lm import InfiniLM
 
 REPORT_NAME = "init_from.json"
-# Parameters a source may lack: the model initialises them itself (gates β, Mixture-of-Depths routers).
-CREATABLE = re.compile(r"layers\.\d+\.(?:block\.)?attn\.betas|layers\.\d+\.router\.weight")
+# Parameters a source may lack: the model initialises them itself (gates β, Mixture-of-Depths routers, a class head).
+CREATABLE = re.compile(r"layers\.\d+\.(?:block\.)?attn\.betas|layers\.\d+\.router\.weight|score\.weight")
 # Fields that decide how weights are read: must agree between the recipe and the source.
 ARCHITECTURE = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "activation",
                 "tie_embeddings")
