@@ -47,7 +47,7 @@ from torch import Tensor
 from infinitrain.generate import Sampling, generate, prefill
 from infinitrain.model import InfiniLM, ModelConfig
 from infinitrain.ops.memory import _expand_kv
-from infinitrain.ops.rope import apply_rotary
+from infinitrain.ops.rope import apply_rotary_at
 
 MiB = 2.0 ** 20
 K = 1024
@@ -77,6 +77,7 @@ class KVCacheDecoder:
         self.lm = lm
         c = lm.config
         shape = (batch, c.n_kv_heads, max_len, c.head_dim)
+        self.max_len = max_len
         self.k = [torch.zeros(shape) for _ in lm.layers]  # (B, G, L, K) rotated keys
         self.v = [torch.zeros(shape) for _ in lm.layers]
 
@@ -94,8 +95,8 @@ class KVCacheDecoder:
         for layer, kc, vc in zip(lm.layers, self.k, self.v):
             attn = layer.attn
             q, k, v = attn.project(layer.attn_norm(x))  # (B, H, T, K), (B, G, T, K)
-            if attn.rotary is not None:
-                q, k = apply_rotary(q, positions, attn.rotary), apply_rotary(k, positions, attn.rotary)
+            if attn.rotary is not None:  # cos/sin rows of a cached table, as the infini decoder reads them
+                q, k = (apply_rotary_at(t, pos, attn.rotary, self.max_len) for t in (q, k))
             kc[:, :, pos:pos + T], vc[:, :, pos:pos + T] = k, v
             keys, values = _expand_kv(kc[:, :, :pos + T], attn.n_heads), _expand_kv(vc[:, :, :pos + T], attn.n_heads)
             mask = torch.arange(pos + T)[None, :] <= positions[:, None] if T > 1 else None  # (T, pos+T)
