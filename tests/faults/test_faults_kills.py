@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
 from conftest import traced_train
 from trainkit import applied_ids, checkpoint_names, events, rows, run_cli, same_steps, trace
 
@@ -61,6 +62,7 @@ def test_kill9_at_before_commit_keeps_manifest_out_of_reach(tmp_path):
     assert checkpoint_names(run) == [STEP.format(1), STEP.format(2)]
 
 
+@pytest.mark.slow
 def test_ten_random_kills_then_resume_equal_uninterrupted(tmp_path):
     """Ten SIGKILLs at seeded random points of a 12-step run (save every step): each process dies at the n-th
     instrumented point it reaches (start of a step, after each backward, after the optimizer, four save sites),
