@@ -137,7 +137,8 @@ def test_train_export_and_eval_classify(topics_data, tmp_path):
 
     data = topics_data / "data"
     cfg = load_recipe("tiny-classify", ["model.segment_len=16", "data.micro_batch_size=4", "schedule.steps=4",
-                                        "schedule.warmup=0", "log.every=1", "data.val_samples=4"], str(data))
+                                        "schedule.warmup=0", "log.every=1", "data.val_samples=4",
+                                        "tbptt.window=2"], str(data))  # 2 TBPTT windows, the loss in the second
     summary = train(cfg, tmp_path / "run", "none")
     assert summary["step"] == 4 and np.isfinite(summary["val_loss"])
     index = json.loads((data / "index.json").read_text())
