@@ -12,6 +12,7 @@ classification head (``score.*``, new weights); without it every parameter. Then
 adds. A pattern is a glob on the full parameter name (``layers.0.*``, ``*.attn.betas``) or ``re:`` + a regular
 expression (full match); each must match some parameter. Infini-attention has no projections of its own for the
 memory: Eqs. 7-8 reuse the attention's Q, K and V, which is why ``memory: true`` means q/k/v.
+On the command line the lora mapping is replaced whole: ``'finetune.lora={rank: 4, alpha: 8}'``.
 Frozen parameters get ``requires_grad = False`` before ``deepspeed.initialize`` (the optimizer never sees them;
 ZeRO keeps them partitioned and saves them with the checkpoint). The adapters are merged into the weights
 whenever a checkpoint is read for inference or export (``infinitrain.model.lora.merge_lora_state``).
