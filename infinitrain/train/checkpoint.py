@@ -118,6 +118,8 @@ def save(engine, root: Path, step: int, trainer_state: dict[str, Any], keep_last
     if rank == 0:
         try:
             _commit(tmp, final, step, world)
+        except CheckpointError as err:  # raised on every rank below, not here: the others wait in a collective
+            error = str(err)
         except OSError as err:
             error = _write_error(err, tmp)
     _raise_if_any(error, tmp)
@@ -155,7 +157,7 @@ def _commit(tmp: Path, final: Path, step: int, world: int) -> None:
     """Rank 0: check every rank's done marker, hash and fsync, write the manifest, rename, fsync the parent."""
     missing = [r for r in range(world) if not (tmp / f"done.rank{r:05d}").is_file()]
     if missing:
-        raise CheckpointError(f"{tmp}: ranks {missing} did not finish writing; checkpoint not committed")
+        raise CheckpointError(f"{tmp}: ranks {missing} wrote no done marker")
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     manifest = {"version": 1, "step": step, "world_size": world,
                 "files": {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p, fsync=True)}
