@@ -215,3 +215,23 @@ def manifest_holds(ckpt: Path) -> bool:
     m = json.loads((ckpt / "manifest.json").read_text())
     return all((ckpt / rel).is_file() and hashlib.sha256((ckpt / rel).read_bytes()).hexdigest() == meta["sha256"]
                for rel, meta in m["files"].items())
+
+
+def cli(args: list, capsys, monkeypatch) -> tuple[int, str, str]:
+    """``infinitrain ARGS`` in this process (pytest's capsys and monkeypatch): (exit code, stdout, stderr)."""
+    from infinitrain.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["infinitrain", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_line(err: str, needle: str | Path) -> None:
+    """Exactly one error line (progress lines may precede it), naming ``needle``; no traceback."""
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and str(needle) in lines[0] and "Traceback" not in err, err[-3000:]

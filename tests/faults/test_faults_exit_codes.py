@@ -12,8 +12,7 @@ import signal
 import pytest
 
 from infinitrain.errors import EXIT_CODES, ConfigError, DataError, ShardCorruptError, TrainingAborted
-from test_faults_hostile import cli, one_line
-from trainkit import REPO, SMALL, TEXT, checkpoint_names, events, rows, run_cli, same_steps
+from trainkit import REPO, SMALL, TEXT, checkpoint_names, cli, events, one_line, rows, run_cli, same_steps
 
 TRAIN = ["train", "--recipe", "debug", "--data", TEXT, *SMALL]
 

@@ -9,14 +9,13 @@ import hashlib
 import json
 import os
 import struct
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from infinitrain.errors import CheckpointError
-from trainkit import TEXT, train
+from trainkit import TEXT, cli, one_line, train
 
 
 class Payload:
@@ -27,26 +26,6 @@ class Payload:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
-
-
-def cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
-    """``infinitrain ARGS`` in this process: (exit code, stdout, stderr)."""
-    from infinitrain.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["infinitrain", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def one_line(err: str, needle: str | Path) -> None:
-    """Exactly one error line (progress lines may precede it), naming ``needle``; no traceback."""
-    lines = [x for x in err.splitlines() if x.startswith("error:")]
-    assert len(lines) == 1 and str(needle) in lines[0] and "Traceback" not in err, err[-3000:]
 
 
 @pytest.fixture(scope="module")

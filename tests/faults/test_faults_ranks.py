@@ -11,8 +11,8 @@ import time
 import pytest
 
 from infinitrain.errors import CheckpointError, CollectiveError, TrainingAborted
-from trainkit import (TWO_RANKS, applied_ids, checkpoint_names, events, launch_ranks, manifest_holds, rows, run_ranks,
-                      same_steps, stderr_tail, trace, train, wait_all)
+from trainkit import (TWO_RANKS, applied_ids, checkpoint_names, events, launch_ranks, manifest_holds, one_line, rows,
+                      run_ranks, same_steps, stderr_tail, trace, train, wait_all)
 
 ARGS = ["checkpoint.save_every=2"]
 pytestmark = pytest.mark.slow  # two processes per run (CI runs them; `-m "not slow"` skips them locally)
@@ -25,12 +25,6 @@ def reference2(tmp_path_factory):
     codes, errs = run_ranks(d / "run", ARGS, INFINITRAIN_TRACE=str(d / "trace"))
     assert codes == [0, 0], errs
     return rows(d / "run"), [applied_ids(d / "trace", r) for r in (0, 1)]
-
-
-def _one_error_line(stderr: str) -> str:
-    lines = [x for x in stderr.splitlines() if x.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
-    return lines[0]
 
 
 def test_sigterm_to_rank0_only_commits_within_25s_and_resumes(reference2, tmp_path):
@@ -51,7 +45,7 @@ def test_sigterm_to_rank0_only_commits_within_25s_and_resumes(reference2, tmp_pa
     assert codes == [128 + signal.SIGTERM] * 2 and took <= 25, (codes, took, [stderr_tail(p) for p in procs])
     last = [max(r["step"] for r in trace(tr, rank)) for rank in (0, 1)]
     assert last[0] == last[1] and checkpoint_names(run)[-1] == f"step-{last[0]:08d}"  # no applied step lost
-    assert "stopped by SIGTERM after committing" in _one_error_line(stderr_tail(procs[0]))
+    one_line(stderr_tail(procs[0]), "stopped by SIGTERM after committing")
     print(f"SIGTERM at step {last[0]}: both ranks exited 143 in {took:.1f} s")
 
     with pytest.raises(CheckpointError, match="saved by 2 ranks, this run has 1"):  # a world of one, in-process
@@ -73,7 +67,7 @@ def test_rank_killed_during_save_resumes_from_previous_commit(reference2, tmp_pa
     run = tmp_path / "run"
     codes, errs = run_ranks(run, ARGS, INFINITRAIN_FAULT="kill:after_shards:4:1")
     assert codes == [CollectiveError.code, -9], errs
-    assert "step-00000002" in _one_error_line(errs[0])
+    one_line(errs[0], "step-00000002")
     partial = run / "checkpoints" / "step-00000004.tmp"
     assert checkpoint_names(run) == ["step-00000002", partial.name] and not (partial / "manifest.json").exists()
     assert (partial / "done.rank00000").is_file() and not (partial / "done.rank00001").exists()  # one rank's files
@@ -93,7 +87,7 @@ def test_dead_peer_mid_step_stops_rank0_within_timeout(tmp_path):
     code = procs[0].wait(timeout=60)
     took = time.time() - died
     assert code == CollectiveError.code and took <= 20, (code, took, stderr_tail(procs[0]))
-    assert "peer" in _one_error_line(stderr_tail(procs[0]))
+    one_line(stderr_tail(procs[0]), "peer")
     assert checkpoint_names(run) == ["step-00000002"] and manifest_holds(run / "checkpoints" / "step-00000002")
     print(f"rank 0 exited {took:.1f} s after rank 1 died")
 
@@ -114,7 +108,7 @@ def test_hung_peer_stops_rank0_after_the_configured_timeout(tmp_path):
     finally:
         procs[1].kill()
     assert code == CollectiveError.code and 3 <= took <= 30, (code, took, stderr_tail(procs[0]))
-    assert "peer" in _one_error_line(stderr_tail(procs[0]))
+    one_line(stderr_tail(procs[0]), "peer")
     assert checkpoint_names(run) == ["step-00000002"] and manifest_holds(run / "checkpoints" / "step-00000002")
     print(f"rank 0 exited {took:.1f} s after rank 1 froze (run.timeout_s=4)")
 
@@ -132,7 +126,7 @@ def test_nan_on_one_rank_every_rank_skips_then_aborts(tmp_path):
     codes, errs = run_ranks(run, ["checkpoint.save_every=1", "run.max_nonfinite=3"], INFINITRAIN_FAULT="nan:3+4+5:1",
                             INFINITRAIN_TRACE=str(tr))
     assert codes == [TrainingAborted.code] * 2, errs
-    assert "3 steps in a row" in _one_error_line(errs[0])
+    one_line(errs[0], "3 steps in a row")
     for rank in (0, 1):
         t = {r["attempt"]: r for r in trace(tr, rank)}
         assert [t[a]["skipped"] for a in (1, 2, 3, 4, 5)] == [False, False, True, True, True]
