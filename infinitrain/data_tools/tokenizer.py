@@ -85,8 +85,9 @@ def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> None:
     write_atomic(Path(path), tok.to_str().encode())
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes to ``path`` through a temp file, fsync and rename, so readers never see a partial file."""
+def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Write bytes to ``path`` through a temp file, fsync and rename, so readers never see a partial file.
+    ``durable=False`` skips the fsync: for scratch files whose content is checked when read back."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -96,7 +97,8 @@ def write_atomic(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
