@@ -47,7 +47,7 @@ from torch import Tensor
 from infinitrain.generate import Sampling, generate, prefill
 from infinitrain.model import InfiniLM, ModelConfig
 from infinitrain.ops.memory import _expand_kv
-from infinitrain.ops.rope import apply_rotary_at
+from infinitrain.ops.rope import rope_angles, rotate
 
 MiB = 2.0 ** 20
 K = 1024
@@ -77,7 +77,6 @@ class KVCacheDecoder:
         self.lm = lm
         c = lm.config
         shape = (batch, c.n_kv_heads, max_len, c.head_dim)
-        self.max_len = max_len
         self.k = [torch.zeros(shape) for _ in lm.layers]  # (B, G, L, K) rotated keys
         self.v = [torch.zeros(shape) for _ in lm.layers]
 
@@ -92,11 +91,14 @@ class KVCacheDecoder:
         lm, T = self.lm, ids.shape[1]
         x = lm.embed(ids)  # (B, T, D)
         positions = torch.arange(pos, pos + T)
+        spec = lm.layers[0].attn.rotary
+        if spec is not None:  # cos/sin of these positions once per step for every layer (as Hugging Face does)
+            cos, sin = rope_angles(positions, spec, torch.promote_types(x.dtype, torch.float32))
         for layer, kc, vc in zip(lm.layers, self.k, self.v):
             attn = layer.attn
             q, k, v = attn.project(layer.attn_norm(x))  # (B, H, T, K), (B, G, T, K)
-            if attn.rotary is not None:  # cos/sin rows of a cached table, as the infini decoder reads them
-                q, k = (apply_rotary_at(t, pos, attn.rotary, self.max_len) for t in (q, k))
+            if spec is not None:
+                q, k = rotate(q, cos, sin, spec), rotate(k, cos, sin, spec)
             kc[:, :, pos:pos + T], vc[:, :, pos:pos + T] = k, v
             keys, values = _expand_kv(kc[:, :, :pos + T], attn.n_heads), _expand_kv(vc[:, :, :pos + T], attn.n_heads)
             mask = torch.arange(pos + T)[None, :] <= positions[:, None] if T > 1 else None  # (T, pos+T)
