@@ -4,8 +4,9 @@ Two stages. (1) The main process reads documents in input order and groups them 
 ``unit_chars`` characters; W workers (the main process and W-1 spawned ones) tokenize each unit and write it to
 ``DIR/.work/unit-NNNNNN.bin`` atomically, so a killed run resumes by skipping the units already on disk.
 (2) The main process reads the units in order, assigns each document to train or val, packs, and writes the
-shards, documents file, report, ``index.json`` (last) and the done-file. Unit boundaries never show in the output, and stage 2 is sequential, so the output
-is byte-identical whatever the worker count and however often the run was interrupted.
+shards, documents file, report, ``index.json`` (last) and the done-file. Unit boundaries never show in the
+output, and stage 2 is sequential, so the output is byte-identical whatever the worker count and however often
+the run was interrupted.
 """
 
 from __future__ import annotations
