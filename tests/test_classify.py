@@ -176,3 +176,17 @@ def test_classification_needs_labelled_data(tmp_path):
         load_recipe("debug", ["model.labels=[x, y]"])
     with pytest.raises(ConfigError, match="model.labels"):
         get_preset("debug").replace(labels=["x"])
+
+
+def test_a_language_model_initialises_a_classifier(tmp_path):
+    """init_from an LM export: every shared tensor loads, the class head is created, the LM head is unused."""
+    from infinitrain.train.init_from import load_into
+
+    torch.manual_seed(0)
+    lm = InfiniLM(get_preset("debug").replace(segment_len=16))
+    lm.save_pretrained(tmp_path / "lm")
+    config = lm.config.replace(labels=list(LABELS))
+    clf = InfiniLM(config)
+    report = load_into(clf, config, tmp_path / "lm")
+    assert report.created == ("score.weight",) and report.unused == ("lm_head.weight",)
+    assert all(torch.equal(p, lm.state_dict()[n]) for n, p in clf.named_parameters() if n != "score.weight")
