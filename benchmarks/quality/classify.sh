@@ -24,6 +24,7 @@ cd "$WORK"
 "$INF" prepare topics.jsonl --format classification --tokenizer tok.json --out data --segment-len 64 \
   --sample-segments "$SEGMENTS" --val-fraction 0.2 --seed 0 --no-progress
 
+rm -rf run                          # a fresh run each time (--resume none refuses an old one)
 start=$(date +%s)
 # shellcheck disable=SC2086
 "$INF" train --recipe tiny-classify --data data --run-dir run --resume none data.segments_per_sample="$SEGMENTS" \
