@@ -1,6 +1,6 @@
 """Per-token decode latency and peak memory of `generate` at 1K..1M tokens of context, vs a full-attention KV-cache decoder.
 
-Reproduce (about 4 minutes on 2 loaded CPU cores; ``--quick`` is a smoke run):
+Reproduce (about 5 minutes on 2 loaded CPU cores; ``--quick`` is a smoke run):
 
     /work/venv/bin/python benchmarks/generate.py --json out.json
 
@@ -326,7 +326,8 @@ def parse_args(argv=None):
                         "position and one compression into the memory are in the median)")
     p.add_argument("--full-decode-tokens", type=int, default=None,
                    help="timed full-attention decode steps (default 64: the cache barely grows over them)")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds; each step keeps its fastest")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved timing rounds; each step keeps its fastest (default 10, --quick 1)")
     p.add_argument("--segment", type=int, default=512)
     p.add_argument("--d-model", type=int, default=256, help="with --heads 4: head dim 64, as the 1b preset")
     p.add_argument("--layers", type=int, default=2)
@@ -347,7 +348,7 @@ def parse_args(argv=None):
         args.rss_contexts = args.rss_contexts or [64, 256]
         args.decode_tokens = args.decode_tokens or 8
         args.full_decode_tokens = args.full_decode_tokens or 8
-        args.rounds = 1 if args.rounds == 5 else args.rounds
+    args.rounds = args.rounds or (1 if args.quick else 10)  # 10: a load burst must hit a step in all of them
     args.contexts = sorted(args.contexts or _ints("1k,4k,16k,64k,256k"))
     args.full_contexts = sorted(args.full_contexts or _ints("1k,16k,64k"))
     args.rss_contexts = sorted(args.rss_contexts or _ints("1k,1m"))
