@@ -2,6 +2,8 @@
 
 ``out = model(input_ids, state)`` returns logits, the state to pass back to continue the stream,
 and the Mixture-of-Depths auxiliary loss; any number of tokens per call (generation feeds one).
+With ``targets`` (training) it returns the summed token cross-entropy instead of the logits, computed chunk by
+chunk under activation checkpointing so that only the hidden states are kept, never the (B, T, V) logits.
 Shape legend: B batch, T tokens, D model dim, V vocabulary.
 """
 
@@ -10,7 +12,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from infinitrain.model.config import ModelConfig
 from infinitrain.model.layers import Block, MoDBlock, RMSNorm
@@ -34,9 +38,11 @@ class ModelState(NamedTuple):
 
 
 class LMOutput(NamedTuple):
-    logits: Tensor  # (B, T, V)
+    logits: Tensor | None  # (B, T, V); None when the call was given targets
     state: ModelState
     aux_loss: Tensor  # scalar: sum of the Mixture-of-Depths BCE losses (0 without MoD)
+    loss_sum: Tensor | None = None  # () summed fp32 cross-entropy of the masked-in targets (calls given targets)
+    token_loss: Tensor | None = None  # (B, T) that cross-entropy per token, detached (0 where masked out)
 
 
 class InfiniLM(nn.Module):
@@ -74,10 +80,13 @@ class InfiniLM(nn.Module):
         """The per-head gates β: train them with their own learning rate and no weight decay."""
         return [p for n, p in self.named_parameters() if n.endswith("betas")]
 
-    def forward(self, input_ids: Tensor, state: ModelState | None = None, *,
-                doc_start: Tensor | None = None) -> LMOutput:
+    def forward(self, input_ids: Tensor, state: ModelState | None = None, *, doc_start: Tensor | None = None,
+                targets: Tensor | None = None, loss_mask: Tensor | None = None,
+                loss_chunk: int | None = None) -> LMOutput:
         """input_ids (B, T); state from the previous call (None starts fresh); doc_start (B, T) bool marks
-        the first token of each packed document (segment-aligned calls only): nothing crosses it."""
+        the first token of each packed document (segment-aligned calls only): nothing crosses it.
+        targets (B, T) (with loss_mask (B, T), default all) returns the loss in place of the logits, computed
+        ``loss_chunk`` tokens at a time (default: one segment)."""
         x = self.embed(input_ids)  # (B, T, D)
         layer_states = [None] * len(self.layers) if state is None else list(state.layers)
         aux = x.new_zeros((), dtype=torch.float32)
@@ -86,8 +95,29 @@ class InfiniLM(nn.Module):
             x, s, a = layer(x, s, doc_start=doc_start)
             new_states.append(s)
             aux = aux + a
-        logits = (self.lm_head if self.config.labels is None else self.score)(self.norm(x))
-        return LMOutput(logits, ModelState(tuple(new_states)), aux)
+        state = ModelState(tuple(new_states))
+        if targets is None:
+            return LMOutput(self.head(x), state, aux)
+        mask = torch.ones_like(targets, dtype=torch.bool) if loss_mask is None else loss_mask
+        chunk = loss_chunk or self.config.segment_len
+        ce = []
+        for a in range(0, x.shape[1], chunk):
+            args = (x[:, a:a + chunk], targets[:, a:a + chunk], mask[:, a:a + chunk])
+            # recomputed in backward: the chunk's logits live only while it is differentiated
+            ce.append(checkpoint(self._chunk_loss, *args, use_reentrant=False) if torch.is_grad_enabled()
+                      else self._chunk_loss(*args))
+        loss_sum = sum(c.sum() for c in ce)
+        return LMOutput(None, state, aux, loss_sum, torch.cat(ce, dim=1).detach())
+
+    def head(self, x: Tensor) -> Tensor:
+        """Final norm and the output head (LM head or class head ``score``): hidden (B, T, D) -> logits."""
+        return (self.lm_head if self.config.labels is None else self.score)(self.norm(x))
+
+    def _chunk_loss(self, x: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+        """fp32 cross-entropy (B, c) of one chunk, 0 where masked out. The head is called as a module, so that
+        ZeRO-3's hooks gather its weight here and again when the checkpoint recomputes it."""
+        logits = self.head(x).float()
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape) * mask
 
     def save_pretrained(self, directory, **kw):
         """Write config.json + safetensors weights; see ``infinitrain.model.io.save_pretrained``."""

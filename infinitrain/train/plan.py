@@ -22,10 +22,14 @@ Checkpointing (``tbptt.checkpointing``): none keeps every layer's A over T; laye
 (e·D per token) and recomputes one layer at a time; segment keeps each layer's input and its (M, z) before
 every segment, and recomputes one (layer, segment) at a time.
 
+The loss is computed one segment at a time under checkpointing (``InfiniLM.forward(..., targets=)``): the
+window keeps the final hidden states, targets and mask ((e + 9)·T), and the logits of one segment's B·S tokens
+exist only while that segment's loss is recomputed and differentiated.
+
 On top, during a window's backward: the working set of the unit being differentiated (its activations again
-plus 8·H·S per token of fp32 score and probability gradients), the logits and the loss T·V·(e + 12), the
-carried (M, z) and ZeRO-3's buffers; at the optimizer step, a fp32 copy of the gradient partition. The peak
-is the held model states plus the larger of those two phases.
+plus 8·H·S per token of fp32 score and probability gradients), one chunk's logits and loss
+B·S·(V·(e + 12) + (4 + 2e)·D), the carried (M, z) and ZeRO-3's buffers; at the optimizer step, a fp32 copy of
+the gradient partition. The peak is the held model states plus the larger of those two phases.
 """
 
 from __future__ import annotations
@@ -131,20 +135,20 @@ def activation_bytes(cfg, e: int | None = None) -> tuple[float, str, float, str]
     B, W, S = cfg.data.micro_batch_size, cfg.window, m.segment_len
     T = B * W * S
     layers = _layers(m, e)
-    head_norm = (4 + 2 * e) * m.d_model * T  # the final RMSNorm's fp32 input and its two outputs
+    head_in = (e * m.d_model + 9) * T  # the chunked loss's inputs: final hidden states, int64 targets, bool mask
     state_in = B * m.n_kv_heads * m.head_dim * (m.head_dim + 1) * 4  # one layer's (M, z)
     a, a_seg = max(layers)
     grads = 8 * m.n_heads * S
     mode = cfg.tbptt.checkpointing
     if mode == "none":
-        kept = sum(T * a_ + B * W * s_ for a_, s_ in layers) + head_norm
-        return kept, "Σ_layers (T·A + B·W·A_seg) + (4+2e)·D·T", T * (a + grads), "T·(A + 8·H·S)"
+        kept = sum(T * a_ + B * W * s_ for a_, s_ in layers) + head_in
+        return kept, "Σ_layers (T·A + B·W·A_seg) + (e·D + 9)·T", T * (a + grads), "T·(A + 8·H·S)"
     if mode == "layer":
-        kept = m.n_layers * e * m.d_model * T + T * a + B * W * a_seg + head_norm
-        return (kept, "L·e·D·T + (T·A + B·W·A_seg) [one layer recomputed] + (4+2e)·D·T",
+        kept = m.n_layers * e * m.d_model * T + T * a + B * W * a_seg + head_in
+        return (kept, "L·e·D·T + (T·A + B·W·A_seg) [one layer recomputed] + (e·D + 9)·T",
                 T * (a + grads), "T·(A + 8·H·S)")
-    kept = m.n_layers * (e * m.d_model * T + W * state_in) + B * S * a + B * a_seg + head_norm
-    return (kept, "L·(e·D·T + W·B·G·K(K+1)·4) + (B·S·A + B·A_seg) [one layer-segment recomputed] + (4+2e)·D·T",
+    kept = m.n_layers * (e * m.d_model * T + W * state_in) + B * S * a + B * a_seg + head_in
+    return (kept, "L·(e·D·T + W·B·G·K(K+1)·4) + (B·S·A + B·A_seg) [one layer-segment recomputed] + (e·D + 9)·T",
             B * S * (a + grads), "B·S·(A + 8·H·S)")
 
 
@@ -202,8 +206,9 @@ def plan(cfg, *, gpus: int, nodes: int = 1, gpu_memory: float = 80 * GB, title: 
         Term(f"activations (checkpointing {cfg.tbptt.checkpointing})", act, act_formula, "backward"),
         Term("backward working set", work, work_formula + "  [one unit's gradients]", "backward"),
         Term("memory states (M, z), fp32", memory, "2·L·B·G·K·(K+1)·4  [carried in and out of a window]", "backward"),
-        Term("logits and loss", T * V * (e + 12), "T·V·(e + 12)  [logits; fp32 log-softmax, its gradient and "
-             "the logits' gradient]", "backward"),
+        Term("logits and loss (one segment)", B * S * (V * (e + 12) + (4 + 2 * e) * m.d_model),
+             "B·S·(V·(e + 12) + (4+2e)·D)  [recomputed per segment: norm, logits, fp32 log-softmax, their "
+             "gradients]", "backward"),
     ]
     if stage == 3:
         prefetch, bucket = _ds_setting(ds, "stage3_prefetch_bucket_size"), _ds_setting(ds, "reduce_bucket_size")

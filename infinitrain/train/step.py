@@ -23,7 +23,8 @@ from infinitrain.train.data import Batch
 
 
 def token_loss_sum(logits: Tensor, targets: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed cross-entropy over the masked-in targets (fp32), and the per-token loss (B, T) detached."""
+    """Summed cross-entropy over the masked-in targets (fp32), and the per-token loss (B, T) detached: the
+    naive twin of the model's chunked loss (``InfiniLM.forward(..., targets=)``), which the trainer uses."""
     ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
     ce = ce * mask  # (B, T); masked targets contribute exactly 0
     return ce.sum(), ce.detach()
@@ -76,8 +77,9 @@ def backward_windows(engine, micro_batches: list[Batch], *, segment_len: int, wi
             n_backward += 1
             engine.set_gradient_accumulation_boundary(n_backward == total)
             dev = engine.device
-            out = engine(mb.input_ids[:, a:b].to(dev), state, doc_start=mb.doc_start[:, a:b].to(dev))
-            loss_sum, ce = token_loss_sum(out.logits, mb.targets[:, a:b].to(dev), mb.loss_mask[:, a:b].to(dev))
+            out = engine(mb.input_ids[:, a:b].to(dev), state, doc_start=mb.doc_start[:, a:b].to(dev),
+                         targets=mb.targets[:, a:b].to(dev), loss_mask=mb.loss_mask[:, a:b].to(dev))
+            loss_sum, ce = out.loss_sum, out.token_loss  # chunked: the window's logits are never all kept
             # the router loss is a per-token mean: weight windows by tokens (× world / world for the DS average)
             aux_share = (b - a) * B / tokens_per_rank
             loss = loss_sum * scale + (aux_weight * aux_share) * out.aux_loss
@@ -116,9 +118,10 @@ def evaluate(engine, batches: list[Batch], *, segment_len: int, window: int) -> 
         state, L = None, mb.input_ids.shape[1]
         for a in range(0, L, window * segment_len):
             b = min(L, a + window * segment_len)
-            out = engine(mb.input_ids[:, a:b].to(engine.device), state, doc_start=mb.doc_start[:, a:b].to(engine.device))
-            s, _ = token_loss_sum(out.logits, mb.targets[:, a:b].to(engine.device), mb.loss_mask[:, a:b].to(engine.device))
-            tot[0] += s.double().cpu()
+            dev = engine.device
+            out = engine(mb.input_ids[:, a:b].to(dev), state, doc_start=mb.doc_start[:, a:b].to(dev),
+                         targets=mb.targets[:, a:b].to(dev), loss_mask=mb.loss_mask[:, a:b].to(dev))
+            tot[0] += out.loss_sum.double().cpu()
             tot[1] += mb.loss_mask[:, a:b].sum()
             state = out.state
     tot = all_reduce(tot)
