@@ -9,8 +9,9 @@ generated words, written as JSONL for `prepare`; a byte-level BPE is trained on 
 `prepare --workers W` runs W single-threaded tokenizers (each worker sets TOKENIZERS_PARALLELISM=false), so it is
 compared with `encode_batch` on one thread (W=1) and on a rayon pool of W threads (W=2; RAYON_NUM_THREADS is set
 to the largest W before `tokenizers` starts its pool). `encode_batch` is timed on the whole documents and on the
-pieces of at most ``max_piece_chars`` characters that `prepare` encodes (long texts encode faster in pieces); the
-targets use the faster of the two. tokens/s counts the text's tokens (the same number for every row); `prepare`
+pieces of at most ``max_piece_chars`` characters that `prepare` encodes (long texts encode faster in pieces), and
+``encode_batch_fast`` (the same ids without offsets, which `prepare` calls when tokenizers has it) on those pieces;
+the targets use the fastest of these. tokens/s counts the text's tokens (the same number for every row); `prepare`
 is end to end: read, tokenize, write work units, pack, zstd, sha256, shards, index.
 
 Robust to a shared machine: rounds are interleaved (each round runs every cell in a fresh random order) and each
@@ -68,8 +69,10 @@ def cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def bare_seconds(tok_path: Path, texts: list[str], threads: int) -> tuple[float, float, int]:
-    """Wall seconds, CPU seconds and tokens of one ``encode_batch`` over ``texts`` on 1 thread or the rayon pool."""
+def bare_seconds(tok_path: Path, texts: list[str], threads: int, method: str = "encode_batch",
+                 ) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds and tokens of one ``encode_batch`` (or ``encode_batch_fast``: no offsets) over
+    ``texts`` on 1 thread or the rayon pool."""
     from tokenizers import Tokenizer
 
     from infinitrain.data_tools.tokenizer import encoder
@@ -77,7 +80,7 @@ def bare_seconds(tok_path: Path, texts: list[str], threads: int) -> tuple[float,
     os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
     tok = encoder(Tokenizer.from_file(str(tok_path)))
     t0, c0 = time.perf_counter(), cpu_seconds()
-    n = sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
+    n = sum(len(e.ids) for e in getattr(tok, method)(texts, add_special_tokens=False))
     return time.perf_counter() - t0, cpu_seconds() - c0, n
 
 
@@ -119,6 +122,8 @@ def _log(msg: str) -> None:
 
 
 def run(args, argv: list[str]) -> dict:
+    from tokenizers import Tokenizer
+
     from infinitrain.data_tools.prepare import PrepareConfig, split_text
     from infinitrain.data_tools.tokenizer import save_tokenizer, train_bpe
 
@@ -135,7 +140,10 @@ def run(args, argv: list[str]) -> dict:
         save_tokenizer(train_bpe(docs, vocab_size=args.vocab), tok_path)
         jsonl = tmp / "in.jsonl"
         jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
-        cells = [(what, w) for w in WORKERS for what in ("bare-docs", "bare-pieces", "prepare")]
+        bare = {"bare-docs": (docs, "encode_batch"), "bare-pieces": (pieces, "encode_batch")}
+        if hasattr(Tokenizer, "encode_batch_fast"):  # tokenizers >= 0.20; prepare uses it when there
+            bare["bare-pieces-fast"] = (pieces, "encode_batch_fast")
+        cells = [(what, w) for w in WORKERS for what in (*bare, "prepare")]
         best: dict[tuple[str, int], dict] = {}
         tokens: set[int] = set()
         outputs: dict[int, Path] = {}
@@ -153,7 +161,7 @@ def run(args, argv: list[str]) -> dict:
                     cell = {"seconds": secs, "cpu_seconds": cpu, **stages,
                             "shard_tokens": sum(s["num_tokens"] for s in index["splits"].values())}
                 else:
-                    secs, cpu, n = bare_seconds(tok_path, docs if what == "bare-docs" else pieces, w)
+                    secs, cpu, n = bare_seconds(tok_path, *bare[what][:1], w, bare[what][1])
                     tokens.add(n)
                     cell = {"seconds": secs, "cpu_seconds": cpu}
                 if (what, w) not in best or secs < best[what, w]["seconds"]:
@@ -175,19 +183,16 @@ def run(args, argv: list[str]) -> dict:
 
 def summarize(best: dict, tokens: int) -> dict:
     rate = {key: tokens / c["seconds"] for key, c in best.items()}
-    out = {}
-    for w in WORKERS:
-        bare = max(rate["bare-docs", w], rate["bare-pieces", w])
-        out[f"prepare_over_bare_{w}"] = rate["prepare", w] / bare  # target >= 0.8
+    bare = {w: max(r for (what, cores), r in rate.items() if cores == w and what != "prepare") for w in WORKERS}
+    out = {f"prepare_over_bare_{w}": rate["prepare", w] / bare[w] for w in WORKERS}  # target >= 0.8
     out["prepare_scaling"] = rate["prepare", 2] / rate["prepare", 1]  # target >= 1.7
-    out["bare_scaling"] = max(rate["bare-docs", 2], rate["bare-pieces", 2]) / max(rate["bare-docs", 1],
-                                                                                  rate["bare-pieces", 1])
+    out["bare_scaling"] = bare[2] / bare[1]
     out["prepare_cpu_ratio"] = best["prepare", 2]["cpu_seconds"] / best["prepare", 1]["cpu_seconds"]
     return out
 
 
 LABELS = {"bare-docs": "encode_batch, whole documents", "bare-pieces": "encode_batch, prepare's pieces",
-          "prepare": "prepare, end to end"}
+          "bare-pieces-fast": "encode_batch_fast, same pieces", "prepare": "prepare, end to end"}
 
 
 def format_table(report: dict) -> str:
@@ -202,7 +207,7 @@ def format_table(report: dict) -> str:
                      f"{r['cpu_seconds']:6.2f} {s1} {s2}")
     s = report["summary"]
     lines += ["",
-              f"prepare / bare tokenizer (faster row), 1 core: {s['prepare_over_bare_1']:.2f}x; 2 cores: "
+              f"prepare / bare tokenizer (fastest row), 1 core: {s['prepare_over_bare_1']:.2f}x; 2 cores: "
               f"{s['prepare_over_bare_2']:.2f}x (target >= 0.8)",
               f"prepare 2 workers / 1 worker: {s['prepare_scaling']:.2f}x (target >= 1.7); the bare tokenizer's own "
               f"2-thread / 1-thread: {s['bare_scaling']:.2f}x (what the machine gave)",

@@ -77,7 +77,7 @@ def test_prepare_benchmark_times_every_cell_and_workers_agree(tmp_path, capsys):
     bench = _load("prepare")
     report = bench.main(["--mb", "0.05", "--rounds", "1", "--json", str(tmp_path / "p.json")])
     cells = {(r["impl"], r["workers"]): r for r in report["results"]}
-    assert set(cells) == {(i, w) for i in ("bare-docs", "bare-pieces", "prepare") for w in (1, 2)}
+    assert {(i, w) for i in ("bare-docs", "bare-pieces", "prepare") for w in (1, 2)} <= set(cells)
     assert all(math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0 for r in cells.values())
     assert cells["prepare", 2]["stage1"] > 0 and cells["prepare", 2]["stage2"] > 0
     assert report["outputs_identical"] and report["tokens"] > 1000
