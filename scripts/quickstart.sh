@@ -11,6 +11,7 @@ ROOT="$(pwd)"
 export PATH="$ROOT/.venv/bin:$PATH" OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 OUT="${OUT:-runs/quickstart}"
 STEPS="${STEPS:-300}"            # optimizer steps of 8 samples of 2K tokens
+COUNT="${COUNT:-60}"             # passkey samples per (length, depth): 3 x 11 x 60 = 1980
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 cd "$OUT"
@@ -23,7 +24,7 @@ infinitrain tokenizer train seed.txt --vocab-size 259 --out tokenizer.json
 say "2/6 passkey samples of 1K-2K tokens, needle at every depth (the paper's template)"
 for L in 1024 1536 2048; do
   infinitrain data passkey --tokenizer tokenizer.json --length "$L" --depths 0,10,20,30,40,50,60,70,80,90,100 \
-    --count 60 --seed "$L" --out "passkey-$L.jsonl"
+    --count "$COUNT" --seed "$L" --out "passkey-$L.jsonl"
 done
 
 say "3/6 prepare: QA samples (loss on the answer), segments of 128, 16 per sample"
