@@ -361,3 +361,43 @@ def test_doc_start_needs_segment_aligned_stream_calls():
     with pytest.raises(ValueError, match="segment-aligned"):
         infini_attention_stream(q[:, :, :10], k[:, :, :10], v[:, :, :10], beta, segment_len=8,
                                 doc_start=torch.zeros(2, 10, dtype=torch.bool))
+
+
+def test_local_attention_fused_path_equals_the_masked_path():
+    """Local attention's two SDPA layouts agree (outputs and gradients): segments as heads with is_causal (no
+    mask) and segments as batch rows with a boolean mask that allows the same keys, in float64 (math kernel) and
+    fp32 (fused kernels). A window whose documents start on segment boundaries only takes the first and keeps no
+    S×S tensor for backward (the fused kernel's log-sum-exp, not the math kernel's probabilities); a start
+    inside a segment takes the second, which keeps only the (B·N, 1, S, S) mask. Both equal the naive twin."""
+    from infinitrain.ops.memory import _local_attention_blocks
+
+    same_doc = torch.zeros(2, 24, dtype=torch.long)  # one document: the mask allows exactly the causal keys
+    for dtype, tol in ((F64, 1e-12), (torch.float32, 1e-5)):
+        q, k, v, beta, mem = make_inputs(H=4, G=2, N=3, S=8, K=16, V=16, dtype=dtype)
+        res = []
+        for doc in (None, same_doc):
+            xs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+            o = _local_attention_blocks(*xs, 8, doc=doc)
+            o.backward(torch.randn(o.shape, generator=torch.Generator().manual_seed(2), dtype=dtype))
+            res.append((o, [x.grad for x in xs]))
+        torch.testing.assert_close(res[0][0], res[1][0], rtol=tol, atol=tol)
+        for a, b in zip(res[0][1], res[1][1]):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+    def saved_shapes(ds):
+        shapes = []
+        x = q.clone().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            infini_attention(x, k, v, beta, mem, segment_len=8, doc_start=ds)
+        return shapes
+
+    on_boundaries = doc_starts(2, 24, [[0, 8], [16]])
+    inside = doc_starts(2, 24, [[0, 8], [19]])
+    assert not any(s[-2:] == (8, 8) for s in saved_shapes(on_boundaries))  # fp32 here: fused kernel
+    assert [s for s in saved_shapes(inside) if s[-2:] == (8, 8)] == [(6, 1, 8, 8)]
+    q, k, v, beta, mem = make_inputs(H=4, G=2, N=3, S=8, K=16, V=16)
+    for ds in (on_boundaries, inside):
+        o1, f1 = infini_attention(q, k, v, beta, mem, segment_len=8, doc_start=ds)
+        o2, f2 = infini_attention_naive(q, k, v, beta, mem, segment_len=8, doc_start=ds)
+        torch.testing.assert_close(o1, o2, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(f1.M, f2.M, rtol=1e-10, atol=1e-9)

@@ -165,8 +165,11 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, segment_len: int, *, causal
 
 def _local_attention_blocks(q: Tensor, k: Tensor, v: Tensor, segment_len: int, *, causal: bool = True,
                             keep: Tensor | None = None, doc: Tensor | None = None) -> Tensor:
-    """``local_attention`` shaped (B, H, N, S, V): a view of SDPA's output, whose memory is laid out
-    (B, S, H·N, V) on CPU, so no copy is made until the caller combines it with something else."""
+    """``local_attention`` shaped (B, H, N, S, V). Always one 4-D SDPA call, which PyTorch's fused kernels can
+    take instead of the math fallback that keeps fp32 S×S probabilities (on CPU the flash kernel takes both
+    layouts, checked for fp32 and bf16; on CUDA the unmasked one is FlashAttention's case, not checked here). Without keep/doc: segments as extra heads, (B, H·N, S, ·) with ``is_causal``; SDPA's
+    output is then laid out (B, S, H·N, V) on CPU, so no copy is made until the caller combines it. With them:
+    segments as batch rows, (B·N, H, S, ·), so that the boolean mask (B·N, 1, S, S) broadcasts over heads."""
     B, H, T, K = q.shape
     S = segment_len
     N = T // S
@@ -177,14 +180,18 @@ def _local_attention_blocks(q: Tensor, k: Tensor, v: Tensor, segment_len: int, *
             is_causal=causal)
         return o.view(B, H, N, S, -1)
     eye = torch.eye(S, dtype=torch.bool, device=q.device)
-    allowed = torch.ones_like(eye) if keep is None else keep.view(B, 1, N, 1, S) | eye  # kept keys, and self
+    allowed = torch.ones_like(eye) if keep is None else keep.view(B, N, 1, S) | eye  # kept keys, and self
     if doc is not None:
-        d = doc.view(B, 1, N, S)
+        d = doc.view(B, N, S)
         allowed = allowed & (d[..., :, None] == d[..., None, :])
     if causal:
         allowed = allowed & torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
-    return F.scaled_dot_product_attention(
-        q.reshape(B, H, N, S, K), k.reshape(B, H, N, S, K), v.reshape(B, H, N, S, -1), attn_mask=allowed)
+
+    def rows(x: Tensor) -> Tensor:  # (B, H, T, ·) -> (B·N, H, S, ·)
+        return x.reshape(B, H, N, S, -1).transpose(1, 2).reshape(B * N, H, S, x.shape[-1])
+
+    o = F.scaled_dot_product_attention(rows(q), rows(k), rows(v), attn_mask=allowed.view(B * N, 1, S, S))
+    return o.view(B, N, H, S, -1).transpose(1, 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,6 +303,8 @@ def infini_attention(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: MemoryS
     if doc_start is not None:
         doc, reads, writes, reset = document_masks(doc_start, S)
         write = writes if keep is None else keep & writes
+        if not bool(doc_start.view(B, N, S)[..., 1:].any()):
+            doc = None  # documents start on segment boundaries only: local attention needs no mask (fused kernel)
     if write is not None:
         sk = sk * write.view(B, 1, N, S, 1)
     vf = acc(v).view(B, G, N, S, Vd)

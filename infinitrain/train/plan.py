@@ -11,23 +11,24 @@ keeps 4Ψ + 4Ψ + 8Ψ (the parameters are the master copy). ZeRO-1 partitions th
 ZeRO-2 the gradients too, ZeRO-3 the parameters too (those under stage3_param_persistence_threshold stay
 whole on every GPU).
 
-Activations are what autograd saves in ``Block.forward`` as the trainer calls it (``doc_start`` always
-given, so local attention gets a boolean mask and 5-D tensors, which PyTorch's fused kernels refuse on any
-device: its math kernel runs, in fp32 unless allow_fp16_bf16_reduction_math_sdp, and keeps the attention
-probabilities, H·S·4 bytes per token and layer). Per layer, per token (``tests/test_plan.py`` holds this to
-the bytes autograd saves):
-    A = 4·H·S + (20 + 2e)·H·K + 4·H·(K+1) + 8·H + 12·G·K + (8 + 4e)·D + 4e·F + 8·K + 10
+Activations are what autograd saves in ``Block.forward`` as the trainer calls it (``doc_start`` given; when
+no document starts inside a segment, local attention is one 4-D causal SDPA call, which PyTorch's fused
+kernels take: they keep q, k, v, the output and a fp32 log-sum-exp, 4·H bytes per token, never the S×S
+probabilities). Per layer, per token (``tests/test_plan.py`` holds this to the bytes autograd saves):
+    A = (8 + 5e)·H·K + 4·H·(K+1) + 12·H + 12·G·K + (8 + 4e)·D + 4e·F + 8·K + 10
+A window with a document starting inside a segment takes the masked 4-D path instead, which keeps the
+boolean mask cast to the dtype as well, e·S more per token and layer (not in the plan).
 and per segment A_seg = 4·H·K·(K+1) (the memory read by each segment, broadcast to the query heads).
 Checkpointing (``tbptt.checkpointing``): none keeps every layer's A over T; layer keeps each layer's input
 (e·D per token) and recomputes one layer at a time; segment keeps each layer's input and its (M, z) before
 every segment, and recomputes one (layer, segment) at a time.
 
 The loss is computed one segment at a time under checkpointing (``InfiniLM.forward(..., targets=)``): the
-window keeps the final hidden states, targets and mask ((e + 9)·T), and the logits of one segment's B·S tokens
+window keeps the final hidden states, targets and mask ((e·D + 9)·T), and the logits of one segment's B·S tokens
 exist only while that segment's loss is recomputed and differentiated.
 
-On top, during a window's backward: the working set of the unit being differentiated (its activations again
-plus 8·H·S per token of fp32 score and probability gradients), one chunk's logits and loss
+On top, during a window's backward: the working set of the unit being differentiated (its activations again;
+no S×S score gradients, the fused kernel works tile by tile), one chunk's logits and loss
 B·S·(V·(e + 12) + (4 + 2e)·D), the carried (M, z) and ZeRO-3's buffers; at the optimizer step, a fp32 copy of
 the gradient partition. The peak is the held model states plus the larger of those two phases.
 """
@@ -94,7 +95,7 @@ def layer_bytes_per_token(model, e: int, segment_len: int | None = None, rope_ta
     when positions vary per row (Mixture-of-Depths, 4)."""
     H, G, K, D, S = model.n_heads, model.n_kv_heads, model.head_dim, model.d_model, segment_len or model.segment_len
     rotary = 4 * rope_tables * model.rot_dim if model.pos_emb != "none" else 0
-    return (4 * H * S + (20 + 2 * e) * H * K + 4 * H * (K + 1) + 8 * H + 12 * G * K + (8 + 4 * e) * D
+    return ((8 + 5 * e) * H * K + 4 * H * (K + 1) + 12 * H + 12 * G * K + (8 + 4 * e) * D
             + ffn_bytes_per_token(model.activation, model.d_ff, e) + rotary + 10)
 
 
@@ -128,8 +129,8 @@ def activation_bytes(cfg, e: int | None = None) -> tuple[float, str, float, str]
     """(bytes kept, formula, backward working set, formula) of one backward under the recipe's checkpointing.
 
     The working set is the gradient side of the unit being differentiated (a layer, or a layer-segment under
-    segment checkpointing): about its activations again, plus the fp32 gradients of its attention scores and
-    probabilities (8·H·S per token) that exist together in the softmax backward."""
+    segment checkpointing): about its activations again (the fused attention kernel's backward works tile by
+    tile, so no S×S gradients come on top)."""
     m = cfg.model
     e = e or (2 if cfg.run.precision == "bf16" else 4)
     B, W, S = cfg.data.micro_batch_size, cfg.window, m.segment_len
@@ -138,18 +139,17 @@ def activation_bytes(cfg, e: int | None = None) -> tuple[float, str, float, str]
     head_in = (e * m.d_model + 9) * T  # the chunked loss's inputs: final hidden states, int64 targets, bool mask
     state_in = B * m.n_kv_heads * m.head_dim * (m.head_dim + 1) * 4  # one layer's (M, z)
     a, a_seg = max(layers)
-    grads = 8 * m.n_heads * S
     mode = cfg.tbptt.checkpointing
     if mode == "none":
         kept = sum(T * a_ + B * W * s_ for a_, s_ in layers) + head_in
-        return kept, "Σ_layers (T·A + B·W·A_seg) + (e·D + 9)·T", T * (a + grads), "T·(A + 8·H·S)"
+        return kept, "Σ_layers (T·A + B·W·A_seg) + (e·D + 9)·T", T * a, "T·A"
     if mode == "layer":
         kept = m.n_layers * e * m.d_model * T + T * a + B * W * a_seg + head_in
         return (kept, "L·e·D·T + (T·A + B·W·A_seg) [one layer recomputed] + (e·D + 9)·T",
-                T * (a + grads), "T·(A + 8·H·S)")
+                T * a, "T·A")
     kept = m.n_layers * (e * m.d_model * T + W * state_in) + B * S * a + B * a_seg + head_in
     return (kept, "L·(e·D·T + W·B·G·K(K+1)·4) + (B·S·A + B·A_seg) [one layer-segment recomputed] + (e·D + 9)·T",
-            B * S * (a + grads), "B·S·(A + 8·H·S)")
+            B * S * a, "B·S·A")
 
 
 # --- the plan ----------------------------------------------------------------------------------------------
