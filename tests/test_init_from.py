@@ -187,7 +187,7 @@ def test_finetune_stage_starts_from_the_pretrain_run(tmp_path, monkeypatch):
     assert res.exit_code == 0 and "is not applied" in res.output, res.output
 
 
-@pytest.mark.skipif(os.environ.get("INFINITRAIN_SLOW") != "1", reason="a 2-rank torchrun run (~30 s): INFINITRAIN_SLOW=1")
+@pytest.mark.slow  # a 2-rank torchrun run (~30 s)
 def test_llama_weights_land_on_two_ranks(llama_dir, tmp_path):
     """Two ranks, every parameter partitioned (persistence threshold 0): rank 0 reads the files, the other rank
     only joins each GatheredParameters; the checkpoint holds the source as in the 1-rank test."""
