@@ -9,7 +9,7 @@ set -euo pipefail
 source "$(dirname "$0")/env.sh"
 WORK="${WORK:-/tmp/infinitrain-quality/books}"
 OUT="${OUT:-$HERE/results/books}"
-STEPS="${STEPS:-600}"
+STEPS="${STEPS:-800}"
 EXTRA="${EXTRA:-}"                  # more key=value overrides of the debug recipe
 THREADS="${THREADS:-1}"
 mkdir -p "$WORK" "$OUT"
@@ -22,6 +22,7 @@ cd "$WORK"
   --val-fraction 0.1 --seed 0 --no-progress
 cp tokenizer.json shards/
 
+rm -rf run  # a fresh run each time (train --resume none refuses a run dir with checkpoints)
 start=$(date +%s)
 # shellcheck disable=SC2086
 "$INF" train --recipe debug --data shards --run-dir run --resume none \
