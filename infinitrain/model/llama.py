@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -205,14 +206,15 @@ def tensor_files(directory: Path) -> tuple[dict[str, Path], Path]:
         raise CheckpointError(f"{single}: unreadable safetensors ({err})") from None
 
 
-def read_tensors(names: dict[str, Path]) -> dict[str, Tensor]:
-    """Read the named tensors, opening each file once."""
+def read_each(names: dict[str, Path], fetch: Callable[[Any, str], Any]) -> dict[str, Any]:
+    """``fetch(open_file, name)`` for every named tensor, opening each safetensors file once; a listed tensor that
+    is missing or an unreadable file is a one-line CheckpointError naming the file."""
     from safetensors import safe_open
 
     by_file: dict[Path, list[str]] = {}
     for name, path in names.items():
         by_file.setdefault(path, []).append(name)
-    out: dict[str, Tensor] = {}
+    out: dict[str, Any] = {}
     for path, wanted in by_file.items():
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -220,12 +222,22 @@ def read_tensors(names: dict[str, Path]) -> dict[str, Tensor]:
                 for name in wanted:
                     if name not in present:
                         raise CheckpointError(f"{path}: tensor {name} is missing (the index lists it here)")
-                    out[name] = f.get_tensor(name)
+                    out[name] = fetch(f, name)
         except CheckpointError:
             raise
-        except Exception as err:
+        except Exception as err:  # safetensors' own SafetensorError, OSError
             raise CheckpointError(f"{path}: unreadable safetensors ({err})") from None
     return out
+
+
+def read_tensors(names: dict[str, Path]) -> dict[str, Tensor]:
+    """Read the named tensors, opening each file once."""
+    return read_each(names, lambda f, name: f.get_tensor(name))
+
+
+def read_shapes(names: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+    """The named tensors' shapes from the safetensors headers, without reading any data."""
+    return read_each(names, lambda f, name: tuple(f.get_slice(name).get_shape()))
 
 
 # --- weights -------------------------------------------------------------------------------------

@@ -103,30 +103,6 @@ def _grouped(names: tuple[str, ...] | list[str]) -> str:
 # --- sources -------------------------------------------------------------------------------------------
 
 
-def _safetensors_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
-
-    from infinitrain.errors import CheckpointError
-
-    by_file: dict[Path, list[str]] = {}
-    for name, path in files.items():
-        by_file.setdefault(path, []).append(name)
-    shapes: dict[str, tuple[int, ...]] = {}
-    for path, names in by_file.items():
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                present = set(f.keys())
-                for name in names:
-                    if name not in present:
-                        raise CheckpointError(f"{path}: tensor {name} is missing (the index lists it here)")
-                    shapes[name] = tuple(f.get_slice(name).get_shape())
-        except CheckpointError:
-            raise
-        except Exception as err:  # safetensors' own SafetensorError, OSError
-            raise CheckpointError(f"{path}: unreadable safetensors ({err})") from None
-    return shapes
-
-
 def _by_name(shapes: dict[str, tuple[int, ...]]) -> Callable[[str], str | None]:
     """Our own formats: the same name, also across Mixture-of-Depths wrapping (``layers.1.block.attn...`` in a
     routed layer is ``layers.1.attn...`` in a plain model, and back)."""
@@ -143,22 +119,27 @@ def _by_name(shapes: dict[str, tuple[int, ...]]) -> Callable[[str], str | None]:
 
 
 def _llama_source(path: Path, hf: dict[str, Any], model: ModelConfig) -> Source:
-    from infinitrain.model.llama import hf_name, llama_model_config, tensor_files
+    from infinitrain.model.llama import (
+        hf_name,
+        llama_model_config,
+        read_shapes,
+        tensor_files,
+    )
 
     where = path / "config.json"
     config = llama_model_config(hf, where=where, segment_len=model.segment_len, update=model.update,
                                 gate_init=model.gate_init, mod_every=model.mod_every)
     files, listing = tensor_files(path)
-    return Source("Hugging Face Llama", path, listing, config, _safetensors_shapes(files), hf_name, files)
+    return Source("Hugging Face Llama", path, listing, config, read_shapes(files), hf_name, files)
 
 
 def _export_source(path: Path) -> Source:
     from infinitrain.model.io import read_config
-    from infinitrain.model.llama import tensor_files
+    from infinitrain.model.llama import read_shapes, tensor_files
 
     config, _ = read_config(path)
     files, listing = tensor_files(path)
-    shapes = _safetensors_shapes(files)
+    shapes = read_shapes(files)
     return Source("infinitrain export", path, listing, config, shapes, _by_name(shapes), files)
 
 
