@@ -94,3 +94,20 @@ def test_cli_tokenizer_train_in_process_and_as_subprocess(tmp_path):
     proc = run_cli("tokenizer", "train", str(corpus), "--vocab-size", "10", "--out", str(tmp_path / "c.json"))
     assert proc.returncode == 3 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert not (tmp_path / "c.json").exists()
+
+
+def test_split_digits_spells_every_number_with_single_digit_tokens(tmp_path):
+    docs = [f"{d} order 31415 and 27182 were filed as 1234567890 on page {i}." for i, d in enumerate(make_docs(50))]
+    plain, split = encoder(train_bpe(docs, vocab_size=600)), encoder(train_bpe(docs, vocab_size=600, split_digits=True))
+    text = TEXT + " keys 31415, 900000001 and 27182."
+    assert any(sum(c.isdigit() for c in plain.id_to_token(i)) > 1 for i in plain.encode(text).ids)  # merged numbers
+    ids = split.encode(text).ids
+    pieces = [split.id_to_token(i) for i in ids]
+    assert all(sum(c.isdigit() for c in p) <= 1 for p in pieces)
+    assert sum(p.isdigit() for p in pieces) == sum(c.isdigit() for c in text)
+    assert split.decode(ids) == text  # still lossless
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    r = invoke("tokenizer", "train", str(tmp_path / "d.jsonl"), "--vocab-size", "600", "--split-digits",
+               "--out", str(tmp_path / "t.json"))
+    assert r.exit_code == 0, r.output
+    assert encoder(Tokenizer.from_file(str(tmp_path / "t.json"))).encode(text).ids == ids

@@ -21,7 +21,8 @@ def tokenizer_group() -> None:
               help="auto: .jsonl files are JSONL, others one document a file.")
 @click.option("--text-field", default=None, help="JSONL field holding the text [default: text].")
 @click.option("--min-frequency", type=int, default=2, show_default=True, help="Drop merges seen fewer times.")
-def tokenizer_train_cmd(inputs, vocab_size, out, fmt, text_field, min_frequency) -> None:
+@click.option("--split-digits", is_flag=True, help="Make every digit its own token (numbers are never merged).")
+def tokenizer_train_cmd(inputs, vocab_size, out, fmt, text_field, min_frequency, split_digits) -> None:
     """Train a byte-level BPE with <|bos|>, <|eos|>, <|pad|> (ids 0, 1, 2) on INPUT files, folders or globs."""
     from infinitrain.data_tools.inputs import Document, ReadOptions, expand_inputs, read_documents
     from infinitrain.data_tools.tokenizer import save_tokenizer, train_bpe
@@ -29,7 +30,7 @@ def tokenizer_train_cmd(inputs, vocab_size, out, fmt, text_field, min_frequency)
     paths = expand_inputs(inputs)
     opts = ReadOptions(format=fmt, text_field=text_field)
     texts = (d.text for d in read_documents(paths, opts) if isinstance(d, Document))
-    tok = train_bpe(texts, vocab_size=vocab_size, min_frequency=min_frequency)
+    tok = train_bpe(texts, vocab_size=vocab_size, min_frequency=min_frequency, split_digits=split_digits)
     save_tokenizer(tok, out)
     click.echo(f"wrote {out}: vocab {tok.get_vocab_size()} from {len(paths)} file(s)")
 
