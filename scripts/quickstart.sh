@@ -17,9 +17,10 @@ OUT="$(cd "$OUT" && pwd)"
 cd "$OUT"
 say() { printf '\n== %s\n' "$*"; }
 
-say "1/6 a byte-level tokenizer (every digit is one token)"
-python -c "from infinitrain.data_tools.passkey import build_prompt; print(build_prompt(12345, 20, 0.5))" > seed.txt
-infinitrain tokenizer train seed.txt --vocab-size 259 --out tokenizer.json
+say "1/6 a tokenizer: the passkey text's words, every digit its own token"
+python -c "from infinitrain.data_tools.passkey import build_prompt as b
+for k in (12345, 678, 9001): print(b(k, 3, .5))" > seed.txt
+infinitrain tokenizer train seed.txt --vocab-size 400 --split-digits --out tokenizer.json
 
 say "2/6 passkey samples of 1K-2K tokens, needle at every depth (the paper's template)"
 for L in 1024 1536 2048; do

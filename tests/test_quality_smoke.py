@@ -23,7 +23,7 @@ def _load(name: str):
     return mod
 
 
-class _Bytes:  # the byte-level tokenizer passkey.sh trains (vocab 259, no merges): one token per byte
+class _Bytes:  # a stand-in tokenizer with one token per byte (lengths are then bytes)
     class _Enc:
         def __init__(self, ids):
             self.ids = ids
@@ -48,6 +48,23 @@ def test_passkey_train_records_fit_and_split_after_the_first_key(loss):
         else:  # the first occurrence is the last thing of the document; the loss starts on ". Remember it."
             assert r["document"].endswith(f" The pass key is {key}") and r["summary"].startswith(". Remember it.")
             assert r["document"].count(key) == 1
+
+
+def test_passkey_train_memory_fraction_puts_the_needle_segments_before_the_question():
+    pt = _load("passkey_train")
+    rng, moved = random.Random(2), 0
+    for _ in range(40):
+        r = pt.record(_Bytes(), rng, 600, 900, 8, "answer", memory_fraction=1.0, segment_len=128)
+        text = r["document"] + r["summary"]
+        key = r["summary"].strip(" .")
+        needle_end = len(text[:text.index(f"{key} is the pass key.") + len(f"{key} is the pass key.")].encode())
+        question_start = len(text[:text.index(QUESTION)].encode())
+        assert needle_end <= question_start // 128 * 128  # the question's segment starts after the needle
+        moved += needle_end <= question_start // 128 * 128 - 128  # not always the segment right before
+    assert moved > 10
+    plain = [pt.record(_Bytes(), random.Random(3), 600, 900, 8, "answer") for _ in range(5)]
+    again = [pt.record(_Bytes(), random.Random(3), 600, 900, 8, "answer", memory_fraction=0.0) for _ in range(5)]
+    assert plain == again  # the default draws exactly as before
 
 
 def test_passkey_train_fills_up_to_the_length():

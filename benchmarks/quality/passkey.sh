@@ -19,6 +19,11 @@ STEPS2="${STEPS2:-150}"             # stage 2: 8 samples of 1K-2K tokens per ste
 LOSS="${LOSS:-after}"               # after: loss from the end of the key's first occurrence on; answer: answer only
 DIGITS="${DIGITS:-20}"              # training keys have 1..DIGITS digits (the eval's: 1..50000)
 LR="${LR:-3e-3}"
+VOCAB="${VOCAB:-400}"               # tokenizer vocabulary (the recipe's model.vocab_size must match)
+SHORT="${SHORT:-64 256}"            # stage 1 sample lengths (min max) ...
+SHORT_SEGS="${SHORT_SEGS:-2}"       # ... in samples of SHORT_SEGS segments of 128 tokens ...
+SHORT_BATCH="${SHORT_BATCH:-16}"    # ... SHORT_BATCH samples a step
+MEMORY="${MEMORY:-0.5}"             # fraction of training samples whose needle ends a segment before the question
 EXTRA="${EXTRA:-}"                  # more key=value overrides for both stages
 LENGTHS="${LENGTHS:-2k,8k,32k,128k}"
 DEPTHS="${DEPTHS:-0,25,50,75,100}"
@@ -26,19 +31,22 @@ SAMPLES="${SAMPLES:-10}"
 mkdir -p "$WORK" "$OUT"
 cd "$WORK"
 
-# byte-level tokenizer (no merges: 256 bytes + 3 specials), so every digit is its own token
-[ -f tokenizer.json ] || { "$PY" -c "from infinitrain.data_tools.passkey import build_prompt as b; print(b(12345, 20, .5))" > seed.txt
-                           "$INF" tokenizer train seed.txt --vocab-size 259 --out tokenizer.json; }
+# word-level BPE trained on three passkey prompts, every digit its own token (--split-digits): " key" and " sky"
+# are different tokens, so "the token after ' pass key is'" is one step of context, not six bytes
+[ -f tokenizer.json ] || { "$PY" -c "from infinitrain.data_tools.passkey import build_prompt as b
+for k in (12345, 678, 9001): print(b(k, 3, .5))" > seed.txt
+                           "$INF" tokenizer train seed.txt --vocab-size "$VOCAB" --split-digits --out tokenizer.json; }
 make_stage() {  # make_stage NAME SEGMENTS MIN_LENGTH MAX_LENGTH COUNT SEED: passkey records -> shards
   local name=$1 segs=$2
   [ -f "shards-$name/index.json" ] && return 0
   "$PY" "$HERE/passkey_train.py" --out "$name.jsonl" --tokenizer tokenizer.json --min-length "$3" --max-length "$4" \
-    --count "$5" --seed "$6" --max-digits "$DIGITS" --loss "$LOSS"
+    --count "$5" --seed "$6" --max-digits "$DIGITS" --loss "$LOSS" \
+    --memory-fraction "$MEMORY" --segment-len 128
   "$INF" prepare "$name.jsonl" --tokenizer tokenizer.json --out "shards-$name" --segment-len 128 \
     --sample-segments "$segs" --format summarization --separator "" --val-fraction 0.01 --no-progress
   cp tokenizer.json "shards-$name/"
 }
-make_stage short 4 256 512 20000 1
+make_stage short "$SHORT_SEGS" ${SHORT% *} ${SHORT#* } 40000 1
 make_stage long 16 1024 2048 5000 2
 
 arm_overrides() {
@@ -55,7 +63,7 @@ train_arm() {
   local t0; t0=$(date +%s)
   # shellcheck disable=SC2086
   "$INF" train --recipe "$RECIPE" --data shards-short --run-dir "runs/$arm-1" --resume none $ov $EXTRA \
-    data.segments_per_sample=4 data.micro_batch_size=8 schedule.steps="$STEPS1" schedule.warmup=30 checkpoint.save_every=200 \
+    data.segments_per_sample="$SHORT_SEGS" data.micro_batch_size="$SHORT_BATCH" schedule.steps="$STEPS1" schedule.warmup=30 checkpoint.save_every=200 \
     optim.lr="$LR" > "train-$arm.log" 2>&1
   local t1; t1=$(date +%s)
   # shellcheck disable=SC2086

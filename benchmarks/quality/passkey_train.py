@@ -16,10 +16,11 @@ import random
 
 from tokenizers import Tokenizer
 
-from infinitrain.data_tools.passkey import FILLER, build_prompt
+from infinitrain.data_tools.passkey import FILLER, QUESTION, TASK, build_prompt, needle
 
 
-def record(tok: Tokenizer, rng: random.Random, min_len: int, max_len: int, max_digits: int, loss: str) -> dict:
+def record(tok: Tokenizer, rng: random.Random, min_len: int, max_len: int, max_digits: int, loss: str,
+           memory_fraction: float = 0.0, segment_len: int = 128) -> dict:
     digits = rng.randint(1, max_digits)
     key = rng.randint(10 ** (digits - 1) if digits > 1 else 1, 10 ** digits - 1)
     depth, length = rng.random(), rng.randint(min_len, max_len)
@@ -32,12 +33,28 @@ def record(tok: Tokenizer, rng: random.Random, min_len: int, max_len: int, max_d
     n = max(0, (length - n_tokens(build_prompt(key, 0, depth) + answer)) // per_filler)
     while n > 0 and n_tokens(build_prompt(key, n, depth) + answer) > length:
         n -= 1
+    if memory_fraction and rng.random() < memory_fraction:  # the needle ends in a segment before the question's
+        depth = _memory_depth(n_tokens, rng, key, n, per_filler, answer, segment_len, depth)
     prompt = build_prompt(key, n, depth)
     if loss == "answer":
         return {"document": prompt, "summary": answer}
     text, first = prompt + answer, f" The pass key is {key}"
     cut = text.index(first) + len(first)
     return {"document": text[:cut], "summary": text[cut:]}
+
+
+def _memory_depth(n_tokens, rng: random.Random, key: int, n: int, per_filler: int, answer: str, segment_len: int,
+                  depth: float) -> float:
+    """A depth whose needle ends before the segment where the question starts, or ``depth`` when none exists."""
+    question_start = n_tokens(build_prompt(key, n, 0.0) + answer) - n_tokens(QUESTION + answer)
+    boundary = question_start // segment_len * segment_len
+    head = n_tokens(TASK + needle(key))  # every piece starts at a pre-token boundary: token counts add up
+    most = min(n, (boundary - head) // per_filler) if boundary >= head else -1
+    while most >= 0 and n_tokens(TASK + FILLER * most + needle(key)) > boundary:
+        most -= 1
+    if most < 0:
+        return depth
+    return rng.randint(0, most) / n if n else 0.0
 
 
 def main() -> None:
@@ -50,11 +67,15 @@ def main() -> None:
     ap.add_argument("--max-digits", type=int, default=5)
     ap.add_argument("--loss", choices=("after", "answer"), default="after")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--memory-fraction", type=float, default=0.0,
+                    help="Fraction of records whose needle ends in a segment before the question's (read via memory).")
+    ap.add_argument("--segment-len", type=int, default=128)
     args = ap.parse_args()
     tok, rng = Tokenizer.from_file(args.tokenizer), random.Random(args.seed)
     with open(args.out, "w") as out:
         for _ in range(args.count):
-            out.write(json.dumps(record(tok, rng, args.min_length, args.max_length, args.max_digits, args.loss)) + "\n")
+            out.write(json.dumps(record(tok, rng, args.min_length, args.max_length, args.max_digits, args.loss,
+                                        args.memory_fraction, args.segment_len)) + "\n")
     print(f"wrote {args.out}: {args.count} records of {args.min_length}-{args.max_length} tokens, keys of 1-"
           f"{args.max_digits} digits, loss on the {args.loss}")
 
