@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # passkey.sh: does a model trained from scratch on passkey samples of <= 2K tokens find the key at 2K-128K?
 # Three arms with the same data, steps and schedule: linear memory, delta memory, and memory off (gate closed
-# and frozen: local attention only). Recipe infinitrain/recipes/tiny-passkey.yaml (byte-level, segment 128).
-# Curriculum: stage 1 on samples of 256-512 tokens (4 segments), stage 2 on samples of 1K-2K (16 segments).
-# Training keys have up to DIGITS digits (more copy targets per sample); the eval uses the paper's 1..50000.
+# and frozen: local attention only). Recipe infinitrain/recipes/tiny-passkey.yaml (segment 128), tokenizer: the
+# passkey text's words plus one token a digit. Curriculum: stage 1 on samples of 64-256 tokens (2 segments), where
+# the copy circuit forms, then stage 2 on samples of 1K-2K (16 segments). In MEMORY of the samples the needle ends
+# a segment before the question, so only the memory can carry the key. Training keys have up to DIGITS digits
+# (more copy targets per sample); the eval uses the paper's 1..50000. Each arm takes ~30 min with 2 side by side.
 #   bash benchmarks/quality/passkey.sh                         # all three arms, 2 at a time
 #   ARMS=delta STEPS1=300 STEPS2=100 SAMPLES=4 bash benchmarks/quality/passkey.sh   # a quick look
 # Writes benchmarks/quality/results/passkey/<arm>/{passkey.json,passkey.png,train.json} and prints the tables.
@@ -13,9 +15,9 @@ RECIPE="$ROOT/infinitrain/recipes/tiny-passkey.yaml"
 WORK="${WORK:-/tmp/infinitrain-quality/passkey}"
 OUT="${OUT:-$HERE/results/passkey}"
 ARMS="${ARMS:-linear delta off}"
-PARALLEL="${PARALLEL:-3}"           # arms trained side by side (1 thread each)
-STEPS1="${STEPS1:-1200}"            # stage 1: 8 samples of 256-512 tokens per step
-STEPS2="${STEPS2:-150}"             # stage 2: 8 samples of 1K-2K tokens per step
+PARALLEL="${PARALLEL:-2}"           # arms trained side by side (1 thread each; 2 cores here)
+STEPS1="${STEPS1:-2200}"            # stage 1: SHORT_BATCH samples of SHORT tokens per step
+STEPS2="${STEPS2:-700}"             # stage 2: 8 samples of 1K-2K tokens per step
 LOSS="${LOSS:-after}"               # after: loss from the end of the key's first occurrence on; answer: answer only
 DIGITS="${DIGITS:-20}"              # training keys have 1..DIGITS digits (the eval's: 1..50000)
 LR="${LR:-3e-3}"
@@ -23,7 +25,7 @@ VOCAB="${VOCAB:-400}"               # tokenizer vocabulary (the recipe's model.v
 SHORT="${SHORT:-64 256}"            # stage 1 sample lengths (min max) ...
 SHORT_SEGS="${SHORT_SEGS:-2}"       # ... in samples of SHORT_SEGS segments of 128 tokens ...
 SHORT_BATCH="${SHORT_BATCH:-16}"    # ... SHORT_BATCH samples a step
-MEMORY="${MEMORY:-0.5}"             # fraction of training samples whose needle ends a segment before the question
+MEMORY="${MEMORY:-0}"               # fraction of training samples whose needle ends a segment before the question
 EXTRA="${EXTRA:-}"                  # more key=value overrides for both stages
 LENGTHS="${LENGTHS:-2k,8k,32k,128k}"
 DEPTHS="${DEPTHS:-0,25,50,75,100}"
