@@ -106,3 +106,28 @@ def test_kjv_books_are_the_66_books_in_order():
     assert books[-1][2].rstrip().endswith("Amen.")
     assert "\n\n" in books[0][2] and books[0][1] == "Genesis"
 
+
+
+def test_memory_weights_uniform_read_has_ratio_one_and_capture_matches_project():
+    import torch
+
+    from infinitrain.data_tools.tokenizer import byte_tokenizer, encoder
+    from infinitrain.model import InfiniLM, ModelConfig
+
+    mw = _load("memory_weights")
+    torch.manual_seed(0)
+    model = InfiniLM(ModelConfig(vocab_size=259, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                                 segment_len=64)).eval()
+    tok = encoder(byte_tokenizer())
+    ids = tok.encode("The pass key is 123. " * 8).ids
+    (q, k), attn = mw.capture_qk(model, ids)[1], model.layers[1].attn
+    x = model.layers[0](model.embed(torch.tensor([ids + [0] * (-len(ids) % 64)])), None)[0]
+    q_ref, k_ref, _ = attn.project(model.layers[1].attn_norm(x))
+    assert torch.allclose(q, q_ref[0]) and torch.allclose(k, k_ref[0])
+    res = mw.needle_share(model, tok, 600)
+    assert res["stored"] % 64 == 0 and res["needle_tokens"] > 0
+    assert any(abs(r["ratio"] - 1) > 1e-3 for r in res["heads"])
+    with torch.no_grad():
+        for block in model.layers:
+            block.attn.q_proj.weight.zero_(), block.attn.k_proj.weight.zero_()
+    assert all(abs(r["ratio"] - 1) < 1e-9 for r in mw.needle_share(model, tok, 600)["heads"])
