@@ -15,7 +15,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from infinitrain.data_tools.passkey import build_prompt, needle
+from infinitrain.data_tools.passkey import needle, passkey_records
+from infinitrain.evaluate.passkey import parse_lengths
 from infinitrain.evaluate.loading import load_for_inference
 
 
@@ -40,19 +41,18 @@ def capture_qk(model, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]
              got["k"][0].view(T, a.n_kv_heads, a.head_dim).transpose(0, 1)) for a, got in out]
 
 
-def needle_share(model, tok, length: int, key: int = 31415) -> dict:
-    per_filler = len(tok.encode(" The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.").ids)
-    answer = f" {key}."
-    n = max(0, (length - len(tok.encode(build_prompt(key, 0, 0.0) + answer).ids)) // per_filler)
-    prompt = build_prompt(key, n, 0.0)
-    ids = tok.encode(prompt + answer).ids
-    start = len(tok.encode(prompt[:prompt.index(needle(key))]).ids)
-    stop = len(tok.encode(prompt[:prompt.index(needle(key)) + len(needle(key))]).ids)
+def needle_share(model, tok, length: int) -> dict:
+    rec = passkey_records(tok, length=length, depths=[0.0], count=1)[0]  # the eval's prompt, needle first
+    prompt, nd = rec["prompt"], needle(rec["pass_key"])
+    ids = tok.encode(rec["text"], add_special_tokens=False).ids
+    start = len(tok.encode(prompt[:prompt.index(nd)], add_special_tokens=False).ids)
+    stop = len(tok.encode(prompt[:prompt.index(nd) + len(nd)], add_special_tokens=False).ids)
     S = model.config.segment_len
-    first_answer = len(tok.encode(prompt).ids)
+    first_answer = len(tok.encode(prompt, add_special_tokens=False).ids)
     stored = first_answer // S * S  # tokens in memory when the answer is read (earlier segments)
     if stop > stored:
         raise SystemExit(f"--lengths {length}: the needle is not yet in memory at the answer (segment {S})")
+    uniform = (stop - start) / stored
     rows = []
     for li, (q, k) in enumerate(capture_qk(model, ids)):
         group = q.shape[0] // k.shape[0]
@@ -60,9 +60,9 @@ def needle_share(model, tok, length: int, key: int = 31415) -> dict:
             w = (F.elu(q[h, first_answer - 1:len(ids) - 1].double()) + 1) @ (F.elu(k[h // group, :stored].double()) + 1).T
             w = w / w.sum(-1, keepdim=True)
             share = w[:, start:stop].sum(-1).mean().item()
-            rows.append({"layer": li, "head": h, "needle_share": share, "uniform_share": (stop - start) / stored,
-                         "ratio": share / ((stop - start) / stored)})
-    return {"length": len(ids), "stored": stored, "needle_tokens": stop - start, "heads": rows}
+            rows.append({"layer": li, "head": h, "needle_share": share, "ratio": share / uniform})
+    return {"length": len(ids), "stored": stored, "needle_tokens": stop - start, "uniform_share": uniform,
+            "heads": rows}
 
 
 def main() -> None:
@@ -72,12 +72,10 @@ def main() -> None:
     ap.add_argument("--lengths", default="256,2k,8k")
     args = ap.parse_args()
     model, codec = load_for_inference(args.model, tokenizer=args.tokenizer)
-    for spec in args.lengths.split(","):
-        length = int(float(spec[:-1]) * 1024) if spec.lower().endswith("k") else int(spec)
+    for length in parse_lengths(args.lengths):
         res = needle_share(model, codec.tokenizer, length)
-        best = max(res["heads"], key=lambda r: r["ratio"])
         print(f"{res['length']:>7} tokens, {res['stored']} in memory, needle {res['needle_tokens']} tokens "
-              f"(uniform share {best['uniform_share']:.4f}):  " +
+              f"(uniform share {res['uniform_share']:.4f}):  " +
               "  ".join(f"L{r['layer']}h{r['head']} {r['needle_share']:.4f} (x{r['ratio']:.1f})" for r in res["heads"]))
 
 
