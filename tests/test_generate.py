@@ -30,8 +30,8 @@ def greedy_by_full_forward(model: InfiniLM, prompt: list[int], n: int) -> list[i
 
 
 @pytest.mark.parametrize("kw", [dict(update="linear"), dict(update="delta"), dict(mod_every=2, mod_capacity=0.5),
-                                dict(update="delta", mod_every=1, mod_capacity=0.25)],
-                         ids=["linear", "delta", "mod", "mod-delta"])
+                                dict(update="delta", mod_every=1, mod_capacity=0.25), dict(memory_tau=3.0)],
+                         ids=["linear", "delta", "mod", "mod-delta", "tau"])
 def test_greedy_equals_argmax_of_full_forward_across_segments(kw):
     model = build(**kw)
     prompt = torch.randint(0, 61, (13,), generator=torch.Generator().manual_seed(1)).tolist()

@@ -84,6 +84,9 @@ def test_report_names_loaded_created_unused_and_differences(llama_dir, tmp_path)
     r = report_for(mod, export)
     assert r.source.kind == "infinitrain export" and r.created == ("layers.1.router.weight",) and not r.unused
     assert r.loaded["layers.1.block.attn.q_proj.weight"] == "layers.1.attn.q_proj.weight"  # plain -> routed layer
+    # a recipe with learned memory temperatures creates them (the source has none)
+    tau = load_recipe("debug", ["model.segment_len=32", "model.memory_tau=3.0"]).model
+    assert report_for(tau, export).created == ("layers.0.attn.log_tau", "layers.1.attn.log_tau")
 
 
 @pytest.mark.parametrize("override,needle", [

@@ -20,6 +20,7 @@ CONFIGS = {
     "gqa-delta-yarn": dict(update="delta", n_kv_heads=1, pos_emb="yarn", yarn_scale=4.0, yarn_original_len=8),
     "mod": dict(update="linear", n_kv_heads=2, mod_every=2, mod_capacity=0.25),
     "mod-delta": dict(update="delta", mod_every=1, mod_capacity=0.5),
+    "tau": dict(update="delta", n_kv_heads=2, memory_tau=2.0, mod_every=2, mod_capacity=0.5),  # learned τ, MoD
 }
 
 
@@ -29,6 +30,8 @@ def build(name: str, seed: int = 0, **kw) -> InfiniLM:
     with torch.no_grad():  # spread the gates so memory and local attention both matter per head
         for p in model.gate_parameters():
             p.copy_(torch.linspace(-1.5, 1.5, p.numel()))
+        for p in model.tau_parameters():  # and the memory temperatures, so each KV head has its own
+            p.copy_(torch.linspace(-0.5, 1.5, p.numel()))
     return model.eval()
 
 
@@ -69,7 +72,7 @@ def run_layers(model: InfiniLM, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("name", ["linear", "delta", "gqa", "mod"])
+@pytest.mark.parametrize("name", ["linear", "delta", "gqa", "mod", "tau"])
 def test_causality_by_gradient_across_segments(name):
     model = build(name)
     T = 40  # segments of 16: positions 0-15, 16-31, 32-39
@@ -216,6 +219,7 @@ def test_debug_preset_runs_and_learns_a_step():
 @pytest.mark.parametrize("bad", [
     dict(n_heads=5), dict(n_kv_heads=3), dict(activation="swigloo"), dict(update="delta2"), dict(pos_emb="alibi"),
     dict(dropout=1.0), dict(segment_len=0), dict(mod_capacity=0.0), dict(yarn_scale=2.0), dict(rope_pct=0.0),
+    dict(memory_tau=0.0), dict(memory_tau=-1.0), dict(memory_tau=float("inf")), dict(memory_tau=True),
 ])
 def test_config_validation(bad):
     with pytest.raises(ConfigError):

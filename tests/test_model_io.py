@@ -13,10 +13,14 @@ from infinitrain.model import InfiniLM, ModelConfig
 CFG = dict(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, segment_len=8, gate_init=0.3)
 
 
-@pytest.mark.parametrize("tied, mod", [(False, 0), (True, 2)])
-def test_round_trip_is_exact(tmp_path, tied, mod):
+@pytest.mark.parametrize("tied, mod, tau", [(False, 0, None), (True, 2, 2.5)])
+def test_round_trip_is_exact(tmp_path, tied, mod, tau):
     torch.manual_seed(0)
-    model = InfiniLM(ModelConfig(**CFG, tie_embeddings=tied, mod_every=mod)).eval()
+    model = InfiniLM(ModelConfig(**CFG, tie_embeddings=tied, mod_every=mod, memory_tau=tau)).eval()
+    with torch.no_grad():
+        for p in model.tau_parameters():  # trained temperatures, not the init value
+            p.uniform_(-1, 1)
+    assert len(model.tau_parameters()) == (0 if tau is None else CFG["n_layers"])
     model.save_pretrained(tmp_path / "m")
     loaded = InfiniLM.from_pretrained(tmp_path / "m")
     assert loaded.config == model.config and not loaded.training

@@ -45,16 +45,19 @@ def make_inputs(B=2, H=4, G=2, N=7, S=9, K=15, V=10, dtype=F64, seed=0, with_sta
 @pytest.mark.parametrize("update", ["linear", "delta"])
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (6, 1)])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_fast_equals_naive_outputs_states_and_gradients(update, heads, with_state):
+@pytest.mark.parametrize("with_tau", [False, True])
+def test_fast_equals_naive_outputs_states_and_gradients(update, heads, with_state, with_tau):
     H, G = heads
     q, k, v, beta, mem = make_inputs(H=H, G=G, with_state=with_state)
     rot = RotarySpec(head_dim=15, rot_dim=10)
-    leaves = [q, k, v, beta] + (list(mem) if mem is not None else [])
+    tau = torch.tensor([0.5, 2.0, 3.0, 1.3], dtype=F64)[:G]  # the memory temperatures, one per KV head
+    leaves = [q, k, v, beta] + (list(mem) if mem is not None else []) + ([tau] if with_tau else [])
+    names = ["q", "k", "v", "beta"] + (["M0", "z0"] if mem is not None else []) + (["tau"] if with_tau else [])
 
     def run(fn):
         xs = [t.clone().requires_grad_(True) for t in leaves]
-        m = MemoryState(*xs[4:]) if mem is not None else None
-        o, fin = fn(*xs[:4], m, segment_len=9, update=update, rotary=rot)
+        m = MemoryState(*xs[4:6]) if mem is not None else None
+        o, fin = fn(*xs[:4], m, segment_len=9, update=update, rotary=rot, tau=xs[-1] if with_tau else None)
         return xs, o, fin
 
     xs_f, o_f, fin_f = run(infini_attention)
@@ -66,10 +69,29 @@ def test_fast_equals_naive_outputs_states_and_gradients(update, heads, with_stat
     do, dM, dz = (torch.randn(t.shape, generator=g, dtype=F64) for t in (o_f, fin_f.M, fin_f.z))
     for xs, o, fin in ((xs_f, o_f, fin_f), (xs_n, o_n, fin_n)):
         ((o * do).sum() + (fin.M * dM).sum() + (fin.z * dz).sum()).backward()
-    for name, a, b in zip(["q", "k", "v", "beta", "M0", "z0"], xs_f, xs_n):
+    for name, a, b in zip(names, xs_f, xs_n):
         assert a.grad is not None and b.grad is not None, name
         assert a.grad.abs().sum() > 0, f"no gradient reaches {name}"
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_memory_tau_sharpens_the_read_and_one_is_the_paper():
+    """τ = 1 is exactly the paper's σ; a larger τ moves the read toward the best-matching stored value."""
+    q, k, v, beta, mem = make_inputs(H=2, G=2, N=2, S=8, K=6, V=5, with_state=False)
+    base, _ = infini_attention(q, k, v, beta, segment_len=8)
+    ones, _ = infini_attention(q, k, v, beta, segment_len=8, tau=torch.ones(2, dtype=F64))
+    torch.testing.assert_close(ones, base, rtol=0, atol=0)
+    # keys with one positive dim each (k_j = +1 on dim j, -1 elsewhere), the query positive on dim 2 only: as τ
+    # grows, σ(τ·x) = e^{τx} → 0 on the negative entries, so the other keys' weight fades and the read → v_2
+    sk = (2 * torch.eye(6, dtype=F64) - 1)[None, None]  # (1, 1, 6, 6)
+    vs = torch.randn(1, 1, 6, 5, dtype=F64, generator=torch.Generator().manual_seed(4))
+    qq = sk[:, :, 2:3].clone()
+    dist = []
+    for t in (1.0, 4.0, 16.0):
+        tt = torch.tensor([t], dtype=F64)
+        m = linear_update(sigma(sk, tt), vs, zero_memory(1, 1, 6, 5, dtype=F64))
+        dist.append(float((retrieve(sigma(qq, tt), m) - vs[:, :, 2:3]).norm()))
+    assert dist[0] > dist[1] > dist[2] and dist[2] < 1e-3 * dist[0], dist
 
 
 def test_first_segment_reads_zeros_never_nan():
@@ -124,11 +146,16 @@ def test_retrieval_before_update():
 
 
 @pytest.mark.parametrize("update", ["linear", "delta"])
-def test_stream_in_random_chunks_equals_one_call(update):
+@pytest.mark.parametrize("tau", [None, (0.7, 2.5)])
+def test_stream_in_random_chunks_equals_one_call(update, tau):
     q, k, v, beta, mem = make_inputs(N=5, S=9, H=4, G=2)
+    tau = None if tau is None else torch.tensor(tau, dtype=F64)
     T = q.shape[2] - 4  # ends inside a segment
     full, st_full = infini_attention_stream(q[:, :, :T], k[:, :, :T], v[:, :, :T], beta, None, segment_len=9,
-                                            update=update, rotary=RotarySpec(head_dim=15, rot_dim=14))
+                                            update=update, rotary=RotarySpec(head_dim=15, rot_dim=14), tau=tau)
+    naive, _ = infini_attention_naive(q[:, :, :T], k[:, :, :T], v[:, :, :T], beta, None, segment_len=9,
+                                      update=update, rotary=RotarySpec(head_dim=15, rot_dim=14), tau=tau)
+    torch.testing.assert_close(full, naive, rtol=1e-10, atol=1e-10)  # the unfinished segment's partial path too
     rng = random.Random(0)
     for sizes in ([1] * T, None):
         st, outs, i = None, [], 0
@@ -136,7 +163,7 @@ def test_stream_in_random_chunks_equals_one_call(update):
             c = min(T - i, 1 if sizes else rng.randint(1, 20))
             o, st = infini_attention_stream(q[:, :, i:i + c], k[:, :, i:i + c], v[:, :, i:i + c], beta, st,
                                             segment_len=9, update=update,
-                                            rotary=RotarySpec(head_dim=15, rot_dim=14))
+                                            rotary=RotarySpec(head_dim=15, rot_dim=14), tau=tau)
             outs.append(o)
             i += c
         torch.testing.assert_close(torch.cat(outs, 2), full, rtol=1e-10, atol=1e-10)

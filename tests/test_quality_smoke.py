@@ -120,7 +120,8 @@ def test_memory_weights_uniform_read_has_ratio_one_and_capture_matches_project()
                                  segment_len=64)).eval()
     tok = encoder(byte_tokenizer())
     ids = tok.encode("The pass key is 123. " * 8).ids
-    (q, k), attn = mw.capture_qk(model, ids)[1], model.layers[1].attn
+    (q, k, tau), attn = mw.capture_qk(model, ids)[1], model.layers[1].attn
+    assert tau is None  # model.memory_tau unset: the paper's σ
     x = model.layers[0](model.embed(torch.tensor([ids + [0] * (-len(ids) % 64)])), None)[0]
     q_ref, k_ref, _ = attn.project(model.layers[1].attn_norm(x))
     assert torch.allclose(q, q_ref[0]) and torch.allclose(k, k_ref[0])

@@ -113,12 +113,19 @@ def test_zero_init_builds_partitioned_and_initialised():
 
     setup_environment()
     init_distributed()
-    cfg = load_recipe("debug", ["run.zero_init=true", "model.gate_init=0.25", "run.precision=fp32"])
+    cfg = load_recipe("debug", ["run.zero_init=true", "model.gate_init=0.25", "run.precision=fp32",
+                                "model.memory_tau=3.0"])
     model = build_model(cfg, deepspeed_config(cfg, 1))
-    w, beta = model.layers[0].attn.q_proj.weight, model.layers[0].attn.betas
+    w, beta, tau = (model.layers[0].attn.q_proj.weight, model.layers[0].attn.betas, model.layers[0].attn.log_tau)
     assert hasattr(w, "ds_id") and w.numel() == 0  # partitioned (the local data lives in w.ds_tensor)
-    with deepspeed.zero.GatheredParameters([w, beta]):
+    with deepspeed.zero.GatheredParameters([w, beta, tau]):
         assert abs(float(w.detach().std()) - cfg.model.init_std) < 0.003 and torch.all(beta == 0.25)
+        torch.testing.assert_close(tau.detach().exp(), torch.full((cfg.model.n_kv_heads,), 3.0))
+    # the temperatures train as the gates do: their lr, no weight decay
+    from infinitrain.train.engine import param_groups
+    gates = next(g for g in param_groups(model, cfg) if g["name"] == "gates")
+    assert {id(p) for p in gates["params"]} == {id(p) for p in model.gate_parameters() + model.tau_parameters()}
+    assert gates["lr"] == cfg.optim.gate_lr and gates["weight_decay"] == 0.0 and len(model.tau_parameters()) == 2
 
 
 def test_train_benchmark_smoke(tmp_path):
@@ -133,9 +140,11 @@ def test_train_benchmark_smoke(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 and 0 < r["mfu"] < 1 for r in rows_)
 
 
-def test_mod_aux_loss_and_router_accuracy_logged(tmp_path):
+def test_mod_aux_loss_router_accuracy_and_memory_tau_logged(tmp_path):
     train(tmp_path, ["schedule.steps=2", "schedule.warmup=1", "model.mod_every=2", "model.mod_capacity=0.25",
-                     "tbptt.checkpointing=segment"])
+                     "tbptt.checkpointing=segment", "model.memory_tau=2.0"])
     r = rows(tmp_path)
     assert all(r[k]["mod_aux_loss"] > 0 and 0 < r[k]["mod_router_acc"] <= 1 for k in (1, 2))
     assert len(r[1]["gates"]) == 2 and len(r[1]["gates"][0]) == 4 and len(r[1]["loss_per_segment"]) == 4
+    taus = [t for layer in r[2]["memory_tau"] for t in layer]  # learned through checkpointed, routed segments
+    assert len(r[2]["memory_tau"]) == 2 and all(t != 2.0 and abs(t - 2.0) < 0.1 for t in taus), taus

@@ -20,8 +20,9 @@ from infinitrain.evaluate.passkey import parse_lengths
 from infinitrain.evaluate.loading import load_for_inference
 
 
-def capture_qk(model, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, the un-rotated q (H, T, K) and k (G, T, K) of one sequence, padded to whole segments."""
+def capture_qk(model, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Per layer, the un-rotated q (H, T, K) and k (G, T, K) of one sequence, padded to whole segments, and the
+    layer's memory temperatures τ (G,) (None: the paper's σ)."""
     S = model.config.segment_len
     x = torch.tensor([ids + [0] * (-len(ids) % S)])
     out, hooks = [], []
@@ -38,7 +39,7 @@ def capture_qk(model, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]
             h.remove()
     T = x.shape[1]
     return [(got["q"][0].view(T, a.n_heads, a.head_dim).transpose(0, 1),
-             got["k"][0].view(T, a.n_kv_heads, a.head_dim).transpose(0, 1)) for a, got in out]
+             got["k"][0].view(T, a.n_kv_heads, a.head_dim).transpose(0, 1), a.tau()) for a, got in out]
 
 
 def needle_share(model, tok, length: int) -> dict:
@@ -54,10 +55,12 @@ def needle_share(model, tok, length: int) -> dict:
         raise SystemExit(f"--lengths {length}: the needle is not yet in memory at the answer (segment {S})")
     uniform = (stop - start) / stored
     rows = []
-    for li, (q, k) in enumerate(capture_qk(model, ids)):
+    for li, (q, k, tau) in enumerate(capture_qk(model, ids)):
         group = q.shape[0] // k.shape[0]
         for h in range(q.shape[0]):
-            w = (F.elu(q[h, first_answer - 1:len(ids) - 1].double()) + 1) @ (F.elu(k[h // group, :stored].double()) + 1).T
+            t = 1.0 if tau is None else float(tau[h // group])  # the memory temperature (model.memory_tau)
+            sq = F.elu(q[h, first_answer - 1:len(ids) - 1].double() * t) + 1
+            w = sq @ (F.elu(k[h // group, :stored].double() * t) + 1).T
             w = w / w.sum(-1, keepdim=True)
             share = w[:, start:stop].sum(-1).mean().item()
             rows.append({"layer": li, "head": h, "needle_share": share, "ratio": share / uniform})

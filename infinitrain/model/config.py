@@ -44,6 +44,9 @@ class ModelConfig:
     dropout: float = 0.0
     tie_embeddings: bool = False
     gate_init: float = 0.0  # β at init: sigmoid(0) = 0.5 mixes memory and local attention equally
+    # the memory reads σ(τ·q) and writes σ(τ·k), τ a learned temperature per KV head (``log_tau``) initialised
+    # here: a larger τ makes the ELU+1 kernel pick out matching keys. null: the paper's σ(q), σ(k), no parameter
+    memory_tau: float | None = None
     mod_every: int = 0  # 0: no Mixture-of-Depths; k: every k-th block is routed (k=2: every other block)
     mod_capacity: float = 0.125  # fraction of each segment a routed block processes in training
     init_std: float = 0.02
@@ -94,6 +97,10 @@ class ModelConfig:
             raise ConfigError(f"model.mod_capacity must be in (0, 1], got {self.mod_capacity}")
         if not math.isfinite(self.gate_init):
             raise ConfigError(f"model.gate_init must be finite, got {self.gate_init}")
+        if self.memory_tau is not None and not (isinstance(self.memory_tau, (int, float))
+                                                and not isinstance(self.memory_tau, bool)
+                                                and math.isfinite(self.memory_tau) and self.memory_tau > 0):
+            raise ConfigError(f"model.memory_tau must be null or a finite number > 0, got {self.memory_tau!r}")
         if self.labels is not None:
             labels = tuple(self.labels) if isinstance(self.labels, (list, tuple)) else None
             if not labels or len(labels) < 2 or not all(isinstance(x, str) and x for x in labels) \

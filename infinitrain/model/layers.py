@@ -7,6 +7,7 @@ N segments, S segment length, C routed tokens per segment (Mixture-of-Depths cap
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Callable, NamedTuple
 
@@ -85,7 +86,8 @@ class InfiniAttention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *, segment_len: int,
                  update: str = "linear", rotary: RotarySpec | None = None, causal: bool = True,
-                 gate_init: float = 0.0, eps: float = 1e-6, bias: bool = False, value_dim: int | None = None):
+                 gate_init: float = 0.0, eps: float = 1e-6, bias: bool = False, value_dim: int | None = None,
+                 memory_tau: float | None = None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.value_dim = value_dim or head_dim
@@ -95,6 +97,11 @@ class InfiniAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.value_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * self.value_dim, d_model, bias=bias)
         self.betas = nn.Parameter(torch.full((n_heads,), float(gate_init)))  # Eq. 10, one scalar per head
+        # the memory's temperature τ = exp(log_tau), one per KV head (ModelConfig.memory_tau); None: τ = 1, the paper
+        self.log_tau = None if memory_tau is None else nn.Parameter(torch.full((n_kv_heads,), math.log(memory_tau)))
+
+    def tau(self) -> Tensor | None:
+        return None if self.log_tau is None else self.log_tau.exp()
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, T, _ = x.shape
@@ -113,7 +120,7 @@ class InfiniAttention(nn.Module):
         q, k, v = self.project(x)
         o, state = infini_attention_stream(q, k, v, self.betas, state, segment_len=self.segment_len,
                                            update=self.update, causal=self.causal, rotary=self.rotary,
-                                           keep=keep, doc_start=doc_start, eps=self.eps)
+                                           keep=keep, doc_start=doc_start, eps=self.eps, tau=self.tau())
         return self.merge(o), state
 
     def skip(self, x: Tensor, state: AttnState | None) -> AttnState:
@@ -126,7 +133,8 @@ class InfiniAttention(nn.Module):
         q = x.new_zeros(B, self.n_heads, T, self.head_dim)
         keep = torch.zeros(B, T, dtype=torch.bool, device=x.device)
         return infini_attention_stream(q, k, v, self.betas, state, segment_len=self.segment_len, update=self.update,
-                                       causal=self.causal, rotary=self.rotary, keep=keep, eps=self.eps)[1]
+                                       causal=self.causal, rotary=self.rotary, keep=keep, eps=self.eps,
+                                       tau=self.tau())[1]
 
     def forward_compact(self, x: Tensor, state: AttnState | None, *, pos: Tensor, tokens_per_segment: int,
                         doc_start: Tensor | None = None) -> tuple[Tensor, AttnState]:
@@ -138,7 +146,7 @@ class InfiniAttention(nn.Module):
         q, k, v = self.project(x)
         o, mem = infini_attention(q, k, v, self.betas, None if state is None else state.mem,
                                   segment_len=tokens_per_segment, update=self.update, causal=self.causal,
-                                  rotary=self.rotary, pos=pos, doc_start=doc_start, eps=self.eps)
+                                  rotary=self.rotary, pos=pos, doc_start=doc_start, eps=self.eps, tau=self.tau())
         B = x.shape[0]
         empty_k = k.new_zeros(B, self.n_kv_heads, 0, self.head_dim)
         empty_v = v.new_zeros(B, self.n_kv_heads, 0, self.value_dim)
@@ -147,7 +155,8 @@ class InfiniAttention(nn.Module):
 
 def attention_from_config(cfg: ModelConfig) -> InfiniAttention:
     return InfiniAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, segment_len=cfg.segment_len,
-                           update=cfg.update, rotary=cfg.rotary(), gate_init=cfg.gate_init, eps=cfg.memory_eps)
+                           update=cfg.update, rotary=cfg.rotary(), gate_init=cfg.gate_init, eps=cfg.memory_eps,
+                           memory_tau=cfg.memory_tau)
 
 
 class Block(nn.Module):

@@ -36,6 +36,7 @@ API::
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ _WEIGHT_MAP: tuple[tuple[str, str | None], ...] = (
     (r"layers\.(\d+)\.(?:block\.)?mlp_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
     (r"layers\.(\d+)\.(?:block\.)?mlp\.(gate|up|down)_proj\.weight", r"model.layers.\1.mlp.\2_proj.weight"),
     (r"layers\.(\d+)\.(?:block\.)?attn\.betas", None),
+    (r"layers\.(\d+)\.(?:block\.)?attn\.log_tau", None),
     (r"layers\.(\d+)\.router\.weight", None),
 )
 
@@ -253,6 +255,8 @@ def hf_name(ours: str) -> str | None:
 def _fresh(ours: str, shape: torch.Size, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> Tensor:
     if ours.endswith("betas"):
         return torch.full(shape, cfg.gate_init, dtype=dtype, device=device)
+    if ours.endswith("log_tau"):
+        return torch.full(shape, math.log(cfg.memory_tau), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, cfg.init_std)  # router
 
 

@@ -9,6 +9,7 @@ Shape legend: B batch, T tokens, D model dim, V vocabulary.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -75,10 +76,16 @@ class InfiniLM(nn.Module):
                 nn.init.normal_(module.weight, 0.0, std)
         for p in self.gate_parameters():
             p.fill_(self.config.gate_init)
+        for p in self.tau_parameters():
+            p.fill_(math.log(self.config.memory_tau))
 
     def gate_parameters(self) -> list[nn.Parameter]:
         """The per-head gates β: train them with their own learning rate and no weight decay."""
         return [p for n, p in self.named_parameters() if n.endswith("betas")]
+
+    def tau_parameters(self) -> list[nn.Parameter]:
+        """The memory temperatures log τ (``model.memory_tau``; none by default): trained as the gates are."""
+        return [p for n, p in self.named_parameters() if n.endswith("log_tau")]
 
     def forward(self, input_ids: Tensor, state: ModelState | None = None, *, doc_start: Tensor | None = None,
                 targets: Tensor | None = None, loss_mask: Tensor | None = None,

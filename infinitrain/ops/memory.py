@@ -85,9 +85,20 @@ def acc(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def sigma(x: Tensor) -> Tensor:
-    """σ = ELU + 1 (Katharopoulos et al. 2020), in fp32 or wider; strictly positive."""
-    return F.elu(acc(x)).add_(1.0)  # in place on ELU's fresh output (its backward reads the input): one tensor
+def sigma(x: Tensor, tau: Tensor | None = None) -> Tensor:
+    """σ = ELU + 1 (Katharopoulos et al. 2020), in fp32 or wider; strictly positive.
+
+    tau (heads,) optional: σ(τ_h·x) with one temperature per head of x (dim 1), the memory's learned sharpness
+    (``ModelConfig.memory_tau``); None is the paper's σ(x)."""
+    x = acc(x)
+    if tau is not None:
+        x = x * acc(tau).view(1, -1, *([1] * (x.dim() - 2)))
+    return F.elu(x).add_(1.0)  # in place on ELU's fresh output (its backward reads the input): one tensor
+
+
+def query_tau(tau: Tensor | None, heads: int) -> Tensor | None:
+    """Per-KV-head temperatures (G,) -> per-query-head (H,): query head h reads KV head h // (H/G)."""
+    return None if tau is None else tau.repeat_interleave(heads // tau.shape[0])
 
 
 def _group(x: Tensor, kv_heads: int) -> Tensor:
@@ -121,9 +132,10 @@ def delta_update(sk: Tensor, v: Tensor, mem: MemoryState, eps: float = DEFAULT_E
 
 
 def memory_update(k: Tensor, v: Tensor, mem: MemoryState, update: Update, keep: Tensor | None = None,
-                  eps: float = DEFAULT_EPS) -> MemoryState:
-    """Write one finished segment (k (B, G, S, K), v (B, G, S, V), raw) into the memory; keep (B, S) masks tokens."""
-    sk, vf = sigma(k), acc(v)
+                  eps: float = DEFAULT_EPS, tau: Tensor | None = None) -> MemoryState:
+    """Write one finished segment (k (B, G, S, K), v (B, G, S, V), raw) into the memory; keep (B, S) masks tokens;
+    tau (G,) the memory temperatures (None: 1)."""
+    sk, vf = sigma(k, tau), acc(v)
     if keep is not None:
         sk = sk * keep[:, None, :, None]  # a dropped token writes nothing and adds nothing to z
     if update == "linear":
@@ -276,7 +288,8 @@ def memory_states_delta(sk: Tensor, v: Tensor, mem: MemoryState, eps: float, res
 def infini_attention(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: MemoryState | None = None, *,
                      segment_len: int, update: Update = "linear", causal: bool = True,
                      rotary: RotarySpec | None = None, pos: Tensor | None = None, keep: Tensor | None = None,
-                     doc_start: Tensor | None = None, eps: float = DEFAULT_EPS) -> tuple[Tensor, MemoryState]:
+                     doc_start: Tensor | None = None, eps: float = DEFAULT_EPS,
+                     tau: Tensor | None = None) -> tuple[Tensor, MemoryState]:
     """Infini-attention over whole segments: (q, k, v, mem) -> (out, final mem).
 
     q (B, H, T, K), k (B, G, T, K), v (B, G, T, V) un-rotated, T a multiple of S; beta (H,).
@@ -284,7 +297,8 @@ def infini_attention(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: MemoryS
     masks tokens out of attention and memory writes. Retrieval reads the state before each segment.
     doc_start (B, T) marks the first token of each new document: no token sees another document,
     through local attention or through the memory; the carried ``mem`` belongs to the document that
-    is current when the call starts (see ``document_masks``).
+    is current when the call starts (see ``document_masks``). tau (G,): the memory reads σ(τ·q) and writes
+    σ(τ·k), one temperature per KV head (None: the paper's σ(q), σ(k)).
     """
     if update not in UPDATES:
         raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
@@ -296,8 +310,8 @@ def infini_attention(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: MemoryS
     if mem is None:
         mem = zero_memory(B, G, K, Vd, q.device, acc(q).dtype)
     # Memory path: un-rotated q/k (no PE on the memory, §4.1), fp32.
-    sq = sigma(q).view(B, H, N, S, K)
-    sk = sigma(k).view(B, G, N, S, K)
+    sq = sigma(q, query_tau(tau, H)).view(B, H, N, S, K)
+    sk = sigma(k, tau).view(B, G, N, S, K)
     doc = reads = reset = None
     write = keep
     if doc_start is not None:
@@ -360,7 +374,7 @@ def infini_attention_naive(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: M
                            segment_len: int, update: Update = "linear", causal: bool = True,
                            rotary: RotarySpec | None = None, pos: Tensor | None = None,
                            keep: Tensor | None = None, doc_start: Tensor | None = None,
-                           eps: float = DEFAULT_EPS) -> tuple[Tensor, MemoryState]:
+                           eps: float = DEFAULT_EPS, tau: Tensor | None = None) -> tuple[Tensor, MemoryState]:
     """Reference for ``infini_attention`` (same signature): loops over segments and heads.
 
     Documents, from the definition: a token sees only earlier tokens of its own document; it reads the
@@ -397,7 +411,8 @@ def infini_attention_naive(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: M
         seg_out = []
         for h in range(H):
             g = h // R  # query head h reads KV head h // (H/G)
-            sq = F.elu(acc(q[:, h, sl])) + 1  # (B, L, K)
+            t = 1.0 if tau is None else tau[g]  # the memory temperature of KV head g
+            sq = F.elu(acc(q[:, h, sl]) * t) + 1  # (B, L, K)
             a_mem = (sq @ M[g]) / ((sq @ z[g][:, :, None]) + eps) * may_read  # Eq. 7
             scores = acc(qr[:, h, sl] @ kr[:, g, sl].transpose(-1, -2)) / K ** 0.5  # Eq. 6
             allowed = (keep[:, None, sl] | torch.eye(L, dtype=torch.bool, device=q.device)) & same_doc
@@ -411,7 +426,8 @@ def infini_attention_naive(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: M
         for g in range(G):  # retrieval above used M_{s-1}; now write segment s
             live = (~new_doc).to(M[g].dtype)
             M[g], z[g] = M[g] * live[:, None, None], z[g] * live[:, None]
-            sk = (F.elu(acc(k[:, g, sl])) + 1) * writer[:, :, None]
+            t = 1.0 if tau is None else tau[g]
+            sk = (F.elu(acc(k[:, g, sl]) * t) + 1) * writer[:, :, None]
             vs = acc(v[:, g, sl])
             if update == "linear":
                 M[g] = M[g] + sk.transpose(-1, -2) @ vs  # Eq. 8
@@ -430,18 +446,19 @@ def infini_attention_naive(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: M
 def infini_attention_partial(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: MemoryState, *,
                              causal: bool = True, rotary: RotarySpec | None = None,
                              keep: Tensor | None = None, eps: float = DEFAULT_EPS, k_rot: Tensor | None = None,
-                             table_len: int | None = None) -> Tensor:
+                             table_len: int | None = None, tau: Tensor | None = None) -> Tensor:
     """Outputs for the last t tokens of an unfinished segment, without writing the memory.
 
     q (B, H, t, K) are those tokens' queries; k (B, G, P+t, K), v (B, G, P+t, V) are every key/value
     of the segment so far (un-rotated), so the queries sit at in-segment positions P .. P+t-1.
     keep (B, P+t) masks dropped tokens. k_rot: the same keys already rotated (the stream's cache), used
     instead of rotating k; table_len (>= P+t, the segment length): rotate q from the cached ``rope_table``.
+    tau (G,): the memory temperatures.
     """
     B, H, t, K = q.shape
     L = k.shape[2]
     P = L - t
-    a_mem = retrieve(sigma(q), mem, eps)
+    a_mem = retrieve(sigma(q, query_tau(tau, H)), mem, eps)
     if rotary is not None:
         if table_len is None:
             q = apply_rotary(q, torch.arange(P, L, device=q.device), rotary)
@@ -486,7 +503,8 @@ def _extend(held: tuple[Tensor | None, ...], new: tuple[Tensor | None, ...], buf
 def infini_attention_stream(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, state: AttnState | None = None, *,
                             segment_len: int, update: Update = "linear", causal: bool = True,
                             rotary: RotarySpec | None = None, keep: Tensor | None = None,
-                            doc_start: Tensor | None = None, eps: float = DEFAULT_EPS) -> tuple[Tensor, AttnState]:
+                            doc_start: Tensor | None = None, eps: float = DEFAULT_EPS,
+                            tau: Tensor | None = None) -> tuple[Tensor, AttnState]:
     """Feed any number of tokens (q (B, H, T, K), k/v (B, G, T, ·)) with the state carried.
 
     Segments are counted from the start of the stream: the call first completes the unfinished
@@ -494,6 +512,7 @@ def infini_attention_stream(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, state
     as the new unfinished segment. One call over a stream equals any chunking of it, down to one
     token per call (causal attention only: a bidirectional segment depends on its future tokens).
     doc_start (B, T) document starts are supported on segment-aligned calls (the trainer's windows).
+    tau (G,): the memory temperatures (see ``infini_attention``).
     """
     B, H, T, K = q.shape
     G, Vd, S = k.shape[1], v.shape[-1], segment_len
@@ -507,7 +526,7 @@ def infini_attention_stream(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, state
         keepc = torch.ones(B, kc.shape[2], dtype=torch.bool, device=q.device)
     if keep is None and keepc is not None:
         keep = torch.ones(B, T, dtype=torch.bool, device=q.device)
-    kw = dict(causal=causal, rotary=rotary, eps=eps, table_len=S)
+    kw = dict(causal=causal, rotary=rotary, eps=eps, table_len=S, tau=tau)
     outs = []
     i = 0
     P = kc.shape[2]
@@ -522,13 +541,13 @@ def infini_attention_stream(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, state
         outs.append(infini_attention_partial(q[:, :, :i], ks, vs, beta, mem, keep=keeps, k_rot=krs, **kw))
         if P + i < S:
             return outs[0], AttnState(mem, ks, vs, keeps, krs, buffer)
-        mem = memory_update(ks, vs, mem, update, keeps, eps)
+        mem = memory_update(ks, vs, mem, update, keeps, eps, tau)
     n_full = (T - i) // S * S
     if n_full:  # 2. whole segments, fast path
         j = i + n_full
         o, mem = infini_attention(q[:, :, i:j], k[:, :, i:j], v[:, :, i:j], beta, mem, segment_len=S,
                                   update=update, keep=None if keep is None else keep[:, i:j], doc_start=doc_start,
-                                  causal=causal, rotary=rotary, eps=eps)
+                                  causal=causal, rotary=rotary, eps=eps, tau=tau)
         outs.append(o)
         i = j
     kt, vt = k[:, :, i:], v[:, :, i:]  # 3. the remainder starts a new unfinished segment

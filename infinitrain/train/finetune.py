@@ -32,7 +32,7 @@ from infinitrain.errors import ConfigError
 from infinitrain.model.lora import GROUPS, add_lora
 
 MEMORY_PARAMS = re.compile(r".*\.attn\.[qkv]_proj\.(weight|bias)")
-GATE_PARAMS = re.compile(r".*\.attn\.betas")
+GATE_PARAMS = re.compile(r".*\.attn\.(betas|log_tau)")
 HEAD_PARAMS = re.compile(r"score\..*")
 ADAPTER_PARAMS = re.compile(r".*\.lora_[AB]")
 

@@ -39,7 +39,7 @@ from infinitrain.model.lm import InfiniLM
 
 REPORT_NAME = "init_from.json"
 # Parameters a source may lack: the model initialises them itself (gates β, Mixture-of-Depths routers, a class head).
-CREATABLE = re.compile(r"layers\.\d+\.(?:block\.)?attn\.betas|layers\.\d+\.router\.weight|score\.weight")
+CREATABLE = re.compile(r"layers\.\d+\.(?:block\.)?attn\.(?:betas|log_tau)|layers\.\d+\.router\.weight|score\.weight")
 # Fields that decide how weights are read: must agree between the recipe and the source.
 ARCHITECTURE = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "activation",
                 "tie_embeddings")

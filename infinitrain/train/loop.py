@@ -139,13 +139,15 @@ class RouterAccuracy:
         return float(c[0] / c[1]) if c[1] else None
 
 
-def gate_values(model) -> list[list[float]]:
-    """sigmoid(β) per layer and head (collective under ZeRO-3: every rank calls it)."""
+def gate_values(model, params=None, fn=torch.sigmoid) -> list[list[float]]:
+    """sigmoid(β) per layer and head (collective under ZeRO-3: every rank calls it); with params and fn, fn of
+    those (the memory temperatures: ``gate_values(model, model.tau_parameters(), torch.exp)``)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    full = [safe_get_full_fp32_param(p) for p in model.gate_parameters()]  # None below stage 3 ...
-    return [torch.sigmoid((f if f is not None else p).detach().float()).tolist()  # ... then p is whole
-            for f, p in zip(full, model.gate_parameters())]
+    params = model.gate_parameters() if params is None else params
+    full = [safe_get_full_fp32_param(p) for p in params]  # None below stage 3 ...
+    return [fn((f if f is not None else p).detach().float()).tolist()  # ... then p is whole
+            for f, p in zip(full, params)]
 
 
 def peak_memory_mb() -> float:
@@ -313,6 +315,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: int, wor
                     "grad_norm": _float_or_none(engine.get_global_grad_norm()), "tokens_per_s": window_tokens / elapsed,
                     "peak_mem_mb": peak_memory_mb(), "mod_aux_loss": float(stats.aux),
                     "mod_router_acc": router.take(), "gates": gates,
+                    **({"memory_tau": gate_values(model, model.tau_parameters(), torch.exp)}
+                       if model.tau_parameters() else {}),
                     "skipped_total": state.skipped_total, **per_dataset.row()})
                 window_start, window_tokens = time.time(), 0
             if not skipped and cfg.log.eval_every and step % cfg.log.eval_every == 0 and val:
