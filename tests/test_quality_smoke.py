@@ -67,6 +67,27 @@ def test_passkey_train_memory_fraction_puts_the_needle_segments_before_the_quest
     assert plain == again  # the default draws exactly as before
 
 
+def test_passkey_train_distractors_put_other_numbers_in_the_filler_and_keep_the_needle_in_memory():
+    import re
+
+    pt = _load("passkey_train")
+    rng, swapped, sentences = random.Random(4), 0, 0
+    for _ in range(30):
+        r = pt.record(_Bytes(), rng, 600, 900, 8, "answer", memory_fraction=1.0, segment_len=128, distractors=0.5)
+        text, key = r["document"] + r["summary"], r["summary"].strip(" .")
+        assert len(text.encode()) <= 900 and text.endswith(f"{QUESTION} {key}.")
+        numbers = re.findall(r" The s(?:ky|un) is (\d+)\.", text)
+        assert all(n != key for n in numbers)
+        swapped += len(numbers)
+        sentences += len(numbers) + len(re.findall(r" The s(?:ky is blue|un is yellow)\.", text))
+        needle_end = len(text[:text.index(f"{key} is the pass key.") + len(f"{key} is the pass key.")].encode())
+        assert needle_end <= len(text[:text.index(QUESTION)].encode()) // 128 * 128  # still read through memory
+    assert 0.3 < swapped / sentences < 0.6  # about half; a swap that would break the length or the split is skipped
+    plain = [pt.record(_Bytes(), random.Random(3), 600, 900, 8, "answer") for _ in range(5)]
+    again = [pt.record(_Bytes(), random.Random(3), 600, 900, 8, "answer", distractors=0.0) for _ in range(5)]
+    assert plain == again
+
+
 def test_passkey_train_fills_up_to_the_length():
     pt = _load("passkey_train")
     r = pt.record(_Bytes(), random.Random(1), 2000, 2000, 5, "answer")

@@ -20,7 +20,7 @@ from infinitrain.data_tools.passkey import FILLER, QUESTION, TASK, build_prompt,
 
 
 def record(tok: Tokenizer, rng: random.Random, min_len: int, max_len: int, max_digits: int, loss: str,
-           memory_fraction: float = 0.0, segment_len: int = 128) -> dict:
+           memory_fraction: float = 0.0, segment_len: int = 128, distractors: float = 0.0) -> dict:
     digits = rng.randint(1, max_digits)
     key = rng.randint(10 ** (digits - 1) if digits > 1 else 1, 10 ** digits - 1)
     depth, length = rng.random(), rng.randint(min_len, max_len)
@@ -33,14 +33,47 @@ def record(tok: Tokenizer, rng: random.Random, min_len: int, max_len: int, max_d
     n = max(0, (length - n_tokens(build_prompt(key, 0, depth) + answer)) // per_filler)
     while n > 0 and n_tokens(build_prompt(key, n, depth) + answer) > length:
         n -= 1
+    in_memory = False
     if memory_fraction and rng.random() < memory_fraction:  # the needle ends in a segment before the question's
-        depth = _memory_depth(n_tokens, rng, key, n, per_filler, answer, segment_len, depth)
+        new_depth = _memory_depth(n_tokens, rng, key, n, per_filler, answer, segment_len, depth)
+        in_memory, depth = new_depth != depth, new_depth
     prompt = build_prompt(key, n, depth)
+    if distractors:
+        prompt = _add_distractors(prompt, n_tokens, rng, distractors, key, length - n_tokens(answer),
+                                  segment_len if in_memory else 0)
     if loss == "answer":
         return {"document": prompt, "summary": answer}
     text, first = prompt + answer, f" The pass key is {key}"
     cut = text.index(first) + len(first)
     return {"document": text[:cut], "summary": text[cut:]}
+
+
+DISTRACTIBLE = (" The sky is blue.", " The sun is yellow.")
+
+
+def _add_distractors(prompt: str, n_tokens, rng: random.Random, p: float, key: int, budget: int,
+                     segment_len: int) -> str:
+    """Each filler sentence of DISTRACTIBLE becomes, with probability p, " The sky is <number>." (a 1-5 digit number
+    that is not the key): the memory's mean then holds other digits too, so only a read that picks the digits
+    after " pass key is" answers. A swap is kept only if the prompt stays within ``budget`` tokens and, when
+    segment_len > 0, the needle still ends in a segment before the question's."""
+    spots = [(i, d) for d in DISTRACTIBLE for i in range(len(prompt)) if prompt.startswith(d, i)]
+    rng.shuffle(spots)
+    spots = sorted(spots[:sum(rng.random() < p for _ in spots)], reverse=True)  # right to left: offsets stay valid
+    nd = needle(key)
+    for i, d in spots:
+        number = rng.randint(1, 99999)
+        if number == key:
+            continue
+        new = prompt[:i] + d[:d.rindex(" ")] + f" {number}." + prompt[i + len(d):]
+        if n_tokens(new) > budget:
+            continue
+        if segment_len:
+            question_start = n_tokens(new) - n_tokens(QUESTION)
+            if n_tokens(new[:new.index(nd) + len(nd)]) > question_start // segment_len * segment_len:
+                continue
+        prompt = new
+    return prompt
 
 
 def _memory_depth(n_tokens, rng: random.Random, key: int, n: int, per_filler: int, answer: str, segment_len: int,
@@ -70,12 +103,15 @@ def main() -> None:
     ap.add_argument("--memory-fraction", type=float, default=0.0,
                     help="Fraction of records whose needle ends in a segment before the question's (read via memory).")
     ap.add_argument("--segment-len", type=int, default=128)
+    ap.add_argument("--distractors", type=float, default=0.0,
+                    help="Probability that a ' The sky is blue.' / ' The sun is yellow.' filler sentence gets a random "
+                         "number in place of its colour (other digits in the memory besides the key's).")
     args = ap.parse_args()
     tok, rng = Tokenizer.from_file(args.tokenizer), random.Random(args.seed)
     with open(args.out, "w") as out:
         for _ in range(args.count):
             out.write(json.dumps(record(tok, rng, args.min_length, args.max_length, args.max_digits, args.loss,
-                                        args.memory_fraction, args.segment_len)) + "\n")
+                                        args.memory_fraction, args.segment_len, args.distractors)) + "\n")
     print(f"wrote {args.out}: {args.count} records of {args.min_length}-{args.max_length} tokens, keys of 1-"
           f"{args.max_digits} digits, loss on the {args.loss}")
 
