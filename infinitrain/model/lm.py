@@ -84,7 +84,8 @@ class InfiniLM(nn.Module):
         return [p for n, p in self.named_parameters() if n.endswith("betas")]
 
     def tau_parameters(self) -> list[nn.Parameter]:
-        """The memory temperatures log τ (``model.memory_tau``; none by default): trained as the gates are."""
+        """The memory temperatures log τ (``model.memory_tau``; none by default): the main lr, no weight decay
+        (not the gates' lr: that drove one τ past 500 in 900 steps, and gate_lr = 0 must not freeze them)."""
         return [p for n, p in self.named_parameters() if n.endswith("log_tau")]
 
     def forward(self, input_ids: Tensor, state: ModelState | None = None, *, doc_start: Tensor | None = None,

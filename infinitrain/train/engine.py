@@ -108,7 +108,7 @@ def lr_lambda(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
 
 def param_groups(model: InfiniLM, cfg: TrainConfig) -> list[dict[str, Any]]:
     """Three groups: matrices (weight decay), norms/biases/embedding-free vectors (no decay), gates β (own lr)."""
-    gate_ids = {id(p) for p in model.gate_parameters() + model.tau_parameters()}
+    gate_ids = {id(p) for p in model.gate_parameters()}  # the memory temperatures (1-D) land in no_decay
     decay, no_decay, gates = [], [], []
     for p in model.parameters():
         if not p.requires_grad:  # frozen by the recipe's finetune section
