@@ -220,10 +220,20 @@ def test_debug_preset_runs_and_learns_a_step():
     dict(n_heads=5), dict(n_kv_heads=3), dict(activation="swigloo"), dict(update="delta2"), dict(pos_emb="alibi"),
     dict(dropout=1.0), dict(segment_len=0), dict(mod_capacity=0.0), dict(yarn_scale=2.0), dict(rope_pct=0.0),
     dict(memory_tau=0.0), dict(memory_tau=-1.0), dict(memory_tau=float("inf")), dict(memory_tau=True),
+    dict(gate_split=float("nan")),
 ])
 def test_config_validation(bad):
     with pytest.raises(ConfigError):
         ModelConfig(**{**BASE, **bad})
+
+
+def test_gate_split_starts_even_heads_on_the_memory_and_odd_heads_local():
+    model = InfiniLM(ModelConfig(**{**BASE, "gate_init": -1.0, "gate_split": 3.0, "mod_every": 2}))
+    for p in model.gate_parameters():  # plain and Mixture-of-Depths blocks alike
+        assert p.tolist() == [2.0, -4.0, 2.0, -4.0]
+    model.reset_parameters()
+    assert all(p.tolist() == [2.0, -4.0, 2.0, -4.0] for p in model.gate_parameters())
+    assert InfiniLM(ModelConfig(**BASE)).gate_parameters()[0].tolist() == [0.5] * 4  # default: gate_init
 
 
 def test_config_from_dict_refuses_unknown_keys_and_round_trips():

@@ -114,12 +114,13 @@ def test_zero_init_builds_partitioned_and_initialised():
     setup_environment()
     init_distributed()
     cfg = load_recipe("debug", ["run.zero_init=true", "model.gate_init=0.25", "run.precision=fp32",
-                                "model.memory_tau=3.0"])
+                                "model.memory_tau=3.0", "model.gate_split=2.0"])
     model = build_model(cfg, deepspeed_config(cfg, 1))
     w, beta, tau = (model.layers[0].attn.q_proj.weight, model.layers[0].attn.betas, model.layers[0].attn.log_tau)
     assert hasattr(w, "ds_id") and w.numel() == 0  # partitioned (the local data lives in w.ds_tensor)
     with deepspeed.zero.GatheredParameters([w, beta, tau]):
-        assert abs(float(w.detach().std()) - cfg.model.init_std) < 0.003 and torch.all(beta == 0.25)
+        assert abs(float(w.detach().std()) - cfg.model.init_std) < 0.003
+        assert beta.tolist() == [2.25, -1.75, 2.25, -1.75]  # gate_init ± gate_split, even heads +
         torch.testing.assert_close(tau.detach().exp(), torch.full((cfg.model.n_kv_heads,), 3.0))
     # the temperatures train at the main lr without weight decay; the gates keep their own group
     from infinitrain.train.engine import param_groups

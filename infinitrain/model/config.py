@@ -44,6 +44,9 @@ class ModelConfig:
     dropout: float = 0.0
     tie_embeddings: bool = False
     gate_init: float = 0.0  # β at init: sigmoid(0) = 0.5 mixes memory and local attention equally
+    # β at init is gate_init + gate_split on even heads and gate_init - gate_split on odd heads: half the heads of
+    # each layer start reading mostly the memory, half mostly local attention (0: every head at gate_init)
+    gate_split: float = 0.0
     # the memory reads σ(τ·q) and writes σ(τ·k), τ a learned temperature per KV head (``log_tau``) initialised
     # here: a larger τ makes the ELU+1 kernel pick out matching keys. null: the paper's σ(q), σ(k), no parameter
     memory_tau: float | None = None
@@ -95,8 +98,9 @@ class ModelConfig:
             raise ConfigError(f"model.mod_every must be an integer >= 0, got {self.mod_every!r}")
         if not 0.0 < self.mod_capacity <= 1.0:
             raise ConfigError(f"model.mod_capacity must be in (0, 1], got {self.mod_capacity}")
-        if not math.isfinite(self.gate_init):
-            raise ConfigError(f"model.gate_init must be finite, got {self.gate_init}")
+        for name in ("gate_init", "gate_split"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"model.{name} must be finite, got {getattr(self, name)}")
         if self.memory_tau is not None and not (isinstance(self.memory_tau, (int, float))
                                                 and not isinstance(self.memory_tau, bool)
                                                 and math.isfinite(self.memory_tau) and self.memory_tau > 0):
@@ -110,6 +114,10 @@ class ModelConfig:
             object.__setattr__(self, "labels", labels)
 
     # --- derived -----------------------------------------------------------------------------
+    def gate_init_per_head(self) -> list[float]:
+        """β at init for each of the n_heads query heads (``gate_init`` ± ``gate_split``, even heads +)."""
+        return [self.gate_init + (self.gate_split if h % 2 == 0 else -self.gate_split) for h in range(self.n_heads)]
+
     @property
     def rot_dim(self) -> int:
         return int(self.head_dim * self.rope_pct) // 2 * 2

@@ -86,7 +86,8 @@ class InfiniAttention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *, segment_len: int,
                  update: str = "linear", rotary: RotarySpec | None = None, causal: bool = True,
-                 gate_init: float = 0.0, eps: float = 1e-6, bias: bool = False, value_dim: int | None = None,
+                 gate_init: float | list[float] = 0.0, eps: float = 1e-6, bias: bool = False,
+                 value_dim: int | None = None,
                  memory_tau: float | None = None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
@@ -96,7 +97,8 @@ class InfiniAttention(nn.Module):
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.value_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * self.value_dim, d_model, bias=bias)
-        self.betas = nn.Parameter(torch.full((n_heads,), float(gate_init)))  # Eq. 10, one scalar per head
+        # Eq. 10, one scalar per head; gate_init is one value for all heads or a list of n_heads
+        self.betas = nn.Parameter(torch.tensor(gate_init, dtype=torch.float32).expand(n_heads).clone())
         # the memory's temperature τ = exp(log_tau), one per KV head (ModelConfig.memory_tau); None: τ = 1, the paper
         self.log_tau = None if memory_tau is None else nn.Parameter(torch.full((n_kv_heads,), math.log(memory_tau)))
 
@@ -155,7 +157,7 @@ class InfiniAttention(nn.Module):
 
 def attention_from_config(cfg: ModelConfig) -> InfiniAttention:
     return InfiniAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, segment_len=cfg.segment_len,
-                           update=cfg.update, rotary=cfg.rotary(), gate_init=cfg.gate_init, eps=cfg.memory_eps,
+                           update=cfg.update, rotary=cfg.rotary(), gate_init=cfg.gate_init_per_head(), eps=cfg.memory_eps,
                            memory_tau=cfg.memory_tau)
 
 

@@ -254,7 +254,7 @@ def hf_name(ours: str) -> str | None:
 
 def _fresh(ours: str, shape: torch.Size, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> Tensor:
     if ours.endswith("betas"):
-        return torch.full(shape, cfg.gate_init, dtype=dtype, device=device)
+        return torch.tensor(cfg.gate_init_per_head(), dtype=dtype, device=device).expand(shape).clone()
     if ours.endswith("log_tau"):
         return torch.full(shape, math.log(cfg.memory_tau), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, cfg.init_std)  # router

@@ -74,8 +74,10 @@ class InfiniLM(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, 0.0, std)
+        betas = torch.tensor(self.config.gate_init_per_head())
         for p in self.gate_parameters():
-            p.fill_(self.config.gate_init)
+            if p.numel():  # empty when partitioned by zero.Init: engine._init_module sets it then
+                p.copy_(betas)
         for p in self.tau_parameters():
             p.fill_(math.log(self.config.memory_tau))
 

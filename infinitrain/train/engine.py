@@ -126,7 +126,7 @@ def param_groups(model: InfiniLM, cfg: TrainConfig) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-def _init_module(module: nn.Module, std: float, gate_init: float, memory_tau: float | None = None) -> None:
+def _init_module(module: nn.Module, std: float, gate_init: list[float], memory_tau: float | None = None) -> None:
     """``InfiniLM.reset_parameters`` one module at a time, for models built under ``zero.Init`` (whose
     ``module.apply`` gathers each module's own parameters around the call)."""
     with torch.no_grad():
@@ -135,7 +135,7 @@ def _init_module(module: nn.Module, std: float, gate_init: float, memory_tau: fl
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
         if hasattr(module, "betas") and isinstance(module.betas, nn.Parameter):
-            module.betas.fill_(gate_init)
+            module.betas.copy_(torch.tensor(gate_init))
         if isinstance(getattr(module, "log_tau", None), nn.Parameter):
             module.log_tau.fill_(math.log(memory_tau))
 
@@ -156,7 +156,7 @@ def build_model(cfg: TrainConfig, ds_config: dict[str, Any]) -> InfiniLM:
             model = InfiniLM(cfg.model)
             # reset_parameters ran on already-partitioned (empty) tensors; redo it module by module: inside the
             # context, Module.apply gathers each module's own parameters around the call and re-partitions them
-            model.apply(functools.partial(_init_module, std=cfg.model.init_std, gate_init=cfg.model.gate_init,
+            model.apply(functools.partial(_init_module, std=cfg.model.init_std, gate_init=cfg.model.gate_init_per_head(),
                                           memory_tau=cfg.model.memory_tau))
     if cfg.run.init_from is not None:
         load_init_weights(model, cfg)
