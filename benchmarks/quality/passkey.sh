@@ -26,6 +26,7 @@ SHORT="${SHORT:-64 256}"            # stage 1 sample lengths (min max) ...
 SHORT_SEGS="${SHORT_SEGS:-2}"       # ... in samples of SHORT_SEGS segments of 128 tokens ...
 SHORT_BATCH="${SHORT_BATCH:-16}"    # ... SHORT_BATCH samples a step
 MEMORY="${MEMORY:-0}"               # fraction of training samples whose needle ends a segment before the question
+DISTRACT="${DISTRACT:-0}"           # probability a sky/sun filler sentence carries another number (passkey_train.py)
 EXTRA="${EXTRA:-}"                  # more key=value overrides for both stages
 LENGTHS="${LENGTHS:-2k,8k,32k,128k}"
 DEPTHS="${DEPTHS:-0,25,50,75,100}"
@@ -43,7 +44,7 @@ make_stage() {  # make_stage NAME SEGMENTS MIN_LENGTH MAX_LENGTH COUNT SEED: pas
   [ -f "shards-$name/index.json" ] && return 0
   "$PY" "$HERE/passkey_train.py" --out "$name.jsonl" --tokenizer tokenizer.json --min-length "$3" --max-length "$4" \
     --count "$5" --seed "$6" --max-digits "$DIGITS" --loss "$LOSS" \
-    --memory-fraction "$MEMORY" --segment-len 128
+    --memory-fraction "$MEMORY" --distractors "$DISTRACT" --segment-len 128
   "$INF" prepare "$name.jsonl" --tokenizer tokenizer.json --out "shards-$name" --segment-len 128 \
     --sample-segments "$segs" --format summarization --separator "" --val-fraction 0.01 --no-progress
   cp tokenizer.json "shards-$name/"
