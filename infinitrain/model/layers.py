@@ -87,8 +87,7 @@ class InfiniAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *, segment_len: int,
                  update: str = "linear", rotary: RotarySpec | None = None, causal: bool = True,
                  gate_init: float | list[float] = 0.0, eps: float = 1e-6, bias: bool = False,
-                 value_dim: int | None = None,
-                 memory_tau: float | None = None):
+                 value_dim: int | None = None, memory_tau: float | None = None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.value_dim = value_dim or head_dim
@@ -157,8 +156,8 @@ class InfiniAttention(nn.Module):
 
 def attention_from_config(cfg: ModelConfig) -> InfiniAttention:
     return InfiniAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, segment_len=cfg.segment_len,
-                           update=cfg.update, rotary=cfg.rotary(), gate_init=cfg.gate_init_per_head(), eps=cfg.memory_eps,
-                           memory_tau=cfg.memory_tau)
+                           update=cfg.update, rotary=cfg.rotary(), gate_init=cfg.gate_init_per_head(),
+                           eps=cfg.memory_eps, memory_tau=cfg.memory_tau)
 
 
 class Block(nn.Module):
