@@ -45,6 +45,18 @@ def train_cmd(recipe: str, overrides: tuple[str, ...], stage: str | None, data: 
         evaluate = cfg.eval.command(run_dir)
         if evaluate:
             click.echo(f"evaluate: {evaluate}")
+    _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear the process group down before the interpreter exits, every rank together. Left to exit-time
+    destructors, a rank of a finished 2-rank gloo run sometimes aborted ("terminate called without an active
+    exception", SIGABRT), and the launcher reported a run that had committed its checkpoint as failed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def prepare_init_from(cfg, run_dir: str, resume: str, stage: str | None, verbose: bool):
