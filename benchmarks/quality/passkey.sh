@@ -41,13 +41,17 @@ for k in (12345, 678, 9001): print(b(k, 3, .5))" > seed.txt
                            "$INF" tokenizer train seed.txt --vocab-size "$VOCAB" --split-digits --out tokenizer.json; }
 make_stage() {  # make_stage NAME SEGMENTS MIN_LENGTH MAX_LENGTH COUNT SEED: passkey records -> shards
   local name=$1 segs=$2
-  [ -f "shards-$name/index.json" ] && return 0
+  # reused only if made with the same settings: a WORK dir from a run with other MEMORY/DISTRACT/... is rebuilt
+  local params="$* digits=$DIGITS loss=$LOSS memory=$MEMORY distract=$DISTRACT vocab=$VOCAB"
+  [ -f "shards-$name/index.json" ] && [ "$(cat "shards-$name/params.txt" 2>/dev/null)" = "$params" ] && return 0
+  rm -rf "shards-$name"
   "$PY" "$HERE/passkey_train.py" --out "$name.jsonl" --tokenizer tokenizer.json --min-length "$3" --max-length "$4" \
     --count "$5" --seed "$6" --max-digits "$DIGITS" --loss "$LOSS" \
     --memory-fraction "$MEMORY" --distractors "$DISTRACT" --segment-len 128
   "$INF" prepare "$name.jsonl" --tokenizer tokenizer.json --out "shards-$name" --segment-len 128 \
     --sample-segments "$segs" --format summarization --separator "" --val-fraction 0.01 --no-progress
   cp tokenizer.json "shards-$name/"
+  echo "$params" > "shards-$name/params.txt"
 }
 make_stage short "$SHORT_SEGS" ${SHORT% *} ${SHORT#* } 40000 1
 make_stage long 16 1024 2048 5000 2
