@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 from infinitrain.data_tools.passkey import needle, passkey_records
 from infinitrain.evaluate.passkey import parse_lengths
 from infinitrain.evaluate.loading import load_for_inference
+from infinitrain.ops.memory import query_tau, sigma
 
 
 def capture_qk(model, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
@@ -57,10 +57,11 @@ def needle_share(model, tok, length: int) -> dict:
     rows = []
     for li, (q, k, tau) in enumerate(capture_qk(model, ids)):
         group = q.shape[0] // k.shape[0]
+        # the op's own σ (with the layer's temperatures), in fp64: heads on dim 1 as the op expects
+        sq = sigma(q[None, :, first_answer - 1:len(ids) - 1].double(), query_tau(tau, q.shape[0]))[0]
+        sk = sigma(k[None, :, :stored].double(), tau)[0]
         for h in range(q.shape[0]):
-            t = 1.0 if tau is None else float(tau[h // group])  # the memory temperature (model.memory_tau)
-            sq = F.elu(q[h, first_answer - 1:len(ids) - 1].double() * t) + 1
-            w = sq @ (F.elu(k[h // group, :stored].double() * t) + 1).T
+            w = sq[h] @ sk[h // group].T
             w = w / w.sum(-1, keepdim=True)
             share = w[:, start:stop].sum(-1).mean().item()
             rows.append({"layer": li, "head": h, "needle_share": share, "ratio": share / uniform})

@@ -66,10 +66,11 @@ def _add_distractors(prompt: str, n_tokens, rng: random.Random, p: float, key: i
         if number == key:
             continue
         new = prompt[:i] + d[:d.rindex(" ")] + f" {number}." + prompt[i + len(d):]
-        if n_tokens(new) > budget:
+        total = n_tokens(new)
+        if total > budget:
             continue
         if segment_len:
-            question_start = n_tokens(new) - n_tokens(QUESTION)
+            question_start = total - n_tokens(QUESTION)
             if n_tokens(new[:new.index(nd) + len(nd)]) > question_start // segment_len * segment_len:
                 continue
         prompt = new
