@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
 # passkey.sh: does a model trained from scratch on passkey samples of <= 2K tokens find the key at 2K-128K?
 # Three arms with the same data, steps and schedule: linear memory, delta memory, and memory off (gate closed
-# and frozen: local attention only). Recipe infinitrain/recipes/tiny-passkey.yaml (segment 128), tokenizer: the
-# passkey text's words plus one token a digit. Curriculum: stage 1 on samples of 64-256 tokens (2 segments), where
-# the copy circuit forms, then stage 2 on samples of 1K-2K (16 segments). In MEMORY of the samples the needle ends
-# a segment before the question, so only the memory can carry the key. Training keys have up to DIGITS digits
-# (more copy targets per sample); the eval uses the paper's 1..50000. Each arm takes ~30 min with 2 side by side.
-#   bash benchmarks/quality/passkey.sh                         # all three arms, 2 at a time
+# and frozen: local attention only). Recipe infinitrain/recipes/tiny-passkey.yaml (segment 128, gate_split 3,
+# memory_tau 4), tokenizer: the passkey text's words plus one token a digit. Curriculum: stage 1 on samples of
+# 64-256 tokens (2 segments), where the copy circuit forms, in one cosine cycle per number in STEPS1 (each cycle
+# starts from the last one's weights at the full learning rate); then stage 2 on samples of 1K-2K (16 segments).
+# In MEMORY of the samples the needle ends a segment before the question, so only the memory can carry the key;
+# in DISTRACT of the filler sentences another number replaces the colour, so the memory must store which number
+# followed "pass key", not just the digits it saw. Training keys have up to DIGITS digits (more copy targets per
+# sample); the eval uses the paper's 1..50000. The arms run one after another, each with the 2 cores (~28 min).
+#   bash benchmarks/quality/passkey.sh                         # all three arms, ~100 min with the evals
 #   ARMS=delta STEPS1=300 STEPS2=100 SAMPLES=4 bash benchmarks/quality/passkey.sh   # a quick look
 # Writes benchmarks/quality/results/passkey/<arm>/{passkey.json,passkey.png,train.json} and prints the tables.
 set -euo pipefail
+PARALLEL="${PARALLEL:-1}"           # arms trained side by side, THREADS threads each
+THREADS="${THREADS:-$((2 / PARALLEL > 0 ? 2 / PARALLEL : 1))}"
 source "$(dirname "$0")/env.sh"
 RECIPE="$ROOT/infinitrain/recipes/tiny-passkey.yaml"
 WORK="${WORK:-/tmp/infinitrain-quality/passkey}"
 OUT="${OUT:-$HERE/results/passkey}"
 ARMS="${ARMS:-linear delta off}"
-PARALLEL="${PARALLEL:-2}"           # arms trained side by side (1 thread each; 2 cores here)
-STEPS1="${STEPS1:-2200}"            # stage 1: SHORT_BATCH samples of SHORT tokens per step
-STEPS2="${STEPS2:-700}"             # stage 2: 8 samples of 1K-2K tokens per step
+STEPS1="${STEPS1:-2200 1300}"       # stage 1: cosine cycles of SHORT_BATCH samples of SHORT tokens a step
+STEPS2="${STEPS2:-500}"             # stage 2: 8 samples of 1K-2K tokens per step
 LOSS="${LOSS:-after}"               # after: loss from the end of the key's first occurrence on; answer: answer only
 DIGITS="${DIGITS:-20}"              # training keys have 1..DIGITS digits (the eval's: 1..50000)
 LR="${LR:-3e-3}"
@@ -25,8 +29,8 @@ VOCAB="${VOCAB:-400}"               # tokenizer vocabulary (the recipe's model.v
 SHORT="${SHORT:-64 256}"            # stage 1 sample lengths (min max) ...
 SHORT_SEGS="${SHORT_SEGS:-2}"       # ... in samples of SHORT_SEGS segments of 128 tokens ...
 SHORT_BATCH="${SHORT_BATCH:-16}"    # ... SHORT_BATCH samples a step
-MEMORY="${MEMORY:-0}"               # fraction of training samples whose needle ends a segment before the question
-DISTRACT="${DISTRACT:-0}"           # probability a sky/sun filler sentence carries another number (passkey_train.py)
+MEMORY="${MEMORY:-0.5}"               # fraction of training samples whose needle ends a segment before the question
+DISTRACT="${DISTRACT:-0.5}"           # probability a sky/sun filler sentence carries another number (passkey_train.py)
 EXTRA="${EXTRA:-}"                  # more key=value overrides for both stages
 LENGTHS="${LENGTHS:-2k,8k,32k,128k}"
 DEPTHS="${DEPTHS:-0,25,50,75,100}"
@@ -54,7 +58,7 @@ make_stage() {  # make_stage NAME SEGMENTS MIN_LENGTH MAX_LENGTH COUNT SEED: pas
   echo "$params" > "shards-$name/params.txt"
 }
 make_stage short "$SHORT_SEGS" ${SHORT% *} ${SHORT#* } 40000 1
-make_stage long 16 1024 2048 5000 2
+make_stage long 16 1024 2048 3000 2
 
 arm_overrides() {
   case "$1" in
@@ -66,25 +70,31 @@ arm_overrides() {
 }
 train_arm() {
   local arm=$1 ov; ov=$(arm_overrides "$arm")
-  rm -rf "runs/$arm-1" "runs/$arm"  # fresh runs (train --resume none refuses a run dir with checkpoints)
-  local t0; t0=$(date +%s)
-  # shellcheck disable=SC2086
-  "$INF" train --recipe "$RECIPE" --data shards-short --run-dir "runs/$arm-1" --resume none $ov $EXTRA \
-    data.segments_per_sample="$SHORT_SEGS" data.micro_batch_size="$SHORT_BATCH" schedule.steps="$STEPS1" schedule.warmup=30 checkpoint.save_every=200 \
-    optim.lr="$LR" > "train-$arm.log" 2>&1
+  rm -rf runs/"$arm"-* "runs/$arm"  # fresh runs (train --resume none refuses a run dir with checkpoints)
+  local t0 init="" cycle=0 dir; t0=$(date +%s)
+  : > "train-$arm.log"
+  for steps in $STEPS1; do
+    cycle=$((cycle + 1)); dir="runs/$arm-1.$cycle"
+    # shellcheck disable=SC2086
+    "$INF" train --recipe "$RECIPE" --data shards-short --run-dir "$dir" --resume none $init $ov $EXTRA \
+      data.segments_per_sample="$SHORT_SEGS" data.micro_batch_size="$SHORT_BATCH" schedule.steps="$steps" \
+      schedule.warmup=30 checkpoint.save_every=500 optim.lr="$LR" >> "train-$arm.log" 2>&1 || { echo "$arm: stage 1 failed: $WORK/train-$arm.log" >&2; return 1; }
+    init="--init-from $dir"
+  done
   local t1; t1=$(date +%s)
   # shellcheck disable=SC2086
-  "$INF" train --recipe "$RECIPE" --data shards-long --run-dir "runs/$arm" --resume none --init-from "runs/$arm-1" \
-    $ov $EXTRA schedule.steps="$STEPS2" schedule.warmup=10 optim.lr="$LR" >> "train-$arm.log" 2>&1
+  "$INF" train --recipe "$RECIPE" --data shards-long --run-dir "runs/$arm" --resume none $init \
+    $ov $EXTRA schedule.steps="$STEPS2" schedule.warmup=10 optim.lr="$LR" >> "train-$arm.log" 2>&1 || { echo "$arm: stage 2 failed: $WORK/train-$arm.log" >&2; return 1; }
   local t2; t2=$(date +%s)
   mkdir -p "$OUT/$arm"
-  printf '{"arm": "%s", "stage1_steps": %s, "stage2_steps": %s, "stage1_seconds": %s, "stage2_seconds": %s, "loss": "%s", "digits": %s, "lr": "%s", "extra": "%s"}\n' \
-    "$arm" "$STEPS1" "$STEPS2" $((t1 - t0)) $((t2 - t1)) "$LOSS" "$DIGITS" "$LR" "$EXTRA" > "$OUT/$arm/train.json"
+  printf '{"arm": "%s", "stage1_steps": [%s], "stage2_steps": %s, "stage1_seconds": %s, "stage2_seconds": %s, "threads": %s, "loss": "%s", "digits": %s, "memory": %s, "distract": %s, "lr": "%s", "extra": "%s"}\n' \
+    "$arm" "$(echo $STEPS1 | tr ' ' ',')" "$STEPS2" $((t1 - t0)) $((t2 - t1)) "$THREADS" "$LOSS" "$DIGITS" "$MEMORY" \
+    "$DISTRACT" "$LR" "$EXTRA" > "$OUT/$arm/train.json"
   echo "$arm: trained in $((t2 - t0)) s (stage 1 $((t1 - t0)) s, stage 2 $((t2 - t1)) s)"
 }
 eval_arm() {
   "$INF" eval passkey "runs/$1" --tokenizer tokenizer.json --lengths "$LENGTHS" --depths "$DEPTHS" \
-    --samples "$SAMPLES" --batch-size 10 --threads 1 --out "$OUT/$1" --no-progress
+    --samples "$SAMPLES" --batch-size 10 --threads "$THREADS" --out "$OUT/$1" --no-progress
 }
 
 running=0
