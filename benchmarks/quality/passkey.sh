@@ -39,14 +39,20 @@ mkdir -p "$WORK" "$OUT"
 cd "$WORK"
 
 # word-level BPE trained on three passkey prompts, every digit its own token (--split-digits): " key" and " sky"
-# are different tokens, so "the token after ' pass key is'" is one step of context, not six bytes
-[ -f tokenizer.json ] || { "$PY" -c "from infinitrain.data_tools.passkey import build_prompt as b
+# are different tokens, so "the token after ' pass key is'" is one step of context, not six bytes. Reused only if
+# made with the same settings: a stale tokenizer.json (say a byte-level one of an older run) is rebuilt.
+tok_params="word-level bpe, split digits, vocab $VOCAB"
+if [ ! -f tokenizer.json ] || [ "$(cat tokenizer.params 2>/dev/null)" != "$tok_params" ]; then
+  "$PY" -c "from infinitrain.data_tools.passkey import build_prompt as b
 for k in (12345, 678, 9001): print(b(k, 3, .5))" > seed.txt
-                           "$INF" tokenizer train seed.txt --vocab-size "$VOCAB" --split-digits --out tokenizer.json; }
+  "$INF" tokenizer train seed.txt --vocab-size "$VOCAB" --split-digits --out tokenizer.json
+  echo "$tok_params" > tokenizer.params
+fi
+TOK_SUM=$(sha256sum tokenizer.json | cut -c1-16)
 make_stage() {  # make_stage NAME SEGMENTS MIN_LENGTH MAX_LENGTH COUNT SEED: passkey records -> shards
   local name=$1 segs=$2
   # reused only if made with the same settings: a WORK dir from a run with other MEMORY/DISTRACT/... is rebuilt
-  local params="$* digits=$DIGITS loss=$LOSS memory=$MEMORY distract=$DISTRACT vocab=$VOCAB"
+  local params="$* digits=$DIGITS loss=$LOSS memory=$MEMORY distract=$DISTRACT tokenizer=$TOK_SUM"
   [ -f "shards-$name/index.json" ] && [ "$(cat "shards-$name/params.txt" 2>/dev/null)" = "$params" ] && return 0
   rm -rf "shards-$name"
   "$PY" "$HERE/passkey_train.py" --out "$name.jsonl" --tokenizer tokenizer.json --min-length "$3" --max-length "$4" \
