@@ -95,6 +95,16 @@ def test_passkey_train_fills_up_to_the_length():
     assert 2000 - 100 < n <= 2000  # within one filler sentence (89 bytes) of the length
 
 
+def test_passkey_train_refuses_a_tokenizer_that_cannot_fit_the_bare_prompt():
+    # the bare prompt is ~250 bytes: a byte-level tokenizer cannot keep it under 200 tokens, and must not write
+    # records longer than asked (passkey.sh once trained on such records from a stale byte-level tokenizer)
+    pt = _load("passkey_train")
+    with pytest.raises(ValueError, match="no filler is .* tokens, over --max-length 200"):
+        pt.record(_Bytes(), random.Random(1), 64, 200, 5, "after")
+    r = pt.record(_Bytes(), random.Random(1), 64, 400, 5, "after")
+    assert len((r["document"] + r["summary"]).encode()) <= 400
+
+
 def _ppl(memory: bool, losses: list[float]) -> dict:
     segs = [{"segment": k, "tokens": 10 * (k + 1), "documents": 1, "loss": v, "ppl": 0.0} for k, v in enumerate(losses)]
     total = sum(s["tokens"] for s in segs)

@@ -33,6 +33,9 @@ def record(tok: Tokenizer, rng: random.Random, min_len: int, max_len: int, max_d
     n = max(0, (length - n_tokens(build_prompt(key, 0, depth) + answer)) // per_filler)
     while n > 0 and n_tokens(build_prompt(key, n, depth) + answer) > length:
         n -= 1
+    if n == 0 and (bare := n_tokens(build_prompt(key, 0, depth) + answer)) > max_len:
+        raise ValueError(f"a prompt with a {digits}-digit key and no filler is {bare} tokens, over --max-length "
+                         f"{max_len} (a byte-level tokenizer, or --max-digits too large?)")
     in_memory = False
     if memory_fraction and rng.random() < memory_fraction:  # the needle ends in a segment before the question's
         new_depth = _memory_depth(n_tokens, rng, key, n, per_filler, answer, segment_len, depth)
@@ -111,8 +114,12 @@ def main() -> None:
     tok, rng = Tokenizer.from_file(args.tokenizer), random.Random(args.seed)
     with open(args.out, "w") as out:
         for _ in range(args.count):
-            out.write(json.dumps(record(tok, rng, args.min_length, args.max_length, args.max_digits, args.loss,
-                                        args.memory_fraction, args.segment_len, args.distractors)) + "\n")
+            try:
+                rec = record(tok, rng, args.min_length, args.max_length, args.max_digits, args.loss,
+                             args.memory_fraction, args.segment_len, args.distractors)
+            except ValueError as e:
+                raise SystemExit(f"error: {args.tokenizer}: {e}") from None
+            out.write(json.dumps(rec) + "\n")
     print(f"wrote {args.out}: {args.count} records of {args.min_length}-{args.max_length} tokens, keys of 1-"
           f"{args.max_digits} digits, loss on the {args.loss}")
 
