@@ -11,7 +11,8 @@
 # sample); the eval uses the paper's 1..50000. The arms run one after another, each with the 2 cores (~28 min).
 #   bash benchmarks/quality/passkey.sh                         # all three arms, ~100 min with the evals
 #   ARMS=delta STEPS1=300 STEPS2=100 SAMPLES=4 bash benchmarks/quality/passkey.sh   # a quick look
-# Writes benchmarks/quality/results/passkey/<arm>/{passkey.json,passkey.png,train.json} and prints the tables.
+# Writes benchmarks/quality/results/passkey/<arm>/{passkey.json,passkey.png,train.json} (and <arm>-no-memory/ for
+# the memory arms) and prints the tables.
 set -euo pipefail
 PARALLEL="${PARALLEL:-1}"           # arms trained side by side, THREADS threads each
 THREADS="${THREADS:-$((2 / PARALLEL > 0 ? 2 / PARALLEL : 1))}"
@@ -29,12 +30,14 @@ VOCAB="${VOCAB:-400}"               # tokenizer vocabulary (the recipe's model.v
 SHORT="${SHORT:-64 256}"            # stage 1 sample lengths (min max) ...
 SHORT_SEGS="${SHORT_SEGS:-2}"       # ... in samples of SHORT_SEGS segments of 128 tokens ...
 SHORT_BATCH="${SHORT_BATCH:-16}"    # ... SHORT_BATCH samples a step
-MEMORY="${MEMORY:-0.5}"               # fraction of training samples whose needle ends a segment before the question
-DISTRACT="${DISTRACT:-0.5}"           # probability a sky/sun filler sentence carries another number (passkey_train.py)
+MEMORY="${MEMORY:-0.5}"             # fraction of training samples whose needle ends a segment before the question
+DISTRACT="${DISTRACT:-0.5}"         # probability a sky/sun filler sentence carries another number (passkey_train.py)
 EXTRA="${EXTRA:-}"                  # more key=value overrides for both stages
 LENGTHS="${LENGTHS:-2k,8k,32k,128k}"
 DEPTHS="${DEPTHS:-0,25,50,75,100}"
 SAMPLES="${SAMPLES:-10}"
+NO_MEMORY_LENGTHS="${NO_MEMORY_LENGTHS:-2k,8k,32k}"  # the memory arms again with --no-memory (the same model's
+                                                     # local attention alone); empty: skip
 mkdir -p "$WORK" "$OUT"
 cd "$WORK"
 
@@ -84,13 +87,15 @@ train_arm() {
     # shellcheck disable=SC2086
     "$INF" train --recipe "$RECIPE" --data shards-short --run-dir "$dir" --resume none $init $ov $EXTRA \
       data.segments_per_sample="$SHORT_SEGS" data.micro_batch_size="$SHORT_BATCH" schedule.steps="$steps" \
-      schedule.warmup=30 checkpoint.save_every=500 optim.lr="$LR" >> "train-$arm.log" 2>&1 || { echo "$arm: stage 1 failed: $WORK/train-$arm.log" >&2; return 1; }
+      schedule.warmup=30 checkpoint.save_every=500 optim.lr="$LR" >> "train-$arm.log" 2>&1 ||
+      { echo "$arm: stage 1 failed: $WORK/train-$arm.log" >&2; return 1; }
     init="--init-from $dir"
   done
   local t1; t1=$(date +%s)
   # shellcheck disable=SC2086
   "$INF" train --recipe "$RECIPE" --data shards-long --run-dir "runs/$arm" --resume none $init \
-    $ov $EXTRA schedule.steps="$STEPS2" schedule.warmup=10 optim.lr="$LR" >> "train-$arm.log" 2>&1 || { echo "$arm: stage 2 failed: $WORK/train-$arm.log" >&2; return 1; }
+    $ov $EXTRA schedule.steps="$STEPS2" schedule.warmup=10 optim.lr="$LR" >> "train-$arm.log" 2>&1 ||
+    { echo "$arm: stage 2 failed: $WORK/train-$arm.log" >&2; return 1; }
   local t2; t2=$(date +%s)
   mkdir -p "$OUT/$arm"
   printf '{"arm": "%s", "stage1_steps": [%s], "stage2_steps": %s, "stage1_seconds": %s, "stage2_seconds": %s, "threads": %s, "loss": "%s", "digits": %s, "memory": %s, "distract": %s, "lr": "%s", "extra": "%s"}\n' \
@@ -101,6 +106,9 @@ train_arm() {
 eval_arm() {
   "$INF" eval passkey "runs/$1" --tokenizer tokenizer.json --lengths "$LENGTHS" --depths "$DEPTHS" \
     --samples "$SAMPLES" --batch-size 10 --threads "$THREADS" --out "$OUT/$1" --no-progress
+  [ "$1" = off ] || [ -z "$NO_MEMORY_LENGTHS" ] ||
+    "$INF" eval passkey "runs/$1" --tokenizer tokenizer.json --lengths "$NO_MEMORY_LENGTHS" --depths "$DEPTHS" \
+      --samples "$SAMPLES" --batch-size 10 --threads "$THREADS" --out "$OUT/$1-no-memory" --no-memory --no-progress
 }
 
 running=0
