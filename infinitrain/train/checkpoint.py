@@ -26,6 +26,7 @@ import random
 import re
 import resource
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -131,12 +132,15 @@ def save(engine, root: Path, step: int, trainer_state: dict[str, Any], keep_last
 
 
 def _write_error(err: Exception, tmp: Path) -> str:
-    """One line: the file being written (the newest in ``tmp`` when the error does not say), the cause, and the
-    free space and file-size limit that explain most failed saves."""
+    """One line: the file being written, the cause, and the free space and file-size limit that explain most
+    failed saves. When the error does not name the file (torch.save's zip writer), it is the ``.pt`` file in
+    ``tmp`` that is not a complete zip archive (every finished torch.save is one), else the newest file: two
+    files written within one mtime tick tie, so the newest alone named the wrong one now and then."""
     name = getattr(err, "filename", None)
     if name is None:
         files = [p for p in tmp.rglob("*") if p.is_file()] if tmp.is_dir() else []
-        name = max(files, key=lambda p: p.stat().st_mtime_ns) if files else tmp
+        partial = [p for p in files if p.suffix == ".pt" and not zipfile.is_zipfile(p)]
+        name = max(partial or files, key=lambda p: p.stat().st_mtime_ns) if files else tmp
     cause = getattr(err, "strerror", None) or str(err).strip().splitlines()[0][:200]
     free = shutil.disk_usage(tmp.parent).free / 2**20
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]

@@ -5,11 +5,13 @@ never a silent start from scratch. A save that hits the file-size limit leaves t
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from infinitrain.errors import CheckpointError, Preempted
 from trainkit import checkpoint_names, events, manifest_holds, rows, run_cli, same_steps, train
@@ -130,3 +132,22 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(two_commits, refere
     assert res.returncode == 0, res.stderr[-2000:]
     assert [Path(r["resumed_from"]).name for r in events(run, "resumed_from")] == [STEP2, STEP2]
     same_steps(rows(run), reference[0])
+
+
+def test_write_error_names_the_unfinished_torch_file_not_just_the_newest(tmp_path):
+    """torch.save's zip writer raises without a file name. The file named is the .pt that is not a complete zip,
+    even when a finished file has the same or a newer mtime (two saves within one mtime tick: the CI flake where
+    the error named the model-states file instead of the optimizer file that hit the limit)."""
+    from infinitrain.train.checkpoint import _write_error
+
+    ds = tmp_path / "step-00000004.tmp" / "ds"
+    ds.mkdir(parents=True)
+    partial, done = ds / "zero_pp_rank_0_mp_rank_00_optim_states.pt", ds / "zero_pp_rank_0_model_states.pt"
+    torch.save({"w": list(range(1000))}, partial)
+    partial.write_bytes(partial.read_bytes()[:700])  # cut short, as a failed write leaves it
+    torch.save({"w": [1, 2]}, done)
+    t = partial.stat().st_mtime_ns
+    os.utime(done, ns=(t + 1, t + 1))  # the finished file is the newest
+    line = _write_error(RuntimeError("[enforce fail at inline_container.cc] PytorchStreamWriter failed writing file"),
+                        tmp_path / "step-00000004.tmp")
+    assert line.startswith(f"{partial}: write failed (")
