@@ -30,12 +30,13 @@ def record(tok: Tokenizer, rng: random.Random, min_len: int, max_len: int, max_d
         return len(tok.encode(text, add_special_tokens=False).ids)
 
     per_filler = n_tokens(FILLER)
-    n = max(0, (length - n_tokens(build_prompt(key, 0, depth) + answer)) // per_filler)
-    while n > 0 and n_tokens(build_prompt(key, n, depth) + answer) > length:
-        n -= 1
-    if n == 0 and (bare := n_tokens(build_prompt(key, 0, depth) + answer)) > max_len:
+    bare = n_tokens(build_prompt(key, 0, depth) + answer)
+    if bare > max_len:
         raise ValueError(f"a prompt with a {digits}-digit key and no filler is {bare} tokens, over --max-length "
                          f"{max_len} (a byte-level tokenizer, or --max-digits too large?)")
+    n = max(0, (length - bare) // per_filler)
+    while n > 0 and n_tokens(build_prompt(key, n, depth) + answer) > length:
+        n -= 1
     in_memory = False
     if memory_fraction and rng.random() < memory_fraction:  # the needle ends in a segment before the question's
         new_depth = _memory_depth(n_tokens, rng, key, n, per_filler, answer, segment_len, depth)
