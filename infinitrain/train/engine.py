@@ -9,6 +9,8 @@ import math
 import os
 import socket
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,6 +47,67 @@ def setup_environment(local_rank: int | None = None) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+STALE_BUILD_LOCK_S = 300.0  # no build of DeepSpeed's shm op (~35 s on 2 cores) holds its lock this long
+BUILD_START_GRACE_S = 10.0  # from taking the lock to starting ninja in the build directory
+
+
+def extensions_root() -> Path:
+    """Where torch JIT-builds extensions: TORCH_EXTENSIONS_DIR, else torch's default per Python and accelerator
+    (the rule of torch.utils.cpp_extension._get_build_directory)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    flavour = f"rocm{torch.version.hip}" if torch.version.hip else (f"cu{torch.version.cuda}" if torch.version.cuda
+                                                                     else "cpu")
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_"
+    return Path(get_default_build_root()) / (tag + flavour.replace(".", ""))
+
+
+def _building_in(build_dir: Path) -> bool | None:
+    """Whether some process works in ``build_dir`` (torch runs ninja there); None when there is no /proc.
+    Processes we may not look at (init, other users') are not counted: a build in our own extensions directory
+    is our own process."""
+    if not os.path.isdir("/proc"):
+        return None
+    target = os.path.realpath(build_dir)
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:  # gone, a zombie, or not ours to look at
+            continue
+        if cwd == target or cwd.startswith(target + os.sep):
+            return True
+    return False
+
+
+def wait_for_op_build(name: str, stale_s: float = STALE_BUILD_LOCK_S, poll_s: float = 1.0) -> Path | None:
+    """Wait while another process JIT-builds the torch extension ``name``; remove its lock when no build is
+    running (no process in the build directory ``BUILD_START_GRACE_S`` after the lock was taken) or the lock is
+    older than ``stale_s``, and return it. None: there was no lock, or its build finished.
+
+    torch's build lock is a bare file (``<extensions dir>/<name>/lock``) with no owner: a build killed mid-way
+    (SIGKILL, a job's time limit, a session's end) leaves it, and every later process waits on it forever inside
+    ``deepspeed.init_distributed`` (a CI run hung 90 minutes there). Call before DeepSpeed builds the op."""
+    lock, announced = extensions_root() / name / "lock", False
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        orphan = age > BUILD_START_GRACE_S and _building_in(lock.parent) is False
+        if orphan or age > stale_s:
+            lock.unlink(missing_ok=True)
+            why = "no build is running" if orphan else f"older than {stale_s:.0f} s"
+            print(f"warning: {lock}: removed a build lock {age:.0f} s old ({why}: a killed build left it)",
+                  file=sys.stderr)
+            return lock
+        if not announced:
+            print(f"waiting for another process's build of {name} ({lock})", file=sys.stderr)
+            announced = True
+        time.sleep(poll_s)
+
+
 def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
     """(rank, world size) after the process group is up (gloo on CPU, nccl on CUDA); ``timeout_s`` bounds every
     collective (run.timeout_s; DeepSpeed's default is 30 min)."""
@@ -53,6 +116,9 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    shm = get_accelerator().create_op_builder("ShareMemCommBuilder")  # built (JIT) by init_distributed on CPU
+    if shm is not None:
+        wait_for_op_build(shm.NAME)
     timeout = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False, **timeout)
     if torch.cuda.is_available():

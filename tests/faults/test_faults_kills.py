@@ -4,7 +4,12 @@ committed checkpoint, and the finished run equals the uninterrupted one: losses 
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -88,3 +93,68 @@ def test_ten_random_kills_then_resume_equal_uninterrupted(tmp_path):
           f"{_resumed_from(run)}")
     same_steps(rows(run), rows(ref))
     assert applied_ids(tr) == {r["step"]: r["ids"] for r in ref_trace}
+
+
+# --- a build of DeepSpeed's op killed mid-way ---------------------------------------------------------------
+
+
+def _lock(root: Path, age_s: float) -> Path:
+    lock = root / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    t = time.time() - age_s
+    os.utime(lock, (t, t))
+    return lock
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_by_age_or_when_no_build_runs(tmp_path, monkeypatch, capsys):
+    from infinitrain.train.engine import wait_for_op_build
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = _lock(tmp_path, 20.0)  # past the start grace, and no process works in the build directory
+    assert wait_for_op_build("deepspeed_shm_comm", poll_s=0.05) == lock and not lock.exists()
+    assert f"warning: {lock}: removed a build lock 20 s old (no build is running" in capsys.readouterr().err
+    lock = _lock(tmp_path, 1000.0)
+    monkeypatch.setattr("infinitrain.train.engine._building_in", lambda d: None)  # /proc cannot tell: age decides
+    assert wait_for_op_build("deepspeed_shm_comm", poll_s=0.05) == lock and not lock.exists()
+    assert "1000 s old (older than 300 s" in capsys.readouterr().err
+    assert wait_for_op_build("deepspeed_shm_comm") is None  # no lock: no wait
+
+
+def test_a_running_build_is_waited_for_not_broken(tmp_path, monkeypatch, capsys):
+    from infinitrain.train.engine import wait_for_op_build
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = _lock(tmp_path, 20.0)
+    ninja = subprocess.Popen(["sleep", "30"], cwd=lock.parent)  # a build at work in its directory, as ninja is
+    try:
+        done: list = []
+        waiter = threading.Thread(target=lambda: done.append(wait_for_op_build("deepspeed_shm_comm", poll_s=0.05)))
+        waiter.start()
+        time.sleep(1.0)
+        assert lock.exists() and not done  # still waiting, the lock untouched
+        lock.unlink()  # the build finishes and releases it
+        waiter.join(5)
+        assert done == [None]
+        assert "waiting for another process's build of deepspeed_shm_comm" in capsys.readouterr().err
+        lock = _lock(tmp_path, 20.0)
+        assert wait_for_op_build("deepspeed_shm_comm", stale_s=1.0, poll_s=0.05) == lock  # a build hung past stale_s
+    finally:
+        ninja.kill()
+        ninja.wait()
+
+
+def test_train_after_a_build_killed_mid_way_does_not_hang(tmp_path):
+    """The real path: ``infinitrain train`` with the lock a SIGKILLed build left a moment ago (it hung CI for 90
+    minutes in deepspeed.init_distributed). The built op is copied so the run does not rebuild it."""
+    from infinitrain.train.engine import extensions_root
+
+    built = extensions_root() / "deepspeed_shm_comm"
+    root = tmp_path / "ext"
+    if built.is_dir():
+        shutil.copytree(built, root / built.name, ignore=shutil.ignore_patterns("lock"))  # keeps mtimes: no rebuild
+    lock = _lock(root, 0.0)
+    res = run_cli(tmp_path / "run", ["schedule.steps=1", "schedule.warmup=0"], timeout=240,
+                  TORCH_EXTENSIONS_DIR=str(root))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"warning: {lock}: removed a build lock" in res.stderr and not lock.exists()
