@@ -163,3 +163,34 @@ def test_memory_weights_uniform_read_has_ratio_one_and_capture_matches_project()
         for block in model.layers:
             block.attn.q_proj.weight.zero_(), block.attn.k_proj.weight.zero_()
     assert all(abs(r["ratio"] - 1) < 1e-9 for r in mw.needle_share(model, tok, 600)["heads"])
+
+
+def _passkey_report(lengths: list[int], acc: dict[tuple[int, float], float]) -> dict:
+    depths = [0.0, 0.5, 1.0]
+    cells = [{"length": n, "depth": d, "correct": round(10 * acc.get((n, d), 0.0)), "total": 10,
+              "accuracy": acc.get((n, d), 0.0), "prompt_tokens_mean": n} for n in lengths for d in depths]
+    return {"config": {"lengths": lengths, "depths": depths, "samples": 10}, "cells": cells, "seconds": 12.3}
+
+
+def test_passkey_summary_adds_the_no_memory_control_of_each_memory_arm(tmp_path, monkeypatch, capsys):
+    ps = _load("passkey_summary")
+    k2, k32, k128 = 2048, 32768, 131072
+    for folder, name, report in [
+            ("linear", "passkey.json", _passkey_report([k2, k32, k128], {(k32, 0.0): 0.7, (k32, 0.5): 0.4,
+                                                                         (k32, 1.0): 0.9, (k2, 1.0): 0.3})),
+            ("linear-no-memory", "passkey-no-memory.json", _passkey_report([k2, k32], {(k32, 1.0): 0.8})),
+            ("off", "passkey.json", _passkey_report([k2, k32, k128], {}))]:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / name).write_text(json.dumps(report))
+    (tmp_path / "linear" / "train.json").write_text(json.dumps({"stage1_seconds": 100, "stage2_seconds": 20}))
+    monkeypatch.setattr(sys, "argv", ["passkey_summary.py", str(tmp_path)])
+    ps.main()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    linear = summary["arms"]["linear"]
+    assert (linear["min_accuracy_at_32k"], linear["train_seconds"]) == (0.4, 120)
+    assert linear["no_memory"]["min_accuracy_at_32k"] == 0.0 and len(linear["no_memory"]["cells"]) == 6
+    assert "no_memory" not in summary["arms"]["off"] and "delta" not in summary["arms"]
+    out = capsys.readouterr().out.splitlines()
+    # columns 2K 32K 128K; the control was not run at 128K: '-'
+    assert " linear no-mem   100%       0      80       -" in out
+    assert "        linear   100%      30      90       0" in out

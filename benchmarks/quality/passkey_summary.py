@@ -1,5 +1,6 @@
 """Print one passkey table for all arms of passkey.sh (rows: arm x needle depth, columns: context length) from
-each arm's `infinitrain eval passkey` JSON, with the training wall times, and save it as summary.json."""
+each arm's `infinitrain eval passkey` JSON, with the training wall times, and save it as summary.json. A memory
+arm's ``<arm>-no-memory`` folder (the same model evaluated with ``--no-memory``) adds rows ``<arm> no-mem``."""
 
 from __future__ import annotations
 
@@ -18,6 +19,22 @@ def load(out: Path, arm: str) -> tuple[dict, dict]:
     return report, (json.loads(train_file.read_text()) if train_file.is_file() else {})
 
 
+def no_memory(out: Path, arm: str) -> dict | None:
+    """The ``--no-memory`` report of ``arm`` (``<arm>-no-memory/passkey-no-memory.json``), or None."""
+    f = out / f"{arm}-no-memory" / "passkey-no-memory.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def rows(label: str, report: dict, lengths: list[int]) -> tuple[list[str], float | None]:
+    """Table lines of one report (one per depth; '-' where it has no such length), and its worst cell at 32K."""
+    by = {(c["length"], c["depth"]): c["accuracy"] for c in report["cells"]}
+    depths = report["config"]["depths"]
+    lines = [f"{label:>14s} {100 * d:>5.0f}%" + "".join(f"{100 * by[n, d]:>8.0f}" if (n, d) in by else f"{'-':>8s}"
+                                                       for n in lengths) for d in depths]
+    at_target = [by[n, d] for n in report["config"]["lengths"] if n == TARGET_LENGTH for d in depths]
+    return lines, (min(at_target) if at_target else None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("out", help="results folder of passkey.sh (one sub-folder per arm)")
@@ -27,24 +44,26 @@ def main() -> None:
     arms = [a for a in args.arms if (out / a / "passkey.json").is_file()]
     if not arms:
         raise SystemExit(f"error: {out}: no <arm>/passkey.json found for {', '.join(args.arms)}")
-    summary = {"arms": {}}
-    lengths = None
-    lines = []
-    for arm in arms:
-        report, train = load(out, arm)
-        lengths = report["config"]["lengths"]
-        by = {(c["length"], c["depth"]): c["accuracy"] for c in report["cells"]}
-        depths = report["config"]["depths"]
-        for d in depths:
-            lines.append(f"{arm:>7s} {100 * d:>5.0f}%" + "".join(f"{100 * by[n, d]:>8.0f}" for n in lengths))
-        at_target = [by[n, d] for n in lengths if n == TARGET_LENGTH for d in depths]
+    reports = {arm: load(out, arm) for arm in arms}
+    lengths = sorted({n for report, _ in reports.values() for n in report["config"]["lengths"]})
+    summary, lines = {"arms": {}}, []
+    for arm, (report, train) in reports.items():
+        arm_lines, worst = rows(arm, report, lengths)
         seconds = train.get("stage1_seconds", 0) + train.get("stage2_seconds", 0)
         summary["arms"][arm] = {"cells": report["cells"], "samples_per_cell": report["config"]["samples"],
-                                "min_accuracy_at_32k": min(at_target) if at_target else None,
-                                "train": train, "train_seconds": seconds, "eval_seconds": report["seconds"]}
-        lines.append(f"{'':>7s} {'(train ' + str(seconds) + ' s, eval ' + str(round(report['seconds'])) + ' s)':<20s}")
-    head = f"{'arm':>7s} {'depth':>6s}" + "".join(f"{length_label(n):>8s}" for n in lengths)
-    print("passkey accuracy (%) per needle depth (0% = farthest from the question) and context length (tokens)")
+                                "min_accuracy_at_32k": worst, "train": train, "train_seconds": seconds,
+                                "eval_seconds": report["seconds"]}
+        lines += arm_lines
+        lines.append(f"{'':>14s} {'(train ' + str(seconds) + ' s, eval ' + str(round(report['seconds'])) + ' s)'}")
+        control = no_memory(out, arm)
+        if control is not None:
+            control_lines, control_worst = rows(f"{arm} no-mem", control, lengths)
+            summary["arms"][arm]["no_memory"] = {"cells": control["cells"], "min_accuracy_at_32k": control_worst,
+                                                 "eval_seconds": control["seconds"]}
+            lines += control_lines
+    head = f"{'arm':>14s} {'depth':>6s}" + "".join(f"{length_label(n):>8s}" for n in lengths)
+    print("passkey accuracy (%) per needle depth (0% = farthest from the question) and context length (tokens);")
+    print("'no-mem': the same model with --no-memory (its local attention alone)")
     print(head)
     print("\n".join(lines))
     for arm, s in summary["arms"].items():
