@@ -64,20 +64,26 @@ def _add_distractors(prompt: str, n_tokens, rng: random.Random, p: float, key: i
     spots = [(i, d) for d in DISTRACTIBLE for i in range(len(prompt)) if prompt.startswith(d, i)]
     rng.shuffle(spots)
     spots = sorted(spots[:sum(rng.random() < p for _ in spots)], reverse=True)  # right to left: offsets stay valid
-    nd = needle(key)
+    # Token counts add up over pieces that start at a pre-token boundary (each sentence starts with a space), so a
+    # swap changes the prompt's count, and the needle's end when it comes before the needle, by the sentences'
+    # difference: one short encode a swap, not two of the whole prompt.
+    nd, total = needle(key), n_tokens(prompt)
+    at = prompt.index(nd)
+    needle_end = n_tokens(prompt[:at + len(nd)]) if segment_len else 0
+    question = n_tokens(QUESTION)
     for i, d in spots:
         number = rng.randint(1, 99999)
         if number == key:
             continue
-        new = prompt[:i] + d[:d.rindex(" ")] + f" {number}." + prompt[i + len(d):]
-        total = n_tokens(new)
-        if total > budget:
+        swap = d[:d.rindex(" ")] + f" {number}."
+        delta = n_tokens(swap) - n_tokens(d)
+        if total + delta > budget:
             continue
-        if segment_len:
-            question_start = total - n_tokens(QUESTION)
-            if n_tokens(new[:new.index(nd) + len(nd)]) > question_start // segment_len * segment_len:
-                continue
-        prompt = new
+        end = needle_end + (delta if i < at else 0)
+        if segment_len and end > (total + delta - question) // segment_len * segment_len:
+            continue
+        prompt = prompt[:i] + swap + prompt[i + len(d):]
+        total, needle_end, at = total + delta, end, at + (len(swap) - len(d) if i < at else 0)
     return prompt
 
 
