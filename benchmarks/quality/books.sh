@@ -10,7 +10,9 @@ source "$(dirname "$0")/env.sh"
 WORK="${WORK:-/tmp/infinitrain-quality/books}"
 OUT="${OUT:-$HERE/results/books}"
 STEPS="${STEPS:-800}"
-SEG="${SEG:-64}"                    # segment length in tokens; samples are 1024 tokens
+SEG="${SEG:-64}"                    # segment length in tokens
+LEN="${LEN:-1024}"                  # training sample length in tokens (a multiple of SEG)
+BATCH="${BATCH:-$((8 * 1024 / LEN > 0 ? 8 * 1024 / LEN : 1))}"  # samples a step: 8K tokens a step at any LEN
 EXTRA="${EXTRA:-}"                  # more key=value overrides of the debug recipe
 THREADS="${THREADS:-1}"
 mkdir -p "$WORK" "$OUT"
@@ -18,9 +20,9 @@ cd "$WORK"
 
 "$PY" "$HERE/kjv_books.py" --out kjv
 [ -f tokenizer.json ] || "$INF" tokenizer train kjv --vocab-size 512 --out tokenizer.json
-# segments of SEG tokens, samples of 1024 tokens; whole books held out for validation
+# segments of SEG tokens, samples of LEN tokens; whole books held out for validation
 rm -rf shards
-"$INF" prepare kjv --tokenizer tokenizer.json --out shards --segment-len "$SEG" --sample-segments $((1024 / SEG)) \
+"$INF" prepare kjv --tokenizer tokenizer.json --out shards --segment-len "$SEG" --sample-segments $((LEN / SEG)) \
   --val-fraction 0.1 --seed 0 --no-progress
 cp tokenizer.json shards/
 
@@ -28,11 +30,12 @@ rm -rf run  # a fresh run each time (train --resume none refuses a run dir with 
 start=$(date +%s)
 # shellcheck disable=SC2086
 "$INF" train --recipe debug --data shards --run-dir run --resume none \
-  model.segment_len="$SEG" data.segments_per_sample=$((1024 / SEG)) tbptt.window=0 schedule.steps="$STEPS" schedule.warmup=30 \
+  model.segment_len="$SEG" data.segments_per_sample=$((LEN / SEG)) data.micro_batch_size="$BATCH" tbptt.window=0 \
+  schedule.steps="$STEPS" schedule.warmup=30 \
   checkpoint.save_every=0 log.eval_every=0 log.progress=false log.tensorboard=false run.zero_stage=0 $EXTRA
 train_s=$(( $(date +%s) - start ))
 
 "$INF" eval ppl run --data shards --split val --out "$OUT" --threads "$THREADS" --no-progress
 "$INF" eval ppl run --data shards --split val --out "$OUT" --threads "$THREADS" --no-progress --no-memory
 "$PY" "$HERE/compare_ppl.py" "$OUT/ppl.json" "$OUT/ppl-no-memory.json" --from-segment 8 \
-  --note "debug model, segment $SEG, $STEPS steps, train wall time ${train_s} s${EXTRA:+, $EXTRA}" --json "$OUT/books.json"
+  --note "debug model, segment $SEG, samples of $LEN tokens x $BATCH, $STEPS steps, train wall time ${train_s} s${EXTRA:+, $EXTRA}" --json "$OUT/books.json"

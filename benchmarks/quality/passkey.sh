@@ -24,7 +24,8 @@ ARMS="${ARMS:-linear delta off}"
 STEPS1="${STEPS1:-2200 1300}"       # stage 1: cosine cycles of SHORT_BATCH samples of SHORT tokens a step
 STEPS2="${STEPS2:-500}"             # stage 2: 8 samples of 1K-2K tokens per step
 LOSS="${LOSS:-after}"               # after: loss from the end of the key's first occurrence on; answer: answer only
-DIGITS="${DIGITS:-20}"              # training keys have 1..DIGITS digits (the eval's: 1..50000)
+DIGITS="${DIGITS:-20}"              # stage 1 keys have 1..DIGITS digits (many copy targets: the copy circuit forms)
+DIGITS2="${DIGITS2:-$DIGITS}"       # stage 2 keys have 1..DIGITS2 digits (the eval's: 1..50000)
 LR="${LR:-3e-3}"
 VOCAB="${VOCAB:-400}"               # tokenizer vocabulary (the recipe's model.vocab_size must match)
 SHORT="${SHORT:-64 256}"            # stage 1 sample lengths (min max) ...
@@ -52,22 +53,22 @@ for k in (12345, 678, 9001): print(b(k, 3, .5))" > seed.txt
   echo "$tok_params" > tokenizer.params
 fi
 TOK_SUM=$(sha256sum tokenizer.json | cut -c1-16)
-make_stage() {  # make_stage NAME SEGMENTS MIN_LENGTH MAX_LENGTH COUNT SEED: passkey records -> shards
-  local name=$1 segs=$2
+make_stage() {  # make_stage NAME SEGMENTS MIN_LENGTH MAX_LENGTH COUNT SEED DIGITS: passkey records -> shards
+  local name=$1 segs=$2 digits=$7
   # reused only if made with the same settings: a WORK dir from a run with other MEMORY/DISTRACT/... is rebuilt
-  local params="$* digits=$DIGITS loss=$LOSS memory=$MEMORY distract=$DISTRACT tokenizer=$TOK_SUM"
+  local params="$* loss=$LOSS memory=$MEMORY distract=$DISTRACT tokenizer=$TOK_SUM"
   [ -f "shards-$name/index.json" ] && [ "$(cat "shards-$name/params.txt" 2>/dev/null)" = "$params" ] && return 0
   rm -rf "shards-$name"
   "$PY" "$HERE/passkey_train.py" --out "$name.jsonl" --tokenizer tokenizer.json --min-length "$3" --max-length "$4" \
-    --count "$5" --seed "$6" --max-digits "$DIGITS" --loss "$LOSS" \
+    --count "$5" --seed "$6" --max-digits "$digits" --loss "$LOSS" \
     --memory-fraction "$MEMORY" --distractors "$DISTRACT" --segment-len 128
   "$INF" prepare "$name.jsonl" --tokenizer tokenizer.json --out "shards-$name" --segment-len 128 \
     --sample-segments "$segs" --format summarization --separator "" --val-fraction 0.01 --no-progress
   cp tokenizer.json "shards-$name/"
   echo "$params" > "shards-$name/params.txt"
 }
-make_stage short "$SHORT_SEGS" ${SHORT% *} ${SHORT#* } 40000 1
-make_stage long 16 1024 2048 3000 2
+make_stage short "$SHORT_SEGS" ${SHORT% *} ${SHORT#* } 40000 1 "$DIGITS"
+make_stage long 16 1024 2048 3000 2 "$DIGITS2"
 
 arm_overrides() {
   case "$1" in
@@ -98,8 +99,8 @@ train_arm() {
     { echo "$arm: stage 2 failed: $WORK/train-$arm.log" >&2; return 1; }
   local t2; t2=$(date +%s)
   mkdir -p "$OUT/$arm"
-  printf '{"arm": "%s", "stage1_steps": [%s], "stage2_steps": %s, "stage1_seconds": %s, "stage2_seconds": %s, "threads": %s, "loss": "%s", "digits": %s, "memory": %s, "distract": %s, "lr": "%s", "extra": "%s"}\n' \
-    "$arm" "$(echo $STEPS1 | tr ' ' ',')" "$STEPS2" $((t1 - t0)) $((t2 - t1)) "$THREADS" "$LOSS" "$DIGITS" "$MEMORY" \
+  printf '{"arm": "%s", "stage1_steps": [%s], "stage2_steps": %s, "stage1_seconds": %s, "stage2_seconds": %s, "threads": %s, "loss": "%s", "digits": %s, "digits2": %s, "memory": %s, "distract": %s, "lr": "%s", "extra": "%s"}\n' \
+    "$arm" "$(echo $STEPS1 | tr ' ' ',')" "$STEPS2" $((t1 - t0)) $((t2 - t1)) "$THREADS" "$LOSS" "$DIGITS" "$DIGITS2" "$MEMORY" \
     "$DISTRACT" "$LR" "$EXTRA" > "$OUT/$arm/train.json"
   echo "$arm: trained in $((t2 - t0)) s (stage 1 $((t1 - t0)) s, stage 2 $((t2 - t1)) s)"
 }
