@@ -38,4 +38,5 @@ train_s=$(( $(date +%s) - start ))
 "$INF" eval ppl run --data shards --split val --out "$OUT" --threads "$THREADS" --no-progress
 "$INF" eval ppl run --data shards --split val --out "$OUT" --threads "$THREADS" --no-progress --no-memory
 "$PY" "$HERE/compare_ppl.py" "$OUT/ppl.json" "$OUT/ppl-no-memory.json" --from-segment 8 \
-  --note "debug model, segment $SEG, samples of $LEN tokens x $BATCH, $STEPS steps, train wall time ${train_s} s${EXTRA:+, $EXTRA}" --json "$OUT/books.json"
+  --note "debug model, segment $SEG, samples of $LEN tokens x $BATCH, $STEPS steps, train wall time ${train_s} s${EXTRA:+, $EXTRA}" \
+  --json "$OUT/books.json"

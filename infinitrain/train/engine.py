@@ -51,17 +51,12 @@ STALE_BUILD_LOCK_S = 300.0  # no build of DeepSpeed's shm op (~35 s on 2 cores) 
 BUILD_START_GRACE_S = 10.0  # from taking the lock to starting ninja in the build directory
 
 
-def extensions_root() -> Path:
-    """Where torch JIT-builds extensions: TORCH_EXTENSIONS_DIR, else torch's default per Python and accelerator
-    (the rule of torch.utils.cpp_extension._get_build_directory)."""
-    from torch.utils.cpp_extension import get_default_build_root
+def build_directory(name: str) -> Path:
+    """Where torch JIT-builds the extension ``name`` (TORCH_EXTENSIONS_DIR, else its default per Python and
+    accelerator): torch's own rule, the one DeepSpeed's op builders go through (it creates the directory)."""
+    from torch.utils.cpp_extension import _get_build_directory
 
-    if os.environ.get("TORCH_EXTENSIONS_DIR"):
-        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
-    flavour = f"rocm{torch.version.hip}" if torch.version.hip else (f"cu{torch.version.cuda}" if torch.version.cuda
-                                                                     else "cpu")
-    tag = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_"
-    return Path(get_default_build_root()) / (tag + flavour.replace(".", ""))
+    return Path(_get_build_directory(name, verbose=False))
 
 
 def _building_in(build_dir: Path) -> bool | None:
@@ -89,7 +84,7 @@ def wait_for_op_build(name: str, stale_s: float = STALE_BUILD_LOCK_S, poll_s: fl
     torch's build lock is a bare file (``<extensions dir>/<name>/lock``) with no owner: a build killed mid-way
     (SIGKILL, a job's time limit, a session's end) leaves it, and every later process waits on it forever inside
     ``deepspeed.init_distributed`` (a CI run hung 90 minutes there). Call before DeepSpeed builds the op."""
-    lock, announced = extensions_root() / name / "lock", False
+    lock, announced = build_directory(name) / "lock", False
     while True:
         try:
             age = time.time() - lock.stat().st_mtime

@@ -147,9 +147,9 @@ def test_a_running_build_is_waited_for_not_broken(tmp_path, monkeypatch, capsys)
 def test_train_after_a_build_killed_mid_way_does_not_hang(tmp_path):
     """The real path: ``infinitrain train`` with the lock a SIGKILLed build left a moment ago (it hung CI for 90
     minutes in deepspeed.init_distributed). The built op is copied so the run does not rebuild it."""
-    from infinitrain.train.engine import extensions_root
+    from infinitrain.train.engine import build_directory
 
-    built = extensions_root() / "deepspeed_shm_comm"
+    built = build_directory("deepspeed_shm_comm")
     root = tmp_path / "ext"
     if built.is_dir():
         shutil.copytree(built, root / built.name, ignore=shutil.ignore_patterns("lock"))  # keeps mtimes: no rebuild
