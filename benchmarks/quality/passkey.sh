@@ -33,6 +33,7 @@ SHORT_SEGS="${SHORT_SEGS:-2}"       # ... in samples of SHORT_SEGS segments of 1
 SHORT_BATCH="${SHORT_BATCH:-16}"    # ... SHORT_BATCH samples a step
 MEMORY="${MEMORY:-0.5}"             # fraction of training samples whose needle ends a segment before the question
 DISTRACT="${DISTRACT:-0.5}"         # probability a sky/sun filler sentence carries another number (passkey_train.py)
+LOCAL="${LOCAL:-0}"                 # fraction of training samples whose needle starts in the question's segment
 EXTRA="${EXTRA:-}"                  # more key=value overrides for both stages
 LENGTHS="${LENGTHS:-2k,8k,32k,128k}"
 DEPTHS="${DEPTHS:-0,25,50,75,100}"
@@ -57,11 +58,12 @@ make_stage() {  # make_stage NAME SEGMENTS MIN_LENGTH MAX_LENGTH COUNT SEED DIGI
   local name=$1 segs=$2 digits=$7
   # reused only if made with the same settings: a WORK dir from a run with other MEMORY/DISTRACT/... is rebuilt
   local params="$* loss=$LOSS memory=$MEMORY distract=$DISTRACT tokenizer=$TOK_SUM"
+  [ "$LOCAL" = 0 ] || params="$params local=$LOCAL"  # (LOCAL=0 keeps the older runs' shards valid)
   [ -f "shards-$name/index.json" ] && [ "$(cat "shards-$name/params.txt" 2>/dev/null)" = "$params" ] && return 0
   rm -rf "shards-$name"
   "$PY" "$HERE/passkey_train.py" --out "$name.jsonl" --tokenizer tokenizer.json --min-length "$3" --max-length "$4" \
     --count "$5" --seed "$6" --max-digits "$digits" --loss "$LOSS" \
-    --memory-fraction "$MEMORY" --distractors "$DISTRACT" --segment-len 128
+    --memory-fraction "$MEMORY" --distractors "$DISTRACT" --local-fraction "$LOCAL" --segment-len 128
   "$INF" prepare "$name.jsonl" --tokenizer tokenizer.json --out "shards-$name" --segment-len 128 \
     --sample-segments "$segs" --format summarization --separator "" --val-fraction 0.01 --no-progress
   cp tokenizer.json "shards-$name/"
@@ -99,9 +101,9 @@ train_arm() {
     { echo "$arm: stage 2 failed: $WORK/train-$arm.log" >&2; return 1; }
   local t2; t2=$(date +%s)
   mkdir -p "$OUT/$arm"
-  printf '{"arm": "%s", "stage1_steps": [%s], "stage2_steps": %s, "stage1_seconds": %s, "stage2_seconds": %s, "threads": %s, "loss": "%s", "digits": %s, "digits2": %s, "memory": %s, "distract": %s, "lr": "%s", "extra": "%s"}\n' \
+  printf '{"arm": "%s", "stage1_steps": [%s], "stage2_steps": %s, "stage1_seconds": %s, "stage2_seconds": %s, "threads": %s, "loss": "%s", "digits": %s, "digits2": %s, "memory": %s, "distract": %s, "local": %s, "lr": "%s", "extra": "%s"}\n' \
     "$arm" "$(echo $STEPS1 | tr ' ' ',')" "$STEPS2" $((t1 - t0)) $((t2 - t1)) "$THREADS" "$LOSS" "$DIGITS" "$DIGITS2" "$MEMORY" \
-    "$DISTRACT" "$LR" "$EXTRA" > "$OUT/$arm/train.json"
+    "$DISTRACT" "$LOCAL" "$LR" "$EXTRA" > "$OUT/$arm/train.json"
   echo "$arm: trained in $((t2 - t0)) s (stage 1 $((t1 - t0)) s, stage 2 $((t2 - t1)) s)"
 }
 eval_arm() {

@@ -20,7 +20,8 @@ from infinitrain.data_tools.passkey import FILLER, QUESTION, TASK, build_prompt,
 
 
 def record(tok: Tokenizer, rng: random.Random, min_len: int, max_len: int, max_digits: int, loss: str,
-           memory_fraction: float = 0.0, segment_len: int = 128, distractors: float = 0.0) -> dict:
+           memory_fraction: float = 0.0, segment_len: int = 128, distractors: float = 0.0,
+           local_fraction: float = 0.0) -> dict:
     digits = rng.randint(1, max_digits)
     key = rng.randint(10 ** (digits - 1) if digits > 1 else 1, 10 ** digits - 1)
     depth, length = rng.random(), rng.randint(min_len, max_len)
@@ -41,6 +42,8 @@ def record(tok: Tokenizer, rng: random.Random, min_len: int, max_len: int, max_d
     if memory_fraction and rng.random() < memory_fraction:  # the needle ends in a segment before the question's
         new_depth = _memory_depth(n_tokens, rng, key, n, per_filler, answer, segment_len, depth)
         in_memory, depth = new_depth != depth, new_depth
+    elif local_fraction and rng.random() < local_fraction / max(1e-9, 1 - memory_fraction):  # needle in the question's segment
+        depth = _local_depth(n_tokens, rng, key, n, answer, segment_len, depth)
     prompt = build_prompt(key, n, depth)
     if distractors:
         prompt = _add_distractors(prompt, n_tokens, rng, distractors, key, length - n_tokens(answer),
@@ -101,6 +104,16 @@ def _memory_depth(n_tokens, rng: random.Random, key: int, n: int, per_filler: in
     return rng.randint(0, most) / n if n else 0.0
 
 
+def _local_depth(n_tokens, rng: random.Random, key: int, n: int, answer: str, segment_len: int,
+                 depth: float) -> float:
+    """A depth whose needle starts in the segment where the question starts (local attention sees both), or
+    ``depth`` when none exists."""
+    question_start = n_tokens(build_prompt(key, n, 0.0) + answer) - n_tokens(QUESTION + answer)
+    boundary = question_start // segment_len * segment_len
+    least = next((i for i in range(n + 1) if n_tokens(TASK + FILLER * i) >= boundary), None)
+    return depth if least is None else rng.randint(least, n) / n if n else 1.0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", required=True)
@@ -113,6 +126,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--memory-fraction", type=float, default=0.0,
                     help="Fraction of records whose needle ends in a segment before the question's (read via memory).")
+    ap.add_argument("--local-fraction", type=float, default=0.0,
+                    help="Fraction of records whose needle starts in the question's segment (read by local attention).")
     ap.add_argument("--segment-len", type=int, default=128)
     ap.add_argument("--distractors", type=float, default=0.0,
                     help="Probability that a ' The sky is blue.' / ' The sun is yellow.' filler sentence gets a random "
@@ -123,7 +138,7 @@ def main() -> None:
         for _ in range(args.count):
             try:
                 rec = record(tok, rng, args.min_length, args.max_length, args.max_digits, args.loss,
-                             args.memory_fraction, args.segment_len, args.distractors)
+                             args.memory_fraction, args.segment_len, args.distractors, args.local_fraction)
             except ValueError as e:
                 raise SystemExit(f"error: {args.tokenizer}: {e}") from None
             out.write(json.dumps(rec) + "\n")
