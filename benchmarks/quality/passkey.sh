@@ -33,7 +33,7 @@ SHORT_SEGS="${SHORT_SEGS:-2}"       # ... in samples of SHORT_SEGS segments of 1
 SHORT_BATCH="${SHORT_BATCH:-16}"    # ... SHORT_BATCH samples a step
 MEMORY="${MEMORY:-0.5}"             # fraction of training samples whose needle ends a segment before the question
 DISTRACT="${DISTRACT:-0.5}"         # probability a sky/sun filler sentence carries another number (passkey_train.py)
-LOCAL="${LOCAL:-0}"                 # fraction of training samples whose needle starts in the question's segment
+LOCAL="${LOCAL:-0}"                 # fraction of stage-2 samples whose needle starts in the question's segment
 EXTRA="${EXTRA:-}"                  # more key=value overrides for both stages
 LENGTHS="${LENGTHS:-2k,8k,32k,128k}"
 DEPTHS="${DEPTHS:-0,25,50,75,100}"
@@ -54,23 +54,23 @@ for k in (12345, 678, 9001): print(b(k, 3, .5))" > seed.txt
   echo "$tok_params" > tokenizer.params
 fi
 TOK_SUM=$(sha256sum tokenizer.json | cut -c1-16)
-make_stage() {  # make_stage NAME SEGMENTS MIN_LENGTH MAX_LENGTH COUNT SEED DIGITS: passkey records -> shards
-  local name=$1 segs=$2 digits=$7
+make_stage() {  # make_stage NAME SEGMENTS MIN_LENGTH MAX_LENGTH COUNT SEED DIGITS LOCAL: passkey records -> shards
+  local name=$1 segs=$2 digits=$7 local_fraction=$8
   # reused only if made with the same settings: a WORK dir from a run with other MEMORY/DISTRACT/... is rebuilt
-  local params="$* loss=$LOSS memory=$MEMORY distract=$DISTRACT tokenizer=$TOK_SUM"
-  [ "$LOCAL" = 0 ] || params="$params local=$LOCAL"  # (LOCAL=0 keeps the older runs' shards valid)
+  local params="${*:1:7} loss=$LOSS memory=$MEMORY distract=$DISTRACT tokenizer=$TOK_SUM"
+  [ "$local_fraction" = 0 ] || params="$params local=$local_fraction"  # (0 keeps older runs' shards valid)
   [ -f "shards-$name/index.json" ] && [ "$(cat "shards-$name/params.txt" 2>/dev/null)" = "$params" ] && return 0
   rm -rf "shards-$name"
   "$PY" "$HERE/passkey_train.py" --out "$name.jsonl" --tokenizer tokenizer.json --min-length "$3" --max-length "$4" \
     --count "$5" --seed "$6" --max-digits "$digits" --loss "$LOSS" \
-    --memory-fraction "$MEMORY" --distractors "$DISTRACT" --local-fraction "$LOCAL" --segment-len 128
+    --memory-fraction "$MEMORY" --distractors "$DISTRACT" --local-fraction "$local_fraction" --segment-len 128
   "$INF" prepare "$name.jsonl" --tokenizer tokenizer.json --out "shards-$name" --segment-len 128 \
     --sample-segments "$segs" --format summarization --separator "" --val-fraction 0.01 --no-progress
   cp tokenizer.json "shards-$name/"
   echo "$params" > "shards-$name/params.txt"
 }
-make_stage short "$SHORT_SEGS" ${SHORT% *} ${SHORT#* } 40000 1 "$DIGITS"
-make_stage long 16 1024 2048 3000 2 "$DIGITS2"
+make_stage short "$SHORT_SEGS" ${SHORT% *} ${SHORT#* } 40000 1 "$DIGITS" 0
+make_stage long 16 1024 2048 3000 2 "$DIGITS2" "$LOCAL"
 
 arm_overrides() {
   case "$1" in
