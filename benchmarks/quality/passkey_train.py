@@ -3,7 +3,9 @@ as `prepare --format summarization` fields: the loss is on the "summary" only.
 
 Differences from `infinitrain data passkey` (which makes the eval prompts): the depth is uniform in [0, 1], the
 length uniform in [--min-length, --max-length] tokens, and the key may have more digits than the eval's 1..50000
-(--max-digits): a longer key gives more copy targets per sample, which is what the memory has to learn.
+(--max-digits): a longer key gives more copy targets per sample, which is what the memory has to learn. The number
+of digits is uniform, so the model learns a prior on where a key ends (with 1-5 digits, a key that has 4 digits so far
+ends there half the time); --max-key N draws keys uniformly from 1..N instead, the eval's distribution for N = 50000.
 --loss after: the loss starts after the key's first occurrence (its second occurrence, the filler, the question
 and the answer are targets; the first occurrence itself is unpredictable). --loss answer: the answer only.
 Lengths are counted with --tokenizer, as in `infinitrain data passkey`."""
@@ -21,9 +23,12 @@ from infinitrain.data_tools.passkey import FILLER, QUESTION, TASK, build_prompt,
 
 def record(tok: Tokenizer, rng: random.Random, min_len: int, max_len: int, max_digits: int, loss: str,
            memory_fraction: float = 0.0, segment_len: int = 128, distractors: float = 0.0,
-           local_fraction: float = 0.0) -> dict:
-    digits = rng.randint(1, max_digits)
-    key = rng.randint(10 ** (digits - 1) if digits > 1 else 1, 10 ** digits - 1)
+           local_fraction: float = 0.0, max_key: int = 0) -> dict:
+    if max_key:
+        key = rng.randint(1, max_key)
+    else:
+        digits = rng.randint(1, max_digits)
+        key = rng.randint(10 ** (digits - 1) if digits > 1 else 1, 10 ** digits - 1)
     depth, length = rng.random(), rng.randint(min_len, max_len)
     answer = f" {key}."
 
@@ -33,7 +38,7 @@ def record(tok: Tokenizer, rng: random.Random, min_len: int, max_len: int, max_d
     per_filler = n_tokens(FILLER)
     bare = n_tokens(build_prompt(key, 0, depth) + answer)
     if bare > max_len:
-        raise ValueError(f"a prompt with a {digits}-digit key and no filler is {bare} tokens, over --max-length "
+        raise ValueError(f"a prompt with a {len(str(key))}-digit key and no filler is {bare} tokens, over --max-length "
                          f"{max_len} (a byte-level tokenizer, or --max-digits too large?)")
     n = max(0, (length - bare) // per_filler)
     while n > 0 and n_tokens(build_prompt(key, n, depth) + answer) > length:
@@ -122,6 +127,8 @@ def main() -> None:
     ap.add_argument("--min-length", type=int, required=True)
     ap.add_argument("--max-length", type=int, required=True)
     ap.add_argument("--max-digits", type=int, default=5)
+    ap.add_argument("--max-key", type=int, default=0,
+                    help="Keys uniform in 1..N (the eval's N = 50000) in place of a uniform number of digits.")
     ap.add_argument("--loss", choices=("after", "answer"), default="after")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--memory-fraction", type=float, default=0.0,
@@ -138,12 +145,13 @@ def main() -> None:
         for _ in range(args.count):
             try:
                 rec = record(tok, rng, args.min_length, args.max_length, args.max_digits, args.loss,
-                             args.memory_fraction, args.segment_len, args.distractors, args.local_fraction)
+                             args.memory_fraction, args.segment_len, args.distractors, args.local_fraction, args.max_key)
             except ValueError as e:
                 raise SystemExit(f"error: {args.tokenizer}: {e}") from None
             out.write(json.dumps(rec) + "\n")
-    print(f"wrote {args.out}: {args.count} records of {args.min_length}-{args.max_length} tokens, keys of 1-"
-          f"{args.max_digits} digits, loss on the {args.loss}")
+    keys = f"keys in 1..{args.max_key}" if args.max_key else f"keys of 1-{args.max_digits} digits"
+    print(f"wrote {args.out}: {args.count} records of {args.min_length}-{args.max_length} tokens, {keys}, loss on the "
+          f"{args.loss}")
 
 
 if __name__ == "__main__":
