@@ -4,12 +4,13 @@
 # and frozen: local attention only). Recipe infinitrain/recipes/tiny-passkey.yaml (segment 128, gate_split 3,
 # memory_tau 4), tokenizer: the passkey text's words plus one token a digit. Curriculum: stage 1 on samples of
 # 64-256 tokens (2 segments), where the copy circuit forms, in one cosine cycle per number in STEPS1 (each cycle
-# starts from the last one's weights at the full learning rate); then stage 2 on samples of 1K-2K (16 segments).
+# starts from the last one's weights at the full learning rate); then stage 2 on samples of 1K-2K (16 segments)
+# whose keys are drawn like the eval's (MAXKEY2) and whose needle starts in the question's segment in LOCAL of them.
 # In MEMORY of the samples the needle ends a segment before the question, so only the memory can carry the key;
 # in DISTRACT of the filler sentences another number replaces the colour, so the memory must store which number
-# followed "pass key", not just the digits it saw. Training keys have up to DIGITS digits (more copy targets per
-# sample); the eval uses the paper's 1..50000. The arms run one after another, each with the 2 cores (~28 min).
-#   bash benchmarks/quality/passkey.sh                         # all three arms, ~100 min with the evals
+# followed "pass key", not just the digits it saw. Stage-1 keys have up to DIGITS digits (more copy targets per
+# sample); the eval uses the paper's 1..50000. The arms run one after another, each with the 2 cores (~17 min).
+#   bash benchmarks/quality/passkey.sh                         # all three arms, ~70 min with the evals
 #   ARMS=delta STEPS1=300 STEPS2=100 SAMPLES=4 bash benchmarks/quality/passkey.sh   # a quick look
 # Writes benchmarks/quality/results/passkey/<arm>/{passkey.json,passkey.png,train.json} (and <arm>-no-memory/ for
 # the memory arms) and prints the tables.
@@ -33,8 +34,9 @@ SHORT_SEGS="${SHORT_SEGS:-2}"       # ... in samples of SHORT_SEGS segments of 1
 SHORT_BATCH="${SHORT_BATCH:-16}"    # ... SHORT_BATCH samples a step
 MEMORY="${MEMORY:-0.5}"             # fraction of training samples whose needle ends a segment before the question
 DISTRACT="${DISTRACT:-0.5}"         # probability a sky/sun filler sentence carries another number (passkey_train.py)
-LOCAL="${LOCAL:-0}"                 # fraction of stage-2 samples whose needle starts in the question's segment
-MAXKEY2="${MAXKEY2:-0}"             # > 0: stage-2 keys uniform in 1..MAXKEY2 (the eval's: 50000), not DIGITS2
+LOCAL="${LOCAL:-0.25}"              # fraction of stage-2 samples whose needle starts in the question's segment
+MAXKEY2="${MAXKEY2:-50000}"         # > 0: stage-2 keys uniform in 1..MAXKEY2 (the eval's), not 1..DIGITS2 digits:
+                                    # a uniform digit count teaches where a key ends (README, passkey)
 EXTRA="${EXTRA:-}"                  # more key=value overrides for both stages
 LENGTHS="${LENGTHS:-2k,8k,32k,128k}"
 DEPTHS="${DEPTHS:-0,25,50,75,100}"
