@@ -9,7 +9,7 @@
 # In MEMORY of the samples the needle ends a segment before the question, so only the memory can carry the key;
 # in DISTRACT of the filler sentences another number replaces the colour, so the memory must store which number
 # followed "pass key", not just the digits it saw. Stage-1 keys have up to DIGITS digits (more copy targets per
-# sample); the eval uses the paper's 1..50000. The arms run one after another, each with the 2 cores (~17 min).
+# sample); the eval uses the paper's 1..50000. The arms run one after another, each with the 2 cores (~17-20 min).
 #   bash benchmarks/quality/passkey.sh                         # all three arms, ~70 min with the evals
 #   ARMS=delta STEPS1=300 STEPS2=100 SAMPLES=4 bash benchmarks/quality/passkey.sh   # a quick look
 # Writes benchmarks/quality/results/passkey/<arm>/{passkey.json,passkey.png,train.json} (and <arm>-no-memory/ for
