@@ -95,11 +95,16 @@ def _add_distractors(prompt: str, n_tokens, rng: random.Random, p: float, key: i
     return prompt
 
 
+def _question_segment_start(n_tokens, key: int, n: int, answer: str, segment_len: int) -> int:
+    """The first token of the segment where the question starts (the prompt's length does not depend on depth)."""
+    question_start = n_tokens(build_prompt(key, n, 0.0) + answer) - n_tokens(QUESTION + answer)
+    return question_start // segment_len * segment_len
+
+
 def _memory_depth(n_tokens, rng: random.Random, key: int, n: int, per_filler: int, answer: str, segment_len: int,
                   depth: float) -> float:
     """A depth whose needle ends before the segment where the question starts, or ``depth`` when none exists."""
-    question_start = n_tokens(build_prompt(key, n, 0.0) + answer) - n_tokens(QUESTION + answer)
-    boundary = question_start // segment_len * segment_len
+    boundary = _question_segment_start(n_tokens, key, n, answer, segment_len)
     head = n_tokens(TASK + needle(key))  # every piece starts at a pre-token boundary: token counts add up
     most = min(n, (boundary - head) // per_filler) if boundary >= head else -1
     while most >= 0 and n_tokens(TASK + FILLER * most + needle(key)) > boundary:
@@ -113,8 +118,7 @@ def _local_depth(n_tokens, rng: random.Random, key: int, n: int, answer: str, se
                  depth: float) -> float:
     """A depth whose needle starts in the segment where the question starts (local attention sees both), or
     ``depth`` when none exists."""
-    question_start = n_tokens(build_prompt(key, n, 0.0) + answer) - n_tokens(QUESTION + answer)
-    boundary = question_start // segment_len * segment_len
+    boundary = _question_segment_start(n_tokens, key, n, answer, segment_len)
     least = next((i for i in range(n + 1) if n_tokens(TASK + FILLER * i) >= boundary), None)
     return depth if least is None else rng.randint(least, n) / n if n else 1.0
 
