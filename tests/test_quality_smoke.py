@@ -88,6 +88,32 @@ def test_passkey_train_distractors_put_other_numbers_in_the_filler_and_keep_the_
     assert plain == again
 
 
+def test_passkey_train_boundary_fraction_splits_the_needles_first_sentence_across_segments():
+    pt = _load("passkey_train")
+    rng, offsets = random.Random(5), set()
+    for _ in range(40):
+        r = pt.record(_Bytes(), rng, 2000, 4000, 8, "answer", segment_len=64, distractors=0.5, boundary_fraction=1.0)
+        text, key = r["document"] + r["summary"], r["summary"].strip(" .")
+        head = f" The pass key is {key}"
+        start = len(text[:text.index(head)].encode())
+        assert start // 64 != (start + len(head) - 1) // 64  # " The" in one segment, the key's last digit in the next
+        offsets.add(start % 64)
+    assert len(offsets) > 5  # anywhere from " The" to the last digit, not one fixed split
+    rng = random.Random(6)
+    mixed = [pt.record(_Bytes(), rng, 600, 900, 8, "answer", memory_fraction=0.5, local_fraction=0.2,
+                       segment_len=64, boundary_fraction=0.3) for _ in range(200)]
+    split = 0
+    for r in mixed:
+        text, key = r["document"] + r["summary"], r["summary"].strip(" .")
+        start = len(text[:text.index(f" The pass key is {key}")].encode())
+        split += start // 64 != (start + len(f" The pass key is {key}") - 1) // 64
+    assert 0.4 < split / len(mixed) < 0.55  # 0.3 drawn on a boundary + 0.7 x the ~25% that straddle by chance
+    plain = [pt.record(_Bytes(), random.Random(3), 600, 900, 8, "answer", segment_len=64) for _ in range(5)]
+    again = [pt.record(_Bytes(), random.Random(3), 600, 900, 8, "answer", segment_len=64, boundary_fraction=0.0)
+             for _ in range(5)]
+    assert plain == again
+
+
 def test_passkey_train_fills_up_to_the_length():
     pt = _load("passkey_train")
     r = pt.record(_Bytes(), random.Random(1), 2000, 2000, 5, "answer")

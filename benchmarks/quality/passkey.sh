@@ -37,6 +37,8 @@ DISTRACT="${DISTRACT:-0.5}"         # probability a sky/sun filler sentence carr
 LOCAL="${LOCAL:-0.25}"              # fraction of stage-2 samples whose needle starts in the question's segment
 MAXKEY2="${MAXKEY2:-50000}"         # > 0: stage-2 keys uniform in 1..MAXKEY2 (the eval's), not 1..DIGITS2 digits:
                                     # a uniform digit count teaches where a key ends (README, passkey)
+BOUNDARY="${BOUNDARY:-0}"           # fraction of stage-2 samples whose " The pass key is <key>" straddles a segment
+                                    # boundary (the eval's depth 25% puts the key's first digit on one: README)
 EXTRA="${EXTRA:-}"                  # more key=value overrides for both stages
 LENGTHS="${LENGTHS:-2k,8k,32k,128k}"
 DEPTHS="${DEPTHS:-0,25,50,75,100}"
@@ -57,24 +59,26 @@ for k in (12345, 678, 9001): print(b(k, 3, .5))" > seed.txt
   echo "$tok_params" > tokenizer.params
 fi
 TOK_SUM=$(sha256sum tokenizer.json | cut -c1-16)
-make_stage() {  # make_stage NAME SEGMENTS MIN_LENGTH MAX_LENGTH COUNT SEED DIGITS LOCAL MAXKEY: records -> shards
-  local name=$1 segs=$2 digits=$7 local_fraction=$8 max_key=$9
+make_stage() {  # make_stage NAME SEGMENTS MIN_LENGTH MAX_LENGTH COUNT SEED DIGITS LOCAL MAXKEY BOUNDARY: records -> shards
+  local name=$1 segs=$2 digits=$7 local_fraction=$8 max_key=$9 boundary=${10}
   # reused only if made with the same settings: a WORK dir from a run with other MEMORY/DISTRACT/... is rebuilt
   local params="${*:1:7} loss=$LOSS memory=$MEMORY distract=$DISTRACT tokenizer=$TOK_SUM"
   [ "$local_fraction" = 0 ] || params="$params local=$local_fraction"  # (0 keeps older runs' shards valid)
   [ "$max_key" = 0 ] || params="$params maxkey=$max_key"
+  [ "$boundary" = 0 ] || params="$params boundary=$boundary"
   [ -f "shards-$name/index.json" ] && [ "$(cat "shards-$name/params.txt" 2>/dev/null)" = "$params" ] && return 0
   rm -rf "shards-$name"
   "$PY" "$HERE/passkey_train.py" --out "$name.jsonl" --tokenizer tokenizer.json --min-length "$3" --max-length "$4" \
     --count "$5" --seed "$6" --max-digits "$digits" --loss "$LOSS" \
-    --memory-fraction "$MEMORY" --distractors "$DISTRACT" --local-fraction "$local_fraction" --max-key "$max_key" --segment-len 128
+    --memory-fraction "$MEMORY" --distractors "$DISTRACT" --local-fraction "$local_fraction" --max-key "$max_key" \
+    --boundary-fraction "$boundary" --segment-len 128
   "$INF" prepare "$name.jsonl" --tokenizer tokenizer.json --out "shards-$name" --segment-len 128 \
     --sample-segments "$segs" --format summarization --separator "" --val-fraction 0.01 --no-progress
   cp tokenizer.json "shards-$name/"
   echo "$params" > "shards-$name/params.txt"
 }
-make_stage short "$SHORT_SEGS" ${SHORT% *} ${SHORT#* } 40000 1 "$DIGITS" 0 0
-make_stage long 16 1024 2048 3000 2 "$DIGITS2" "$LOCAL" "$MAXKEY2"
+make_stage short "$SHORT_SEGS" ${SHORT% *} ${SHORT#* } 40000 1 "$DIGITS" 0 0 0
+make_stage long 16 1024 2048 3000 2 "$DIGITS2" "$LOCAL" "$MAXKEY2" "$BOUNDARY"
 
 arm_overrides() {
   case "$1" in
@@ -105,9 +109,9 @@ train_arm() {
     { echo "$arm: stage 2 failed: $WORK/train-$arm.log" >&2; return 1; }
   local t2; t2=$(date +%s)
   mkdir -p "$OUT/$arm"
-  printf '{"arm": "%s", "stage1_steps": [%s], "stage2_steps": %s, "stage1_seconds": %s, "stage2_seconds": %s, "threads": %s, "loss": "%s", "digits": %s, "digits2": %s, "memory": %s, "distract": %s, "local": %s, "maxkey2": %s, "lr": "%s", "extra": "%s"}\n' \
+  printf '{"arm": "%s", "stage1_steps": [%s], "stage2_steps": %s, "stage1_seconds": %s, "stage2_seconds": %s, "threads": %s, "loss": "%s", "digits": %s, "digits2": %s, "memory": %s, "distract": %s, "local": %s, "maxkey2": %s, "boundary": %s, "lr": "%s", "extra": "%s"}\n' \
     "$arm" "$(echo $STEPS1 | tr ' ' ',')" "$STEPS2" $((t1 - t0)) $((t2 - t1)) "$THREADS" "$LOSS" "$DIGITS" "$DIGITS2" "$MEMORY" \
-    "$DISTRACT" "$LOCAL" "$MAXKEY2" "$LR" "$EXTRA" > "$OUT/$arm/train.json"
+    "$DISTRACT" "$LOCAL" "$MAXKEY2" "$BOUNDARY" "$LR" "$EXTRA" > "$OUT/$arm/train.json"
   echo "$arm: trained in $((t2 - t0)) s (stage 1 $((t1 - t0)) s, stage 2 $((t2 - t1)) s)"
 }
 eval_arm() {

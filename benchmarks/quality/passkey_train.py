@@ -23,7 +23,7 @@ from infinitrain.data_tools.passkey import FILLER, QUESTION, TASK, build_prompt,
 
 def record(tok: Tokenizer, rng: random.Random, min_len: int, max_len: int, max_digits: int, loss: str,
            memory_fraction: float = 0.0, segment_len: int = 128, distractors: float = 0.0,
-           local_fraction: float = 0.0, max_key: int = 0) -> dict:
+           local_fraction: float = 0.0, max_key: int = 0, boundary_fraction: float = 0.0) -> dict:
     if max_key:
         key = rng.randint(1, max_key)
     else:
@@ -43,16 +43,19 @@ def record(tok: Tokenizer, rng: random.Random, min_len: int, max_len: int, max_d
     n = max(0, (length - bare) // per_filler)
     while n > 0 and n_tokens(build_prompt(key, n, depth) + answer) > length:
         n -= 1
-    in_memory = False
+    in_memory = on_boundary = False
     if memory_fraction and rng.random() < memory_fraction:  # the needle ends in a segment before the question's
         new_depth = _memory_depth(n_tokens, rng, key, n, per_filler, answer, segment_len, depth)
         in_memory, depth = new_depth != depth, new_depth
     elif local_fraction and rng.random() < local_fraction / max(1e-9, 1 - memory_fraction):  # needle in the question's segment
         depth = _local_depth(n_tokens, rng, key, n, answer, segment_len, depth)
+    elif boundary_fraction and rng.random() < boundary_fraction / max(1e-9, 1 - memory_fraction - local_fraction):
+        new_depth = _boundary_depth(n_tokens, rng, key, n, per_filler, segment_len, depth)
+        on_boundary, depth = new_depth != depth, new_depth
     prompt = build_prompt(key, n, depth)
     if distractors:
         prompt = _add_distractors(prompt, n_tokens, rng, distractors, key, length - n_tokens(answer),
-                                  segment_len if in_memory else 0)
+                                  segment_len if in_memory else 0, keep_needle_offset=on_boundary)
     if loss == "answer":
         return {"document": prompt, "summary": answer}
     text, first = prompt + answer, f" The pass key is {key}"
@@ -64,11 +67,12 @@ DISTRACTIBLE = (" The sky is blue.", " The sun is yellow.")
 
 
 def _add_distractors(prompt: str, n_tokens, rng: random.Random, p: float, key: int, budget: int,
-                     segment_len: int) -> str:
+                     segment_len: int, keep_needle_offset: bool = False) -> str:
     """Each filler sentence of DISTRACTIBLE becomes, with probability p, " The sky is <number>." (a 1-5 digit number
     that is not the key): the memory's mean then holds other digits too, so only a read that picks the digits
     after " pass key is" answers. A swap is kept only if the prompt stays within ``budget`` tokens and, when
-    segment_len > 0, the needle still ends in a segment before the question's."""
+    segment_len > 0, the needle still ends in a segment before the question's; with keep_needle_offset no sentence
+    before the needle changes (the needle keeps its place in its segment)."""
     spots = [(i, d) for d in DISTRACTIBLE for i in range(len(prompt)) if prompt.startswith(d, i)]
     rng.shuffle(spots)
     spots = sorted(spots[:sum(rng.random() < p for _ in spots)], reverse=True)  # right to left: offsets stay valid
@@ -80,6 +84,8 @@ def _add_distractors(prompt: str, n_tokens, rng: random.Random, p: float, key: i
     needle_end = n_tokens(prompt[:at + len(nd)]) if segment_len else 0
     question = n_tokens(QUESTION)
     for i, d in spots:
+        if keep_needle_offset and i < at:
+            continue
         number = rng.randint(1, 99999)
         if number == key:
             continue
@@ -123,6 +129,18 @@ def _local_depth(n_tokens, rng: random.Random, key: int, n: int, answer: str, se
     return depth if least is None else rng.randint(least, n) / n if n else 1.0
 
 
+def _boundary_depth(n_tokens, rng: random.Random, key: int, n: int, per_filler: int, segment_len: int,
+                    depth: float) -> float:
+    """A depth whose needle's first sentence, from " The" to the key's last digit, straddles a segment boundary, or
+    ``depth`` when none exists. The memory must then join what two segments hold: with the key's first digit on the
+    boundary (the eval's depth 25% at every length, with this tokenizer), a model that rarely saw this found the
+    key at 32K in about half the prompts, against ~95% with the needle anywhere else in its segment (README)."""
+    task, head = n_tokens(TASK), n_tokens(needle(key).split(".")[0])  # every piece starts at a pre-token boundary
+    starts = [task + b * per_filler for b in range(n + 1)]
+    fits = [b for b, s in enumerate(starts) if s // segment_len != (s + head - 1) // segment_len]
+    return rng.choice(fits) / n if fits and n else depth
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", required=True)
@@ -139,6 +157,9 @@ def main() -> None:
                     help="Fraction of records whose needle ends in a segment before the question's (read via memory).")
     ap.add_argument("--local-fraction", type=float, default=0.0,
                     help="Fraction of records whose needle starts in the question's segment (read by local attention).")
+    ap.add_argument("--boundary-fraction", type=float, default=0.0,
+                    help="Fraction of records whose needle's first sentence (' The pass key is <key>') straddles a "
+                         "segment boundary.")
     ap.add_argument("--segment-len", type=int, default=128)
     ap.add_argument("--distractors", type=float, default=0.0,
                     help="Probability that a ' The sky is blue.' / ' The sun is yellow.' filler sentence gets a random "
@@ -149,7 +170,8 @@ def main() -> None:
         for _ in range(args.count):
             try:
                 rec = record(tok, rng, args.min_length, args.max_length, args.max_digits, args.loss,
-                             args.memory_fraction, args.segment_len, args.distractors, args.local_fraction, args.max_key)
+                             args.memory_fraction, args.segment_len, args.distractors, args.local_fraction, args.max_key,
+                             args.boundary_fraction)
             except ValueError as e:
                 raise SystemExit(f"error: {args.tokenizer}: {e}") from None
             out.write(json.dumps(rec) + "\n")
