@@ -172,3 +172,39 @@ def test_tokenizer_comes_from_the_prepared_data_or_the_flag(run, tmp_path):
     assert codec.source == str(tmp_path / "m" / "tokenizer.json")
     assert export(copy, tmp_path / "b", tokenizer="bytes").tokenizer == "bytes"
     assert not (tmp_path / "b" / "tokenizer.json").exists()
+
+
+def test_export_averages_checkpoints_weight_by_weight(run, tmp_path, capsys):
+    """Several checkpoints of one model -> their mean, tensor by tensor (a model soup); other models refused."""
+    import yaml
+
+    one, two = run / "checkpoints" / "step-00000001", run / "checkpoints" / "step-00000002"
+    res = export([one, two], tmp_path / "soup")
+    assert res.sources == (one, two) and res.step == 1
+    a, _ = load_for_inference(one)
+    b, _ = load_for_inference(two)
+    soup = InfiniLM.from_pretrained(tmp_path / "soup").state_dict()
+    naive = {k: (a.state_dict()[k].double() + b.state_dict()[k].double()) / 2 for k in soup}
+    for k in soup:
+        torch.testing.assert_close(soup[k], naive[k].float(), rtol=0, atol=0)
+    assert any(not torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in soup)  # the mean is not either one
+    meta = json.loads((tmp_path / "soup" / "config.json").read_text())["exported_from"]
+    assert [s["step"] for s in meta["average_of"]] == [1, 2]
+
+    code, stdout, err = run_main(["export", str(run), str(one), "--out", str(tmp_path / "cli")], capsys)
+    assert code == 0 and "the average of 2 checkpoints (" in stdout and "step-00000002, " in stdout, err
+    cli = InfiniLM.from_pretrained(tmp_path / "cli").state_dict()
+    assert all(torch.equal(cli[k], soup[k]) for k in soup)  # the run dir's newest (2) and step 1, in either order
+
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    cfg = yaml.safe_load((other / "config.yaml").read_text())
+    cfg["model"]["rope_theta"] = 500.0
+    (other / "config.yaml").write_text(yaml.safe_dump(cfg))
+    for args, code_, msg in (([str(run), str(other)], ConfigError.code, "differs from"),
+                             ([str(run), str(two)], ConfigError.code, "same checkpoint given twice"),
+                             ([str(run), str(tmp_path / "nope")], CheckpointError.code, "no such run directory")):
+        code, stdout, err = run_main(["export", *args, "--out", str(tmp_path / "bad")], capsys)
+        assert code == code_ and msg in err and stdout == "" and err.strip().count("\n") == 0, err
+        assert "Traceback" not in err and not (tmp_path / "bad").exists()
+    assert "rope_theta" in run_main(["export", str(run), str(other), "--out", str(tmp_path / "bad")], capsys)[2]

@@ -5,6 +5,10 @@
         config.json       the ModelConfig, the dtype, the tokenizer ("tokenizer.json", "bytes" or null), provenance
         tokenizer.json    the run's tokenizer (beside the run, or beside its prepared data), when it has one
 
+Several runs (or checkpoints) of one model are averaged weight by weight into one export (a uniform "model
+soup", Wortsman et al. 2022): ``infinitrain export runs/a runs/b runs/c --out soup``. Every checkpoint is verified,
+the model configs and tokenizers must agree, and the mean is taken in float64 before the cast to ``--dtype``.
+
 Everything is written under ``.OUT.partial`` beside OUT and renamed into place at the end, so OUT is either
 absent or complete. The exported model is loaded by ``InfiniLM.from_pretrained(OUT)`` from JSON and
 safetensors only (nothing unpickled). Reading the *training* checkpoint goes through DeepSpeed's
@@ -16,6 +20,7 @@ the checkpoint's manifest.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import re
@@ -59,6 +64,7 @@ class ExportResult:
     bytes: int  # weight bytes on disk
     tokenizer: str | None  # "tokenizer.json", "bytes" or None
     seconds: float
+    sources: tuple[Path, ...] = ()  # every checkpoint averaged (``checkpoint`` is the first), or just ``checkpoint``
 
 
 def find_checkpoint(path: Path, step: int | None) -> Path:
@@ -178,22 +184,25 @@ def _run_precision(run_dir: Path) -> str:
     return precision if precision in DTYPES else "fp32"
 
 
-def export(path: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None, dtype: str | None = None,
-           max_shard_size: str | int = "5GB", tokenizer: str | None = None, force: bool = False,
-           log: Callable[[str], None] = lambda s: None) -> ExportResult:
+def export(path: str | os.PathLike | list | tuple, out: str | os.PathLike, *, step: int | None = None,
+           dtype: str | None = None, max_shard_size: str | int = "5GB", tokenizer: str | None = None,
+           force: bool = False, log: Callable[[str], None] = lambda s: None) -> ExportResult:
     """Export the newest (or step ``step``) committed checkpoint of a run directory, or the checkpoint
-    directory ``path``, to the model directory ``out``. ``dtype`` None: the run's training precision."""
-    from infinitrain.evaluate.loading import load_for_inference
+    directory ``path``, to the model directory ``out``. ``dtype`` None: the run's training precision.
+    ``path`` a list of several: their weights averaged (the configs and tokenizers must agree; ``step`` applies
+    to each run directory; ``dtype`` None: the first run's precision)."""
     from infinitrain.model.io import (
         CONFIG_NAME,
         INDEX_NAME,
         WEIGHTS_NAME,
         save_pretrained,
     )
-    from infinitrain.train.checkpoint import MANIFEST
 
     t0 = time.time()
-    path, out = Path(path), Path(out)
+    paths = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
+    if not paths:
+        raise ConfigError("export: no run directory or checkpoint given")
+    out = Path(out)
     import torch
 
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
@@ -201,26 +210,24 @@ def export(path: str | os.PathLike, out: str | os.PathLike, *, step: int | None 
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     shard_bytes = parse_size(max_shard_size)
-    ckpt = find_checkpoint(path, step)
+    ckpts = [find_checkpoint(p, step) for p in paths]
+    if len({c.resolve() for c in ckpts}) != len(ckpts):
+        raise ConfigError(f"{ckpts[0]}: the same checkpoint given twice to average")
     if out.exists() and not force:
         raise ConfigError(f"{out}: already exists; choose another --out or pass --force to replace it")
-    if out.resolve() == ckpt.resolve() or ckpt.resolve() in out.resolve().parents:
-        raise ConfigError(f"{out}: must not be inside the checkpoint {ckpt}")
-    manifest = verify_checkpoint(ckpt)
-    log(f"verified {len(manifest['files'])} files of {ckpt} against {MANIFEST} (sha256)")
-    run_dir = ckpt.parent.parent
+    for ckpt in ckpts:
+        if out.resolve() == ckpt.resolve() or ckpt.resolve() in out.resolve().parents:
+            raise ConfigError(f"{out}: must not be inside the checkpoint {ckpt}")
+    if len(ckpts) > 1:
+        _check_same_model(ckpts)  # before any weights are read
+    ckpt, run_dir = ckpts[0], ckpts[0].parent.parent
     dtype = dtype or _run_precision(run_dir)
-    with weights_only_loads():
-        model, codec = load_for_inference(ckpt, tokenizer=tokenizer, need_tokenizer=False)
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"gathered {n_params / 1e6:.2f} M parameters (fp32) from step {manifest['step']} "
-        f"({manifest['world_size']} rank{'s' if manifest['world_size'] != 1 else ''})")
+    model, codec, manifest, provenance = _load_verified(ckpt, tokenizer, log)
+    if len(ckpts) > 1:
+        model, provenance = _average(model, codec, manifest, provenance, ckpts[1:], tokenizer, log)
     if codec is None:
         log("note: no tokenizer found beside the run or its data; the export has none (pass --tokenizer FILE|bytes)")
     tok = None if codec is None else "bytes" if codec.source == "bytes" else "tokenizer.json"
-    provenance = {"run_dir": str(run_dir.resolve()), "checkpoint": ckpt.name, "step": manifest["step"],
-                  "world_size": manifest["world_size"],
-                  "manifest_sha256": hashlib.sha256((ckpt / MANIFEST).read_bytes()).hexdigest()}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)  # left by an export that was killed
@@ -239,11 +246,85 @@ def export(path: str | os.PathLike, out: str | os.PathLike, *, step: int | None 
     written = [*files, INDEX_NAME] if len(files) > 1 else [WEIGHTS_NAME]
     log(f"wrote {out}: {', '.join(written[:3])}{' ...' if len(written) > 3 else ''}, {CONFIG_NAME}"
         f"{', tokenizer.json' if tok == 'tokenizer.json' else ''}")
-    return ExportResult(out, ckpt, int(manifest["step"]), dtype, files, size, tok, time.time() - t0)
+    return ExportResult(out, ckpt, int(manifest["step"]), dtype, files, size, tok, time.time() - t0, tuple(ckpts))
+
+
+def _load_verified(ckpt: Path, tokenizer: str | None, log: Callable[[str], None]):
+    """(fp32 model, codec or None, manifest, provenance) of one committed checkpoint, its files verified first."""
+    from infinitrain.evaluate.loading import load_for_inference
+    from infinitrain.train.checkpoint import MANIFEST
+
+    manifest = verify_checkpoint(ckpt)
+    log(f"verified {len(manifest['files'])} files of {ckpt} against {MANIFEST} (sha256)")
+    with weights_only_loads():
+        model, codec = load_for_inference(ckpt, tokenizer=tokenizer, need_tokenizer=False)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"gathered {n_params / 1e6:.2f} M parameters (fp32) from step {manifest['step']} "
+        f"({manifest['world_size']} rank{'s' if manifest['world_size'] != 1 else ''})")
+    provenance = {"run_dir": str(ckpt.parent.parent.resolve()), "checkpoint": ckpt.name, "step": manifest["step"],
+                  "world_size": manifest["world_size"],
+                  "manifest_sha256": hashlib.sha256((ckpt / MANIFEST).read_bytes()).hexdigest()}
+    return model, codec, manifest, provenance
+
+
+def _check_same_model(ckpts: list[Path]) -> None:
+    """ConfigError unless every checkpoint's run trained the same ModelConfig (read from its config.yaml)."""
+    from infinitrain.evaluate.loading import _run_config
+    from infinitrain.model.config import ModelConfig
+
+    def config(ckpt: Path) -> ModelConfig:
+        run_dir = ckpt.parent.parent
+        return ModelConfig.from_dict(_run_config(run_dir)["model"], where=f"{run_dir}/config.yaml: model")
+
+    first = config(ckpts[0])
+    for ckpt in ckpts[1:]:
+        other = config(ckpt)
+        if other != first:
+            diff = [f.name for f in dataclasses.fields(first) if getattr(first, f.name) != getattr(other, f.name)]
+            raise ConfigError(f"{ckpt}: its model differs from {ckpts[0]}'s ({', '.join(diff)}); only checkpoints "
+                              f"of one model can be averaged")
+
+
+def _same_tokenizer(a, b) -> bool:
+    if a is None or b is None or a.source == "bytes" or b.source == "bytes":
+        return (a is None) == (b is None) and (a is None or a.source == b.source)
+    return Path(a.source).read_bytes() == Path(b.source).read_bytes()
+
+
+def _average(model, codec, manifest, provenance, others: list[Path], tokenizer: str | None,
+             log: Callable[[str], None]):
+    """``model`` with every tensor of its state dict replaced by the mean over it and the ``others``' (in float64,
+    one extra model in memory at a time); the provenance: every checkpoint's, averaged."""
+    import torch
+
+    first = Path(provenance["run_dir"]) / "checkpoints" / provenance["checkpoint"]
+    sums = {k: v.detach().to(torch.float64) for k, v in model.state_dict().items()}
+    sources = [provenance]
+    for ckpt in others:
+        other, other_codec, _, prov = _load_verified(ckpt, tokenizer, log)
+        if other.config != model.config:
+            diff = [f.name for f in dataclasses.fields(model.config)
+                    if getattr(model.config, f.name) != getattr(other.config, f.name)]
+            raise ConfigError(f"{ckpt}: its model differs from {first}'s ({', '.join(diff)}); only checkpoints of "
+                              f"one model can be averaged")
+        if not _same_tokenizer(codec, other_codec):
+            raise ConfigError(f"{ckpt}: its tokenizer differs from {first}'s; pass --tokenizer to ship one")
+        state = other.state_dict()
+        if state.keys() != sums.keys() or any(state[k].shape != sums[k].shape for k in sums):
+            raise ConfigError(f"{ckpt}: its parameters differ from {first}'s")
+        for k, v in state.items():
+            sums[k] += v.detach().to(torch.float64)
+        sources.append(prov)
+        del other, state
+    n = len(sources)
+    with torch.no_grad():
+        model.load_state_dict({k: (v / n).to(model.state_dict()[k].dtype) for k, v in sums.items()})
+    log(f"averaged the weights of {n} checkpoints (float64 mean)")
+    return model, {"average_of": sources, "step": manifest["step"], "world_size": manifest["world_size"]}
 
 
 @click.command("export")
-@click.argument("run_dir", metavar="RUN_DIR")
+@click.argument("run_dirs", metavar="RUN_DIR...", nargs=-1, required=True)
 @click.option("--out", required=True, help="Model directory to write (must not exist, unless --force).")
 @click.option("--step", type=click.IntRange(min=0), default=None,
               help="Export this step's committed checkpoint [default: the newest].")
@@ -254,12 +335,16 @@ def export(path: str | os.PathLike, out: str | os.PathLike, *, step: int | None 
 @click.option("--tokenizer", default=None,
               help="tokenizer.json to ship, or 'bytes' [default: the run's, or the one beside its data].")
 @click.option("--force", is_flag=True, help="Replace an existing --out (atomically).")
-def export_cmd(run_dir: str, out: str, step: int | None, dtype: str | None, max_shard_size: str,
+def export_cmd(run_dirs: tuple[str, ...], out: str, step: int | None, dtype: str | None, max_shard_size: str,
                tokenizer: str | None, force: bool) -> None:
     """Export a run's committed checkpoint (RUN_DIR, or RUN_DIR/checkpoints/step-N) as safetensors +
-    config.json + tokenizer.json, loadable with InfiniLM.from_pretrained and `infinitrain generate`."""
-    res = export(run_dir, out, step=step, dtype=dtype, max_shard_size=max_shard_size, tokenizer=tokenizer,
+    config.json + tokenizer.json, loadable with InfiniLM.from_pretrained and `infinitrain generate`.
+    Several RUN_DIRs (runs or checkpoints of one model): their weights averaged into one model."""
+    res = export(list(run_dirs), out, step=step, dtype=dtype, max_shard_size=max_shard_size, tokenizer=tokenizer,
                  force=force, log=lambda s: click.echo(s, err=True))
-    click.echo(f"exported step {res.step} of {res.checkpoint.parent.parent} to {res.out}: {len(res.files)} weight "
+    what = (f"step {res.step} of {res.checkpoint.parent.parent}" if len(res.sources) == 1 else
+            f"the average of {len(res.sources)} checkpoints (" +
+            ", ".join(f"{c.parent.parent.name}/{c.name}" for c in res.sources) + ")")
+    click.echo(f"exported {what} to {res.out}: {len(res.files)} weight "
                f"file{'s' if len(res.files) != 1 else ''}, {res.bytes / 1e6:.1f} MB {res.dtype}, tokenizer "
                f"{res.tokenizer or 'none'} ({res.seconds:.1f} s)")
