@@ -39,11 +39,13 @@ MAXKEY2="${MAXKEY2:-50000}"         # > 0: stage-2 keys uniform in 1..MAXKEY2 (t
                                     # a uniform digit count teaches where a key ends (README, passkey)
 BOUNDARY="${BOUNDARY:-0}"           # fraction of stage-2 samples whose " The pass key is <key>" straddles a segment
                                     # boundary (the eval's depth 25% puts the key's first digit on one: README)
+SOUP="${SOUP:-1}"                   # stage 2 trained SOUP times from the stage-1 model (records drawn with seeds 2,
+                                    # 3, ..., run.seed/data.seed 0, 1, ...) and averaged (`infinitrain export A B ..`)
 EXTRA="${EXTRA:-}"                  # more key=value overrides for both stages
 LENGTHS="${LENGTHS:-2k,8k,32k,128k}"
 DEPTHS="${DEPTHS:-0,25,50,75,100}"
 SAMPLES="${SAMPLES:-10}"
-NO_MEMORY_LENGTHS="${NO_MEMORY_LENGTHS:-2k,8k,32k}"  # the memory arms again with --no-memory (the same model's
+NO_MEMORY_LENGTHS="${NO_MEMORY_LENGTHS-2k,8k,32k}"   # the memory arms again with --no-memory (the same model's
                                                      # local attention alone); empty: skip
 mkdir -p "$WORK" "$OUT"
 cd "$WORK"
@@ -79,6 +81,9 @@ make_stage() {  # make_stage NAME SEGMENTS MIN_LENGTH MAX_LENGTH COUNT SEED DIGI
 }
 make_stage short "$SHORT_SEGS" ${SHORT% *} ${SHORT#* } 40000 1 "$DIGITS" 0 0 0
 make_stage long 16 1024 2048 3000 2 "$DIGITS2" "$LOCAL" "$MAXKEY2" "$BOUNDARY"
+for i in $(seq 2 "$SOUP"); do  # the other soup members' records
+  make_stage "long-$i" 16 1024 2048 3000 $((i + 1)) "$DIGITS2" "$LOCAL" "$MAXKEY2" "$BOUNDARY"
+done
 
 arm_overrides() {
   case "$1" in
@@ -103,15 +108,24 @@ train_arm() {
     init="--init-from $dir"
   done
   local t1; t1=$(date +%s)
-  # shellcheck disable=SC2086
-  "$INF" train --recipe "$RECIPE" --data shards-long --run-dir "runs/$arm" --resume none $init \
-    $ov $EXTRA schedule.steps="$STEPS2" schedule.warmup=10 optim.lr="$LR" >> "train-$arm.log" 2>&1 ||
-    { echo "$arm: stage 2 failed: $WORK/train-$arm.log" >&2; return 1; }
+  local i members=() run data seeds
+  for i in $(seq 1 "$SOUP"); do  # SOUP=1: one stage 2 in runs/$arm; else members runs/$arm-2.i, averaged below
+    run="runs/$arm" data=shards-long seeds=""
+    [ "$SOUP" = 1 ] || run="runs/$arm-2.$i"
+    [ "$i" = 1 ] || { data="shards-long-$i"; seeds="run.seed=$((i - 1)) data.seed=$((i - 1))"; }
+    # shellcheck disable=SC2086
+    "$INF" train --recipe "$RECIPE" --data "$data" --run-dir "$run" --resume none $init \
+      $ov $EXTRA schedule.steps="$STEPS2" schedule.warmup=10 optim.lr="$LR" $seeds >> "train-$arm.log" 2>&1 ||
+      { echo "$arm: stage 2 failed: $WORK/train-$arm.log" >&2; return 1; }
+    members+=("$run")
+  done
+  [ "$SOUP" = 1 ] || "$INF" export "${members[@]}" --out "runs/$arm" --dtype fp32 --tokenizer tokenizer.json \
+    >> "train-$arm.log" 2>&1 || { echo "$arm: averaging failed: $WORK/train-$arm.log" >&2; return 1; }
   local t2; t2=$(date +%s)
   mkdir -p "$OUT/$arm"
-  printf '{"arm": "%s", "stage1_steps": [%s], "stage2_steps": %s, "stage1_seconds": %s, "stage2_seconds": %s, "threads": %s, "loss": "%s", "digits": %s, "digits2": %s, "memory": %s, "distract": %s, "local": %s, "maxkey2": %s, "boundary": %s, "lr": "%s", "extra": "%s"}\n' \
+  printf '{"arm": "%s", "stage1_steps": [%s], "stage2_steps": %s, "stage1_seconds": %s, "stage2_seconds": %s, "threads": %s, "loss": "%s", "digits": %s, "digits2": %s, "memory": %s, "distract": %s, "local": %s, "maxkey2": %s, "boundary": %s, "soup": %s, "lr": "%s", "extra": "%s"}\n' \
     "$arm" "$(echo $STEPS1 | tr ' ' ',')" "$STEPS2" $((t1 - t0)) $((t2 - t1)) "$THREADS" "$LOSS" "$DIGITS" "$DIGITS2" "$MEMORY" \
-    "$DISTRACT" "$LOCAL" "$MAXKEY2" "$BOUNDARY" "$LR" "$EXTRA" > "$OUT/$arm/train.json"
+    "$DISTRACT" "$LOCAL" "$MAXKEY2" "$BOUNDARY" "$SOUP" "$LR" "$EXTRA" > "$OUT/$arm/train.json"
   echo "$arm: trained in $((t2 - t0)) s (stage 1 $((t1 - t0)) s, stage 2 $((t2 - t1)) s)"
 }
 eval_arm() {
