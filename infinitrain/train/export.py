@@ -301,12 +301,7 @@ def _average(model, codec, manifest, provenance, others: list[Path], tokenizer: 
     sums = {k: v.detach().to(torch.float64) for k, v in model.state_dict().items()}
     sources = [provenance]
     for ckpt in others:
-        other, other_codec, _, prov = _load_verified(ckpt, tokenizer, log)
-        if other.config != model.config:
-            diff = [f.name for f in dataclasses.fields(model.config)
-                    if getattr(model.config, f.name) != getattr(other.config, f.name)]
-            raise ConfigError(f"{ckpt}: its model differs from {first}'s ({', '.join(diff)}); only checkpoints of "
-                              f"one model can be averaged")
+        other, other_codec, _, prov = _load_verified(ckpt, tokenizer, log)  # configs: _check_same_model
         if not _same_tokenizer(codec, other_codec):
             raise ConfigError(f"{ckpt}: its tokenizer differs from {first}'s; pass --tokenizer to ship one")
         state = other.state_dict()
