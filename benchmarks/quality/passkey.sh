@@ -5,13 +5,15 @@
 # memory_tau 4), tokenizer: the passkey text's words plus one token a digit. Curriculum: stage 1 on samples of
 # 64-256 tokens (2 segments), where the copy circuit forms, in one cosine cycle per number in STEPS1 (each cycle
 # starts from the last one's weights at the full learning rate); then stage 2 on samples of 1K-2K (16 segments)
-# whose keys are drawn like the eval's (MAXKEY2) and whose needle starts in the question's segment in LOCAL of them.
+# whose keys are drawn like the eval's (MAXKEY2) and whose needle starts in the question's segment in LOCAL of them,
+# MEMBERS times from the stage-1 model with other records and order; the member that finds the most keys in 2K
+# validation prompts is kept (COMBINE=best), or their weights are averaged (COMBINE=average).
 # In MEMORY of the samples the needle ends a segment before the question, so only the memory can carry the key;
 # in DISTRACT of the filler sentences another number replaces the colour, so the memory must store which number
 # followed "pass key", not just the digits it saw. Stage-1 keys have up to DIGITS digits (more copy targets per
-# sample); the eval uses the paper's 1..50000. The arms run one after another, each with the 2 cores (~17-20 min).
-#   bash benchmarks/quality/passkey.sh                         # all three arms, ~70 min with the evals
-#   ARMS=delta STEPS1=300 STEPS2=100 SAMPLES=4 bash benchmarks/quality/passkey.sh   # a quick look
+# sample); the eval uses the paper's 1..50000. The arms run one after another, each with the 2 cores (~28 min).
+#   bash benchmarks/quality/passkey.sh                         # all three arms, ~95 min with the evals
+#   ARMS=delta STEPS1=300 STEPS2=100 MEMBERS=1 SAMPLES=4 bash benchmarks/quality/passkey.sh   # a quick look
 # Writes benchmarks/quality/results/passkey/<arm>/{passkey.json,passkey.png,train.json} (and <arm>-no-memory/ for
 # the memory arms) and prints the tables.
 set -euo pipefail
@@ -39,8 +41,11 @@ MAXKEY2="${MAXKEY2:-50000}"         # > 0: stage-2 keys uniform in 1..MAXKEY2 (t
                                     # a uniform digit count teaches where a key ends (README, passkey)
 BOUNDARY="${BOUNDARY:-0}"           # fraction of stage-2 samples whose " The pass key is <key>" straddles a segment
                                     # boundary (the eval's depth 25% puts the key's first digit on one: README)
-SOUP="${SOUP:-1}"                   # stage 2 trained SOUP times from the stage-1 model (records drawn with seeds 2,
-                                    # 3, ..., run.seed/data.seed 0, 1, ...) and averaged (`infinitrain export A B ..`)
+MEMBERS="${MEMBERS:-3}"             # stage 2 trained MEMBERS times from the one stage-1 model (member i: records
+                                    # drawn with seed i+1, run.seed/data.seed i-1; member 1 is the single stage 2)
+COMBINE="${COMBINE:-best}"          # best: keep the member with the most keys found in 2K validation prompts (other
+                                    # keys than the eval's: --seed 1); average: their weights averaged (a soup)
+VAL_SAMPLES="${VAL_SAMPLES:-20}"    # validation prompts per depth at 2K (COMBINE=best)
 EXTRA="${EXTRA:-}"                  # more key=value overrides for both stages
 LENGTHS="${LENGTHS:-2k,8k,32k,128k}"
 DEPTHS="${DEPTHS:-0,25,50,75,100}"
@@ -81,7 +86,7 @@ make_stage() {  # make_stage NAME SEGMENTS MIN_LENGTH MAX_LENGTH COUNT SEED DIGI
 }
 make_stage short "$SHORT_SEGS" ${SHORT% *} ${SHORT#* } 40000 1 "$DIGITS" 0 0 0
 make_stage long 16 1024 2048 3000 2 "$DIGITS2" "$LOCAL" "$MAXKEY2" "$BOUNDARY"
-for i in $(seq 2 "$SOUP"); do  # the other soup members' records
+for i in $(seq 2 "$MEMBERS"); do  # the other stage-2 members' records
   make_stage "long-$i" 16 1024 2048 3000 $((i + 1)) "$DIGITS2" "$LOCAL" "$MAXKEY2" "$BOUNDARY"
 done
 
@@ -109,9 +114,9 @@ train_arm() {
   done
   local t1; t1=$(date +%s)
   local i members=() run data seeds
-  for i in $(seq 1 "$SOUP"); do  # SOUP=1: one stage 2 in runs/$arm; else members runs/$arm-2.i, averaged below
+  for i in $(seq 1 "$MEMBERS"); do  # MEMBERS=1: one stage 2 in runs/$arm; else runs/$arm-2.i, combined below
     run="runs/$arm" data=shards-long seeds=""
-    [ "$SOUP" = 1 ] || run="runs/$arm-2.$i"
+    [ "$MEMBERS" = 1 ] || run="runs/$arm-2.$i"
     [ "$i" = 1 ] || { data="shards-long-$i"; seeds="run.seed=$((i - 1)) data.seed=$((i - 1))"; }
     # shellcheck disable=SC2086
     "$INF" train --recipe "$RECIPE" --data "$data" --run-dir "$run" --resume none $init \
@@ -119,13 +124,30 @@ train_arm() {
       { echo "$arm: stage 2 failed: $WORK/train-$arm.log" >&2; return 1; }
     members+=("$run")
   done
-  [ "$SOUP" = 1 ] || "$INF" export "${members[@]}" --out "runs/$arm" --dtype fp32 --tokenizer tokenizer.json \
-    >> "train-$arm.log" 2>&1 || { echo "$arm: averaging failed: $WORK/train-$arm.log" >&2; return 1; }
+  local val="[]" chosen=0
+  if [ "$MEMBERS" != 1 ] && [ "$COMBINE" = best ]; then  # 2K prompts only: nothing longer than training is used
+    mkdir -p "$OUT/$arm/validation"
+    for i in $(seq 1 "$MEMBERS"); do
+      "$INF" eval passkey "runs/$arm-2.$i" --tokenizer tokenizer.json --lengths 2k --depths "$DEPTHS" --seed 1 \
+        --samples "$VAL_SAMPLES" --batch-size 10 --threads "$THREADS" --out "$WORK/val-$arm-$i" --no-progress \
+        >> "train-$arm.log" 2>&1 || { echo "$arm: validation failed: $WORK/train-$arm.log" >&2; return 1; }
+      cp "$WORK/val-$arm-$i/passkey.json" "$OUT/$arm/validation/member-$i.json"
+    done
+    read -r chosen val < <("$PY" -c "import json, sys
+acc = [json.load(open(f'$WORK/val-$arm-{i}/passkey.json'))['accuracy'] for i in range(1, $MEMBERS + 1)]
+print(acc.index(max(acc)) + 1, json.dumps(acc).replace(' ', ''))")  # ties: the first member
+    members=("runs/$arm-2.$chosen")
+    echo "$arm: stage-2 members' 2K validation accuracy $val: member $chosen kept"
+  elif [ "$MEMBERS" != 1 ] && [ "$COMBINE" != average ]; then
+    echo "COMBINE must be best or average, not $COMBINE" >&2; return 3
+  fi
+  [ "$MEMBERS" = 1 ] || "$INF" export "${members[@]}" --out "runs/$arm" --dtype fp32 --tokenizer tokenizer.json \
+    >> "train-$arm.log" 2>&1 || { echo "$arm: export of stage 2 failed: $WORK/train-$arm.log" >&2; return 1; }
   local t2; t2=$(date +%s)
   mkdir -p "$OUT/$arm"
-  printf '{"arm": "%s", "stage1_steps": [%s], "stage2_steps": %s, "stage1_seconds": %s, "stage2_seconds": %s, "threads": %s, "loss": "%s", "digits": %s, "digits2": %s, "memory": %s, "distract": %s, "local": %s, "maxkey2": %s, "boundary": %s, "soup": %s, "lr": "%s", "extra": "%s"}\n' \
+  printf '{"arm": "%s", "stage1_steps": [%s], "stage2_steps": %s, "stage1_seconds": %s, "stage2_seconds": %s, "threads": %s, "loss": "%s", "digits": %s, "digits2": %s, "memory": %s, "distract": %s, "local": %s, "maxkey2": %s, "boundary": %s, "members": %s, "combine": "%s", "val_accuracy": %s, "chosen": %s, "lr": "%s", "extra": "%s"}\n' \
     "$arm" "$(echo $STEPS1 | tr ' ' ',')" "$STEPS2" $((t1 - t0)) $((t2 - t1)) "$THREADS" "$LOSS" "$DIGITS" "$DIGITS2" "$MEMORY" \
-    "$DISTRACT" "$LOCAL" "$MAXKEY2" "$BOUNDARY" "$SOUP" "$LR" "$EXTRA" > "$OUT/$arm/train.json"
+    "$DISTRACT" "$LOCAL" "$MAXKEY2" "$BOUNDARY" "$MEMBERS" "$COMBINE" "$val" "$chosen" "$LR" "$EXTRA" > "$OUT/$arm/train.json"
   echo "$arm: trained in $((t2 - t0)) s (stage 1 $((t1 - t0)) s, stage 2 $((t2 - t1)) s)"
 }
 eval_arm() {
