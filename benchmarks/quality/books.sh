@@ -12,7 +12,7 @@ WORK="${WORK:-/tmp/infinitrain-quality/books}"
 OUT="${OUT:-$HERE/results/books}"
 STEPS="${STEPS:-9000}"
 SEG="${SEG:-32}"                    # segment length in tokens
-LEN="${LEN:-4096}"                  # training sample length in tokens (a multiple of SEG): 4096 gave 3.9%, 1024 2.7-3.0%
+LEN="${LEN:-4096}"                  # sample length in tokens (a multiple of SEG): 4096 gave 3.9/3.7%, 1024 3.0/2.7%
 BATCH="${BATCH:-$((8 * 1024 / LEN > 0 ? 8 * 1024 / LEN : 1))}"  # samples a step: 8K tokens a step at any LEN
 EXTRA="${EXTRA:-}"                  # more key=value overrides of the debug recipe
 THREADS="${THREADS:-1}"

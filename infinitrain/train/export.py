@@ -224,7 +224,8 @@ def export(path: str | os.PathLike | list | tuple, out: str | os.PathLike, *, st
     dtype = dtype or _run_precision(run_dir)
     model, codec, manifest, provenance = _load_verified(ckpt, tokenizer, log)
     if len(ckpts) > 1:
-        model, provenance = _average(model, codec, manifest, provenance, ckpts[1:], tokenizer, log)
+        sources = [provenance, *_add_weights(model, codec, ckpt, ckpts[1:], tokenizer, log)]
+        provenance = {"average_of": sources, "step": manifest["step"], "world_size": manifest["world_size"]}
     if codec is None:
         log("note: no tokenizer found beside the run or its data; the export has none (pass --tokenizer FILE|bytes)")
     tok = None if codec is None else "bytes" if codec.source == "bytes" else "tokenizer.json"
@@ -291,15 +292,15 @@ def _same_tokenizer(a, b) -> bool:
     return Path(a.source).read_bytes() == Path(b.source).read_bytes()
 
 
-def _average(model, codec, manifest, provenance, others: list[Path], tokenizer: str | None,
-             log: Callable[[str], None]):
-    """``model`` with every tensor of its state dict replaced by the mean over it and the ``others``' (in float64,
-    one extra model in memory at a time); the provenance: every checkpoint's, averaged."""
+def _add_weights(model, codec, first: Path, others: list[Path], tokenizer: str | None,
+                 log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Replace every tensor of ``model`` (loaded from ``first``) by its mean with the ``others``' (float64, one
+    extra model in memory at a time); returns the others' provenance."""
     import torch
 
-    first = Path(provenance["run_dir"]) / "checkpoints" / provenance["checkpoint"]
-    sums = {k: v.detach().to(torch.float64) for k, v in model.state_dict().items()}
-    sources = [provenance]
+    own = model.state_dict()
+    sums = {k: v.detach().to(torch.float64) for k, v in own.items()}
+    sources = []
     for ckpt in others:
         other, other_codec, _, prov = _load_verified(ckpt, tokenizer, log)  # configs: _check_same_model
         if not _same_tokenizer(codec, other_codec):
@@ -311,11 +312,11 @@ def _average(model, codec, manifest, provenance, others: list[Path], tokenizer: 
             sums[k] += v.detach().to(torch.float64)
         sources.append(prov)
         del other, state
-    n = len(sources)
+    n = len(others) + 1
     with torch.no_grad():
-        model.load_state_dict({k: (v / n).to(model.state_dict()[k].dtype) for k, v in sums.items()})
+        model.load_state_dict({k: (v / n).to(own[k].dtype) for k, v in sums.items()})
     log(f"averaged the weights of {n} checkpoints (float64 mean)")
-    return model, {"average_of": sources, "step": manifest["step"], "world_size": manifest["world_size"]}
+    return sources
 
 
 @click.command("export")
