@@ -21,6 +21,7 @@ CONFIGS = {
     "mod": dict(update="linear", n_kv_heads=2, mod_every=2, mod_capacity=0.25),
     "mod-delta": dict(update="delta", mod_every=1, mod_capacity=0.5),
     "tau": dict(update="delta", n_kv_heads=2, memory_tau=2.0, mod_every=2, mod_capacity=0.5),  # learned τ, MoD
+    "shift": dict(update="delta", n_kv_heads=2, memory_tau=2.0, token_shift=True),  # keys/values see the token before
 }
 
 
@@ -32,6 +33,9 @@ def build(name: str, seed: int = 0, **kw) -> InfiniLM:
             p.copy_(torch.linspace(-1.5, 1.5, p.numel()))
         for p in model.tau_parameters():  # and the memory temperatures, so each KV head has its own
             p.copy_(torch.linspace(-0.5, 1.5, p.numel()))
+        for n, p in model.named_parameters():  # and the token shift's mix (0 at init: no shift at all)
+            if n.endswith(("shift_k", "shift_v")):
+                p.copy_(torch.rand(p.shape, generator=torch.Generator().manual_seed(seed)))
     return model.eval()
 
 
@@ -63,6 +67,9 @@ def test_streaming_in_random_chunks_equals_one_call(name):
             for a, b in zip(state.layers, full.state.layers):
                 torch.testing.assert_close(a.mem.M, b.mem.M, atol=1e-5, rtol=1e-5)
                 torch.testing.assert_close(a.k, b.k, atol=1e-6, rtol=1e-6)
+                assert (a.last is None) == (b.last is None) == (name != "shift")
+                if a.last is not None:
+                    torch.testing.assert_close(a.last, b.last, atol=1e-5, rtol=1e-5)
     assert full.state.tokens_in_segment == 8
 
 
@@ -72,7 +79,7 @@ def run_layers(model: InfiniLM, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("name", ["linear", "delta", "gqa", "mod", "tau"])
+@pytest.mark.parametrize("name", ["linear", "delta", "gqa", "mod", "tau", "shift"])
 def test_causality_by_gradient_across_segments(name):
     model = build(name)
     T = 40  # segments of 16: positions 0-15, 16-31, 32-39
@@ -100,6 +107,47 @@ def test_memory_carries_information_across_segments():
         a, b = model(ids).logits, model(ids2).logits
     assert torch.equal(a[0, :5], b[0, :5])
     assert (a[0, 32:] - b[0, 32:]).abs().amax(-1).min() > 0  # every token of segment 3 sees it
+
+
+def test_token_shift_carries_the_previous_token_across_a_segment_boundary_and_nothing_more():
+    """With the gates closed (local attention only), a segment's first token still sees the token before it through
+    the shift, and only that token; without the shift it sees nothing of the earlier segment. ``--no-memory``
+    (memory_read_off) cuts the shift's carried token too: segment 2 is then as if it were the first."""
+    from infinitrain.evaluate.switches import memory_read_off
+
+    ids = torch.randint(0, 97, (1, 32), generator=torch.Generator().manual_seed(3))
+    for shift in (True, False):
+        model = build("shift" if shift else "delta", n_layers=1)
+        with torch.no_grad():
+            for p in model.gate_parameters():
+                p.fill_(-1e4)  # sigmoid = 0 exactly: the memory adds nothing
+        outs = {}
+        for t in (14, 15):  # change the second-to-last, then the last, token of segment 1
+            other = ids.clone()
+            other[0, t] = (ids[0, t] + 1) % 97
+            with torch.no_grad():
+                a, b = stream(model, ids, [16, 16])[0], stream(model, other, [16, 16])[0]
+                with memory_read_off(model):
+                    c, d = stream(model, ids, [16, 16])[0], stream(model, other, [16, 16])[0]
+            outs[t] = (a[0, 16:] - b[0, 16:]).abs().amax(-1)  # segment 2's logits
+            assert torch.equal(c[0, 16:], d[0, 16:])
+        assert torch.equal(outs[14], torch.zeros_like(outs[14]))  # only the previous token crosses
+        if shift:
+            assert outs[15][0] > 1e-4  # segment 2's first token sees segment 1's last
+            assert (outs[15][1:] > 0).all()  # and passes it on through local attention
+        else:
+            assert torch.equal(outs[15], torch.zeros_like(outs[15]))
+
+
+def test_token_shift_equals_its_naive_twin():
+    from infinitrain.ops.shift import token_shift, token_shift_naive
+
+    g = torch.Generator().manual_seed(4)
+    x, last = torch.randn(3, 9, 5, generator=g), torch.randn(3, 5, generator=g)
+    ds = torch.rand(3, 9, generator=g) < 0.3
+    for args in ((x,), (x, last), (x, last, ds), (x, None, ds)):
+        assert torch.equal(token_shift(*args), token_shift_naive(*args))
+    assert torch.equal(token_shift(x, last)[:, 0], last) and torch.equal(token_shift(x)[:, 1:], x[:, :-1])
 
 
 # --- Mixture-of-Depths ----------------------------------------------------------------------------
@@ -220,7 +268,7 @@ def test_debug_preset_runs_and_learns_a_step():
     dict(n_heads=5), dict(n_kv_heads=3), dict(activation="swigloo"), dict(update="delta2"), dict(pos_emb="alibi"),
     dict(dropout=1.0), dict(segment_len=0), dict(mod_capacity=0.0), dict(yarn_scale=2.0), dict(rope_pct=0.0),
     dict(memory_tau=0.0), dict(memory_tau=-1.0), dict(memory_tau=float("inf")), dict(memory_tau=True),
-    dict(gate_split=float("nan")),
+    dict(gate_split=float("nan")), dict(token_shift=1), dict(token_shift=True, mod_every=2),
 ])
 def test_config_validation(bad):
     with pytest.raises(ConfigError):
@@ -260,7 +308,7 @@ def test_all_nine_activations_differ():
 # --- packed documents -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["linear", "delta", "gqa", "mod"])
+@pytest.mark.parametrize("name", ["linear", "delta", "gqa", "mod", "shift"])
 def test_packed_documents_do_not_see_each_other(name):
     model = build(name)
     ids = torch.randint(0, 97, (2, 64), generator=torch.Generator().manual_seed(7))
@@ -278,7 +326,7 @@ def test_packed_documents_do_not_see_each_other(name):
     assert (a[0, :21] - b[0, :21]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("name", ["linear", "delta", "mod"])
+@pytest.mark.parametrize("name", ["linear", "delta", "mod", "shift"])
 def test_document_on_a_segment_boundary_equals_the_document_alone(name):
     model = build(name)
     ids = torch.randint(0, 97, (1, 64), generator=torch.Generator().manual_seed(8))

@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--depths", default="0,25,50,75,100")
     ap.add_argument("--factors", default="1,2,3")
     ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0, help="the eval's prompt seed (0: its own prompts; others: other keys)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -38,7 +39,7 @@ def main() -> None:
     base = [p.detach().clone() for p in taus]
     depths = tuple(float(d) / 100 for d in args.depths.split(","))
     cfg = PasskeyConfig(lengths=tuple(parse_lengths(args.lengths)), depths=depths, samples=args.samples,
-                        batch_size=10)
+                        seed=args.seed, batch_size=10)
     query_tau = memory_ops.query_tau
     print(f"depths (%): {args.depths}")
     try:

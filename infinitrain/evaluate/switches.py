@@ -8,7 +8,8 @@ segments. Forcing g = 0 instead would also change segment 0 (memory-specialist h
 pass their raw local attention), overstating the memory's contribution.
 
 How: a forward pre-hook on each ``InfiniAttention`` module replaces the memory (M, z) of the incoming state by
-zeros; the current segment's keys/values are kept. Nothing on the model is mutated and the hooks are removed on
+zeros (and, in a call that opens a segment, drops the token shift's carried token); the current segment's
+keys/values are kept. Nothing on the model is mutated and the hooks are removed on
 exit. The memory is also written inside a call, so each call must not run past a segment boundary
 (held tokens + new tokens <= S): ``generate`` with ``prefill_chunk = S`` and ``eval ppl`` call that way, and the
 hook raises otherwise rather than silently reading a non-empty memory.
@@ -34,7 +35,8 @@ def _empty_memory_hook(module: InfiniAttention, args: tuple, kwargs: dict):
     if state is None:
         return None
     empty = MemoryState(torch.zeros_like(state.mem.M), torch.zeros_like(state.mem.z))
-    state = AttnState(empty, state.k, state.v, state.keep)
+    # local attention only: nothing from an earlier segment, the token shift's carried token included
+    state = AttnState(empty, state.k, state.v, state.keep, last=state.last if held else None)
     if len(args) > 1:
         return (x, state, *args[2:]), kwargs
     return args, {**kwargs, "state": state}

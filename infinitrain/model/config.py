@@ -50,6 +50,11 @@ class ModelConfig:
     # the memory reads σ(τ·q) and writes σ(τ·k), τ a learned temperature per KV head (``log_tau``) initialised
     # here: a larger τ makes the ELU+1 kernel pick out matching keys. null: the paper's σ(q), σ(k), no parameter
     memory_tau: float | None = None
+    # the keys and values of every attention layer see the previous token too: k, v = W·lerp(x_t, x_{t-1}, μ), μ a
+    # learned mix per channel (``shift_k``, ``shift_v``) starting at 0 (= off). x_{t-1} crosses segment boundaries
+    # (the state carries it), so a segment's first token knows the token before it: what an induction key needs
+    # when a needle straddles a boundary. Not in the paper; false: no parameter, the paper's layer
+    token_shift: bool = False
     mod_every: int = 0  # 0: no Mixture-of-Depths; k: every k-th block is routed (k=2: every other block)
     mod_capacity: float = 0.125  # fraction of each segment a routed block processes in training
     init_std: float = 0.02
@@ -105,6 +110,11 @@ class ModelConfig:
                                                 and not isinstance(self.memory_tau, bool)
                                                 and math.isfinite(self.memory_tau) and self.memory_tau > 0):
             raise ConfigError(f"model.memory_tau must be null or a finite number > 0, got {self.memory_tau!r}")
+        if not isinstance(self.token_shift, bool):
+            raise ConfigError(f"model.token_shift must be true or false, got {self.token_shift!r}")
+        if self.token_shift and self.mod_every:
+            raise ConfigError("model.token_shift does not combine with Mixture-of-Depths (mod_every > 0): a routed "
+                              "block sees a subset of the tokens, so 'the previous token' is not defined there")
         if self.labels is not None:
             labels = tuple(self.labels) if isinstance(self.labels, (list, tuple)) else None
             if not labels or len(labels) < 2 or not all(isinstance(x, str) and x for x in labels) \

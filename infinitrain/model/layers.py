@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from infinitrain.model.config import ACTIVATIONS, ModelConfig
 from infinitrain.ops.memory import AttnState, infini_attention, infini_attention_stream
 from infinitrain.ops.rope import RotarySpec
+from infinitrain.ops.shift import token_shift
 
 
 class RMSNorm(nn.Module):
@@ -87,7 +88,7 @@ class InfiniAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *, segment_len: int,
                  update: str = "linear", rotary: RotarySpec | None = None, causal: bool = True,
                  gate_init: float | list[float] = 0.0, eps: float = 1e-6, bias: bool = False,
-                 value_dim: int | None = None, memory_tau: float | None = None):
+                 value_dim: int | None = None, memory_tau: float | None = None, shift: bool = False):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.value_dim = value_dim or head_dim
@@ -100,15 +101,22 @@ class InfiniAttention(nn.Module):
         self.betas = nn.Parameter(torch.tensor(gate_init, dtype=torch.float32).expand(n_heads).clone())
         # the memory's temperature τ = exp(log_tau), one per KV head (ModelConfig.memory_tau); None: τ = 1, the paper
         self.log_tau = None if memory_tau is None else nn.Parameter(torch.full((n_kv_heads,), math.log(memory_tau)))
+        # token shift (ModelConfig.token_shift): keys and values read lerp(x_t, x_{t-1}, μ), μ per channel from 0
+        self.shift_k = nn.Parameter(torch.zeros(d_model)) if shift else None
+        self.shift_v = nn.Parameter(torch.zeros(d_model)) if shift else None
 
     def tau(self) -> Tensor | None:
         return None if self.log_tau is None else self.log_tau.exp()
 
-    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def project(self, x: Tensor, prev: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, T, D) -> q, k, v; prev (B, T, D) the previous tokens (``token_shift``) when the layer shifts."""
         B, T, _ = x.shape
+        xk = xv = x
+        if self.shift_k is not None:
+            xk, xv = torch.lerp(x, prev, self.shift_k.to(x.dtype)), torch.lerp(x, prev, self.shift_v.to(x.dtype))
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, K)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, K)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.value_dim).transpose(1, 2)  # (B, G, T, V)
+        k = self.k_proj(xk).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, K)
+        v = self.v_proj(xv).view(B, T, self.n_kv_heads, self.value_dim).transpose(1, 2)  # (B, G, T, V)
         return q, k, v
 
     def merge(self, o: Tensor) -> Tensor:
@@ -118,10 +126,15 @@ class InfiniAttention(nn.Module):
     def forward(self, x: Tensor, state: AttnState | None = None, *, keep: Tensor | None = None,
                 doc_start: Tensor | None = None) -> tuple[Tensor, AttnState]:
         """Stream x (B, T, D) through the layer; segments count from the start of the stream."""
-        q, k, v = self.project(x)
+        prev = None
+        if self.shift_k is not None:
+            prev = token_shift(x, None if state is None else state.last, doc_start)
+        q, k, v = self.project(x, prev)
         o, state = infini_attention_stream(q, k, v, self.betas, state, segment_len=self.segment_len,
                                            update=self.update, causal=self.causal, rotary=self.rotary,
                                            keep=keep, doc_start=doc_start, eps=self.eps, tau=self.tau())
+        if self.shift_k is not None:
+            state = state._replace(last=x[:, -1])
         return self.merge(o), state
 
     def skip(self, x: Tensor, state: AttnState | None) -> AttnState:
@@ -157,7 +170,7 @@ class InfiniAttention(nn.Module):
 def attention_from_config(cfg: ModelConfig) -> InfiniAttention:
     return InfiniAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, segment_len=cfg.segment_len,
                            update=cfg.update, rotary=cfg.rotary(), gate_init=cfg.gate_init_per_head(),
-                           eps=cfg.memory_eps, memory_tau=cfg.memory_tau)
+                           eps=cfg.memory_eps, memory_tau=cfg.memory_tau, shift=cfg.token_shift)
 
 
 class Block(nn.Module):

@@ -66,6 +66,7 @@ _WEIGHT_MAP: tuple[tuple[str, str | None], ...] = (
     (r"layers\.(\d+)\.(?:block\.)?mlp\.(gate|up|down)_proj\.weight", r"model.layers.\1.mlp.\2_proj.weight"),
     (r"layers\.(\d+)\.(?:block\.)?attn\.betas", None),
     (r"layers\.(\d+)\.(?:block\.)?attn\.log_tau", None),
+    (r"layers\.(\d+)\.(?:block\.)?attn\.shift_[kv]", None),
     (r"layers\.(\d+)\.router\.weight", None),
 )
 
@@ -257,6 +258,8 @@ def _fresh(ours: str, shape: torch.Size, cfg: ModelConfig, dtype: torch.dtype, d
         return torch.tensor(cfg.gate_init_per_head(), dtype=dtype, device=device).expand(shape).clone()
     if ours.endswith("log_tau"):
         return torch.full(shape, math.log(cfg.memory_tau), dtype=dtype, device=device)
+    if ours.endswith(("shift_k", "shift_v")):
+        return torch.zeros(shape, dtype=dtype, device=device)  # token shift off at the start: Llama's own layer
     return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, cfg.init_std)  # router
 
 

@@ -23,7 +23,8 @@ from infinitrain.ops.memory import AttnState
 
 
 class ModelState(NamedTuple):
-    """Per-layer streaming state: each layer's memory (M, z) and the keys/values of the unfinished segment."""
+    """Per-layer streaming state: each layer's memory (M, z), the keys/values of the unfinished segment and (with
+    ``token_shift``) the layer's last input token."""
 
     layers: tuple[AttnState, ...]
 
@@ -31,7 +32,8 @@ class ModelState(NamedTuple):
         """Cut the gradient at a truncated-BPTT window boundary (the values are kept)."""
         return ModelState(tuple(AttnState(
             type(s.mem)(s.mem.M.detach(), s.mem.z.detach()), s.k.detach(), s.v.detach(),
-            None if s.keep is None else s.keep) for s in self.layers))
+            None if s.keep is None else s.keep, last=None if s.last is None else s.last.detach())
+            for s in self.layers))
 
     @property
     def tokens_in_segment(self) -> int:

@@ -57,6 +57,7 @@ class AttnState(NamedTuple):
     keep: Tensor | None  # (B, P) bool, for Mixture-of-Depths routing; None when every token is kept
     k_rot: Tensor | None = None  # (B, G, P, K) the same keys rotated (a cache; None: rotate k when needed)
     buffer: SegmentBuffer | None = None  # what k, v, k_rot are views of, when grown in place (no autograd)
+    last: Tensor | None = None  # (B, D) the layer's last input token, for ``ModelConfig.token_shift`` (else None)
 
 
 def zero_memory(batch: int, kv_heads: int, key_dim: int, value_dim: int, device=None,
@@ -518,7 +519,7 @@ def infini_attention_stream(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, state
     G, Vd, S = k.shape[1], v.shape[-1], segment_len
     if state is None:
         state = zero_attn_state(B, G, K, Vd, k.dtype, q.device)
-    mem, kc, vc, keepc, krc, buffer = state
+    mem, kc, vc, keepc, krc, buffer = state[:6]
     if doc_start is not None and (kc.shape[2] or T % S):
         raise ValueError("doc_start needs a segment-aligned call: whole segments and no unfinished segment "
                          f"in the state (got {T} tokens, {kc.shape[2]} held, segment {S})")
