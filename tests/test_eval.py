@@ -197,3 +197,42 @@ def test_eval_passkey_as_a_real_subprocess(kit, tmp_path):
                           "--no-progress"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "passkey accuracy" in out.stdout and (tmp_path / "passkey.json").is_file()
+
+
+def test_memory_tau_scale_reads_and_writes_the_memory_at_f_times_tau(kit, tmp_path, capsys):
+    """--memory-tau-scale F: every layer equals the naive Infini-attention run with τ·F (the read σ(Fτq) and the
+    write σ(Fτk)); `eval passkey` records F and answers like the scaled model; a model without τ refuses F != 1."""
+    from infinitrain.evaluate.loading import load_for_inference
+    from infinitrain.ops.memory import infini_attention_naive
+
+    root, tok, _, codec = kit
+    make_model(tmp_path / "tau", tok, memory_tau=2.0, update="delta")
+    plain, _ = load_for_inference(tmp_path / "tau")
+    scaled, _ = load_for_inference(tmp_path / "tau", memory_tau_scale=1.5)
+    x = torch.randn(2, 48, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for lp, ls in zip(plain.layers, scaled.layers):
+            a = ls.attn
+            q, k, v = a.project(x)
+            ref, mem = infini_attention_naive(q, k, v, a.betas, segment_len=16, update="delta", rotary=a.rotary,
+                                              eps=a.eps, tau=1.5 * lp.attn.tau())
+            out, state = a(x)
+            torch.testing.assert_close(out, a.merge(ref), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(state.mem.M, mem.M, rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(out, lp.attn(x)[0], atol=1e-4)
+
+    cfg = pk.PasskeyConfig(lengths=(128,), depths=(0.0, 1.0), samples=2)
+    want = pk.run_passkey(scaled, codec, cfg, progress=False)
+    code, stdout, err = run_main(["eval", "passkey", str(tmp_path / "tau"), "--lengths", "128", "--depths", "0,100",
+                                  "--samples", "2", "--out", str(tmp_path / "ev"), "--memory-tau-scale", "1.5",
+                                  "--no-progress"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "ev" / "passkey.json").read_text())
+    assert report["memory_tau_scale"] == 1.5 and "memory τ x1.5" in err and "τ x1.5" in stdout
+    assert [r["output"] for r in report["records"]] == [r["output"] for r in want.records]
+    for argv, message in ((["--memory-tau-scale", "2"], f"{root / 'model'}: --memory-tau-scale needs memory "
+                                                         "temperatures"),  # the kit's model has no τ
+                          (["--memory-tau-scale", "-1"], "--memory-tau-scale must be a finite number > 0")):
+        code, stdout, err = run_main(["eval", "passkey", str(root / "model"), "--lengths", "128", *argv], capsys)
+        assert code == 3 and message in err and stdout == "", err
+        assert err.strip().splitlines()[-1].startswith("error:") and "Traceback" not in err

@@ -28,12 +28,14 @@ IDS = torch.randint(0, 256, (2, 100), generator=torch.Generator().manual_seed(0)
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    """Two optimizer steps of the debug recipe (segment 32), ZeRO-3, fp32, committed at steps 1 and 2."""
+    """Two optimizer steps of the debug recipe (segment 32, memory temperatures), ZeRO-3, fp32, committed at steps
+    1 and 2."""
     from infinitrain.train import load_recipe, train
 
     d = tmp_path_factory.mktemp("run")
     cfg = load_recipe("debug", [*SMALL, "schedule.steps=2", "schedule.warmup=1", "checkpoint.save_every=1",
-                                "checkpoint.keep_last=0", "log.tensorboard=false"], str(TEXT))
+                                "checkpoint.keep_last=0", "log.tensorboard=false", "model.memory_tau=2.0"],
+                      str(TEXT))
     assert cfg.run.zero_stage == 3 and cfg.run.precision == "fp32"
     train(cfg, d, "none")
     return d
@@ -208,3 +210,23 @@ def test_export_averages_checkpoints_weight_by_weight(run, tmp_path, capsys):
         assert code == code_ and msg in err and stdout == "" and err.strip().count("\n") == 0, err
         assert "Traceback" not in err and not (tmp_path / "bad").exists()
     assert "rope_theta" in run_main(["export", str(run), str(other), "--out", str(tmp_path / "bad")], capsys)[2]
+
+
+def test_export_with_a_memory_tau_scale_equals_the_run_read_with_it(run, tmp_path, capsys):
+    """`export --memory-tau-scale F` bakes log τ + log F into the weights: the export's logits equal the run's
+    loaded with the same scale, and differ from the run's own; a bad factor is refused before anything is read."""
+    code, _, err = run_main(["export", str(run), "--out", str(tmp_path / "x2"), "--memory-tau-scale", "2"], capsys)
+    assert code == 0, err
+    exported = InfiniLM.from_pretrained(tmp_path / "x2")
+    scaled, _ = load_for_inference(run, memory_tau_scale=2.0)
+    plain, _ = load_for_inference(run)
+    torch.testing.assert_close(logits(exported), logits(scaled), rtol=0, atol=0)
+    assert (logits(exported) - logits(plain)).abs().max() > 1e-4
+    for a, b in zip(exported.tau_parameters(), plain.tau_parameters()):
+        torch.testing.assert_close(a.exp(), 2.0 * b.exp(), rtol=1e-6, atol=0)
+    meta = json.loads((tmp_path / "x2" / "config.json").read_text())["exported_from"]
+    assert meta["memory_tau_scale"] == 2.0 and meta["step"] == 2
+    code, stdout, err = run_main(["export", str(run), "--out", str(tmp_path / "bad"), "--memory-tau-scale", "0"],
+                                 capsys)
+    assert code == ConfigError.code and "--memory-tau-scale must be a finite number > 0" in err and stdout == ""
+    assert err.strip().count("\n") == 0 and not (tmp_path / "bad").exists()

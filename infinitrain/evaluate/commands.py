@@ -13,6 +13,10 @@ _device = click.option("--device", default="cpu", show_default=True, help="Torch
 _dtype = click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
                       help="Cast the weights [default: as stored].")
 _progress = click.option("--progress/--no-progress", default=True, show_default=True, help="tqdm bars on stderr.")
+_tau_scale = click.option("--memory-tau-scale", type=float, default=1.0, show_default=True,
+                          help="Multiply every memory temperature τ by this: a sharper memory read for contexts far "
+                          "longer than training (choose it on validation prompts, e.g. `eval passkey --seed 1`). "
+                          "Needs a model trained with model.memory_tau.")
 _threads = click.option("--threads", type=click.IntRange(min=1), default=None,
                         help="torch CPU threads [default: torch's]; on a busy machine 1 can be much faster.")
 
@@ -25,7 +29,7 @@ def _split_options(outputs: str, batch_size: int):
                click.option("--batch-size", type=int, default=batch_size, show_default=True,
                             help="Documents streamed side by side."),
                click.option("--max-documents", type=int, default=None, help="Stop after this many documents."),
-               _device, _dtype, _progress, _threads]
+               _device, _dtype, _tau_scale, _progress, _threads]
 
     def apply(f):
         for option in reversed(options):
@@ -36,7 +40,7 @@ def _split_options(outputs: str, batch_size: int):
 
 
 def _load(model: str, tokenizer: str | None, device: str, dtype: str | None, threads: int | None,
-          need_tokenizer: bool = True, classifier: bool = False):
+          need_tokenizer: bool = True, classifier: bool = False, memory_tau_scale: float = 1.0):
     import torch
 
     from infinitrain.errors import ConfigError
@@ -46,12 +50,12 @@ def _load(model: str, tokenizer: str | None, device: str, dtype: str | None, thr
         torch.set_num_threads(threads)
 
     m, codec = load_for_inference(model, tokenizer=tokenizer, device=device, dtype=dtype,
-                                  need_tokenizer=need_tokenizer)
+                                  need_tokenizer=need_tokenizer, memory_tau_scale=memory_tau_scale)
     if (m.config.labels is not None) != classifier:
         raise ConfigError(f"{model}: a classifier (labels {', '.join(m.config.labels)}) predicts classes, not tokens: "
                           f"use `infinitrain eval classify`" if m.config.labels else
                           f"{model}: a language model has no class head (train with task: classification)")
-    click.echo(describe(m, codec), err=True)
+    click.echo(describe(m, codec, memory_tau_scale), err=True)
     return m, codec
 
 
@@ -95,10 +99,11 @@ def _read_prompts(prompts: tuple[str, ...], files: tuple[str, ...], per_line: bo
 @_tokenizer
 @_device
 @_dtype
+@_tau_scale
 @_progress
 @_threads
 def generate_cmd(model, prompts, prompt_files, per_line, max_new_tokens, temperature, top_k, top_p, seed, num_samples,
-                 stream, tokenizer, device, dtype, progress, threads) -> None:
+                 stream, tokenizer, device, dtype, memory_tau_scale, progress, threads) -> None:
     """Continue prompts with MODEL at constant memory (segment-wise prefill with the memory carried).
 
     MODEL is an export directory, a run directory (its newest committed checkpoint) or a checkpoint directory.
@@ -108,7 +113,7 @@ def generate_cmd(model, prompts, prompt_files, per_line, max_new_tokens, tempera
     from infinitrain.generate import Sampling
 
     texts = _read_prompts(prompts, prompt_files, per_line)
-    m, codec = _load(model, tokenizer, device, dtype, threads)
+    m, codec = _load(model, tokenizer, device, dtype, threads, memory_tau_scale=memory_tau_scale)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         eos_id=codec.eos_id)
     result = generate_text(m, codec, texts, sampling, num_samples=num_samples, seed=seed,
@@ -133,15 +138,16 @@ def eval_group() -> None:
 @_model
 @click.option("--data", required=True, help="Prepared classification shards (`prepare --format classification`).")
 @_split_options("classify.json", batch_size=8)
-def classify_cmd(model, data, split, no_memory, out_dir, batch_size, max_documents, device, dtype, progress,
-                 threads) -> None:
+def classify_cmd(model, data, split, no_memory, out_dir, batch_size, max_documents, device, dtype, memory_tau_scale,
+                 progress, threads) -> None:
     """Accuracy, macro-F1 and the confusion matrix of a classifier (task: classification), each document streamed
     through the memory one segment at a time (table on stdout, JSON in --out)."""
     from infinitrain.evaluate import classify as cl
 
     cfg = cl.ClassifyConfig(data=data, split=split, memory=not no_memory, batch_size=batch_size,
                             max_documents=max_documents)
-    m, _ = _load(model, None, device, dtype, threads, need_tokenizer=False, classifier=True)
+    m, _ = _load(model, None, device, dtype, threads, need_tokenizer=False, classifier=True,
+                 memory_tau_scale=memory_tau_scale)
     report = cl.run_classify(m, cfg, model_name=model, progress=progress)
     click.echo(cl.format_table(report))
     click.echo(f"wrote {cl.write_outputs(report, out_dir)}", err=True)
@@ -161,18 +167,20 @@ def classify_cmd(model, data, split, no_memory, out_dir, batch_size, max_documen
 @_tokenizer
 @_device
 @_dtype
+@_tau_scale
 @_progress
 @_threads
 def passkey_cmd(model, lengths, depths, samples, out_dir, no_memory, seed, max_new_tokens, batch_size, tokenizer,
-                device, dtype, progress, threads) -> None:
+                device, dtype, memory_tau_scale, progress, threads) -> None:
     """Passkey retrieval accuracy per (length, depth): a table on stdout, JSON and a heatmap PNG in --out."""
     from infinitrain.evaluate import passkey as pk
 
     cfg = pk.PasskeyConfig(lengths=tuple(pk.parse_lengths(lengths)), depths=tuple(pk.parse_depths(depths)),
                            samples=samples, seed=seed, max_new_tokens=max_new_tokens, memory=not no_memory,
                            batch_size=batch_size)
-    m, codec = _load(model, tokenizer, device, dtype, threads)
+    m, codec = _load(model, tokenizer, device, dtype, threads, memory_tau_scale=memory_tau_scale)
     report = pk.run_passkey(m, codec, cfg, model_name=model, progress=progress)
+    report.memory_tau_scale = memory_tau_scale
     click.echo(pk.format_table(report))
     _wrote(*pk.write_outputs(report, out_dir))
 
@@ -181,14 +189,14 @@ def passkey_cmd(model, lengths, depths, samples, out_dir, no_memory, seed, max_n
 @_model
 @click.option("--data", required=True, help="Prepared shards folder (`infinitrain prepare`).")
 @_split_options("ppl.json and ppl.png", batch_size=4)
-def ppl_cmd(model, data, split, no_memory, out_dir, batch_size, max_documents, device, dtype, progress,
-            threads) -> None:
+def ppl_cmd(model, data, split, no_memory, out_dir, batch_size, max_documents, device, dtype, memory_tau_scale,
+            progress, threads) -> None:
     """Loss and perplexity per segment index over whole documents, every segment (table, JSON, PNG)."""
     from infinitrain.evaluate import ppl
 
     cfg = ppl.PplConfig(data=data, split=split, memory=not no_memory, batch_size=batch_size,
                         max_documents=max_documents)
-    m, _ = _load(model, None, device, dtype, threads, need_tokenizer=False)
+    m, _ = _load(model, None, device, dtype, threads, need_tokenizer=False, memory_tau_scale=memory_tau_scale)
     report = ppl.run_ppl(m, cfg, model_name=model, progress=progress)
     click.echo(ppl.format_table(report))
     _wrote(*ppl.write_outputs(report, out_dir))
@@ -212,10 +220,11 @@ def ppl_cmd(model, data, split, no_memory, out_dir, batch_size, max_documents, d
 @_tokenizer
 @_device
 @_dtype
+@_tau_scale
 @_progress
 @_threads
 def summarize_cmd(model, data, document_field, summary_field, separator, max_new_tokens, temperature, top_p, top_k,
-                  seed, batch_size, max_records, out_dir, tokenizer, device, dtype, progress, threads) -> None:
+                  seed, batch_size, max_records, out_dir, tokenizer, device, dtype, memory_tau_scale, progress, threads) -> None:
     """ROUGE-1/2/L of generated summaries (the paper's decoding: temperature 0.5, top-p 0.95, 1024 tokens)."""
     from infinitrain.evaluate import summarize as sm
 
@@ -223,7 +232,7 @@ def summarize_cmd(model, data, document_field, summary_field, separator, max_new
                              separator=separator, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                              top_k=top_k, seed=seed, batch_size=batch_size, max_records=max_records)
     sm.rouge_scorer()  # fail before loading the model when rouge-score is missing
-    m, codec = _load(model, tokenizer, device, dtype, threads)
+    m, codec = _load(model, tokenizer, device, dtype, threads, memory_tau_scale=memory_tau_scale)
     report = sm.run_summarize(m, codec, cfg, model_name=model, progress=progress)
     click.echo(sm.format_table(report))
     click.echo(f"wrote {sm.write_outputs(report, out_dir)}", err=True)

@@ -25,7 +25,7 @@ import torch
 
 from infinitrain.errors import CheckpointError, ConfigError
 from infinitrain.model.config import ModelConfig
-from infinitrain.model.lm import InfiniLM
+from infinitrain.model.lm import InfiniLM, scale_memory_tau
 
 
 class _Encoding:
@@ -74,9 +74,10 @@ class Codec:
 
 def load_for_inference(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
                        device: str | torch.device = "cpu", dtype: str | None = None, need_tokenizer: bool = True,
-                       ) -> tuple[InfiniLM, Codec | None]:
+                       memory_tau_scale: float = 1.0) -> tuple[InfiniLM, Codec | None]:
     """The model (eval mode) and its codec for MODEL = export dir, run dir or checkpoint dir (module docstring).
-    With ``need_tokenizer=False`` a missing tokenizer gives ``None`` instead of an error (``eval ppl``)."""
+    With ``need_tokenizer=False`` a missing tokenizer gives ``None`` instead of an error (``eval ppl``).
+    ``memory_tau_scale``: every memory temperature multiplied by it (``scale_memory_tau``)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such model directory")
@@ -100,6 +101,7 @@ def load_for_inference(path: str | os.PathLike, *, tokenizer: str | os.PathLike 
         model = model.to(device)
         codec = _codec(tokenizer, [run_dir, ckpt], data_path=(raw.get("data") or {}).get("path"),
                        required=need_tokenizer)
+    scale_memory_tau(model, memory_tau_scale, where=str(p))
     if codec is None:
         return model.eval(), None
     vocab = codec.tokenizer.get_vocab_size(with_added_tokens=True)
@@ -239,9 +241,10 @@ def _model_from_checkpoint(ckpt: Path, config: ModelConfig) -> InfiniLM:
     return model
 
 
-def describe(model: InfiniLM, codec: Codec | None) -> str:
-    """One line about what was loaded (for stderr)."""
+def describe(model: InfiniLM, codec: Codec | None, memory_tau_scale: float = 1.0) -> str:
+    """One line about what was loaded (for stderr); ``memory_tau_scale`` as given to ``load_for_inference``."""
     c = model.config
     n = sum(p.numel() for p in model.parameters())
+    tau = f", memory τ x{memory_tau_scale:g}" if memory_tau_scale != 1 else ""
     return (f"model: {n / 1e6:.2f} M params, {c.n_layers} layers, d {c.d_model}, segment {c.segment_len}, "
-            f"{c.update} memory; tokenizer: {codec.source if codec else 'none'}")
+            f"{c.update} memory{tau}; tokenizer: {codec.source if codec else 'none'}")

@@ -86,6 +86,7 @@ class PasskeyReport:
     accuracy: float = 0.0
     seconds: float = 0.0
     schema: int = 1
+    memory_tau_scale: float = 1.0  # every memory temperature was multiplied by this at load (--memory-tau-scale)
 
     def accuracy_grid(self) -> list[list[float]]:
         """[depth][length] accuracies, in the config's order."""
@@ -149,6 +150,8 @@ def format_table(report: PasskeyReport) -> str:
     means = [sum(col) / len(col) for col in zip(*grid)]
     lines.append(f"{'mean':>14s}" + "".join(f"{100 * v:>8.1f}" for v in means))
     mem = "on" if report.config["memory"] else "OFF"
+    if report.memory_tau_scale != 1:
+        mem += f", τ x{report.memory_tau_scale:g}"
     lines.append(f"passkey accuracy {100 * report.accuracy:.1f}% over {len(report.records)} prompts "
                  f"({report.config['samples']} per cell, memory {mem}) in {report.seconds:.1f} s")
     return "\n".join(lines)

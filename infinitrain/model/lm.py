@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from infinitrain.errors import ConfigError
 from infinitrain.model.config import ModelConfig
 from infinitrain.model.layers import Block, MoDBlock, RMSNorm
 from infinitrain.ops.memory import AttnState
@@ -153,3 +154,28 @@ class InfiniLM(nn.Module):
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             eos_id=eos_id)
         return generate(self, prompts, sampling, generator=generator, **callbacks)
+
+
+def check_memory_tau_scale(factor: float) -> float:
+    """``factor`` if it is a valid ``--memory-tau-scale`` (a finite number > 0), else a one-line ConfigError."""
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
+        raise ConfigError(f"--memory-tau-scale must be a finite number > 0, got {factor!r}")
+    return factor
+
+
+def scale_memory_tau(model: InfiniLM, factor: float, where: str = "model") -> InfiniLM:
+    """Multiply every memory temperature τ by ``factor``, in place (log τ += log factor): the memory then reads
+    σ(f·τ·q) and writes σ(f·τ·k). A sharper read for a context many times longer than the training samples, where
+    more segments share the memory (``--memory-tau-scale``; choose it on validation prompts, as
+    benchmarks/quality/passkey.sh does). factor 1 leaves the model untouched; a model without temperatures
+    (``model.memory_tau`` null) accepts only 1. ``where`` names the model in the one-line error."""
+    if check_memory_tau_scale(factor) == 1:
+        return model
+    taus = model.tau_parameters()
+    if not taus:
+        raise ConfigError(f"{where}: --memory-tau-scale needs memory temperatures (model.memory_tau), this model "
+                          "has none")
+    with torch.no_grad():
+        for p in taus:
+            p.add_(math.log(factor))
+    return model

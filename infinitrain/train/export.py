@@ -186,17 +186,20 @@ def _run_precision(run_dir: Path) -> str:
 
 def export(path: str | os.PathLike | list | tuple, out: str | os.PathLike, *, step: int | None = None,
            dtype: str | None = None, max_shard_size: str | int = "5GB", tokenizer: str | None = None,
-           force: bool = False, log: Callable[[str], None] = lambda s: None) -> ExportResult:
+           force: bool = False, memory_tau_scale: float = 1.0,
+           log: Callable[[str], None] = lambda s: None) -> ExportResult:
     """Export the newest (or step ``step``) committed checkpoint of a run directory, or the checkpoint
     directory ``path``, to the model directory ``out``. ``dtype`` None: the run's training precision.
     ``path`` a list of several: their weights averaged (the configs and tokenizers must agree; ``step`` applies
-    to each run directory; ``dtype`` None: the first run's precision)."""
+    to each run directory; ``dtype`` None: the first run's precision). ``memory_tau_scale``: every memory
+    temperature of the export multiplied by it (``scale_memory_tau``; recorded in ``exported_from``)."""
     from infinitrain.model.io import (
         CONFIG_NAME,
         INDEX_NAME,
         WEIGHTS_NAME,
         save_pretrained,
     )
+    from infinitrain.model.lm import check_memory_tau_scale, scale_memory_tau
 
     t0 = time.time()
     paths = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
@@ -209,6 +212,7 @@ def export(path: str | os.PathLike | list | tuple, out: str | os.PathLike, *, st
         os.environ["DS_ACCELERATOR"] = "cpu"  # as the trainer does: spares DeepSpeed's "Setting accelerator" warning
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    check_memory_tau_scale(memory_tau_scale)  # before any checkpoint is read
     shard_bytes = parse_size(max_shard_size)
     ckpts = [find_checkpoint(p, step) for p in paths]
     if len({c.resolve() for c in ckpts}) != len(ckpts):
@@ -226,6 +230,9 @@ def export(path: str | os.PathLike | list | tuple, out: str | os.PathLike, *, st
     if len(ckpts) > 1:
         sources = [provenance, *_add_weights(model, codec, ckpt, ckpts[1:], tokenizer, log)]
         provenance = {"average_of": sources, "step": manifest["step"], "world_size": manifest["world_size"]}
+    if memory_tau_scale != 1:
+        scale_memory_tau(model, memory_tau_scale, where=str(ckpt))
+        provenance = {**provenance, "memory_tau_scale": memory_tau_scale}
     if codec is None:
         log("note: no tokenizer found beside the run or its data; the export has none (pass --tokenizer FILE|bytes)")
     tok = None if codec is None else "bytes" if codec.source == "bytes" else "tokenizer.json"
@@ -331,13 +338,15 @@ def _add_weights(model, codec, first: Path, others: list[Path], tokenizer: str |
 @click.option("--tokenizer", default=None,
               help="tokenizer.json to ship, or 'bytes' [default: the run's, or the one beside its data].")
 @click.option("--force", is_flag=True, help="Replace an existing --out (atomically).")
+@click.option("--memory-tau-scale", type=float, default=1.0, show_default=True,
+              help="Multiply every memory temperature τ of the export by this (as `eval --memory-tau-scale`).")
 def export_cmd(run_dirs: tuple[str, ...], out: str, step: int | None, dtype: str | None, max_shard_size: str,
-               tokenizer: str | None, force: bool) -> None:
+               tokenizer: str | None, force: bool, memory_tau_scale: float) -> None:
     """Export a run's committed checkpoint (RUN_DIR, or RUN_DIR/checkpoints/step-N) as safetensors +
     config.json + tokenizer.json, loadable with InfiniLM.from_pretrained and `infinitrain generate`.
     Several RUN_DIRs (runs or checkpoints of one model): their weights averaged into one model."""
     res = export(list(run_dirs), out, step=step, dtype=dtype, max_shard_size=max_shard_size, tokenizer=tokenizer,
-                 force=force, log=lambda s: click.echo(s, err=True))
+                 force=force, memory_tau_scale=memory_tau_scale, log=lambda s: click.echo(s, err=True))
     what = (f"step {res.step} of {res.checkpoint.parent.parent}" if len(res.sources) == 1 else
             f"the average of {len(res.sources)} checkpoints (" +
             ", ".join(f"{c.parent.parent.name}/{c.name}" for c in res.sources) + ")")
