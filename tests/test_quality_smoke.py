@@ -206,6 +206,8 @@ def test_passkey_summary_adds_the_no_memory_control_of_each_memory_arm(tmp_path,
                                                                          (k32, 1.0): 0.9, (k2, 1.0): 0.3})),
             ("linear-no-memory", "passkey-no-memory.json", _passkey_report([k2, k32], {(k32, 1.0): 0.8})),
             ("off", "passkey.json", _passkey_report([k2, k32, k128], {}))]:
+        if folder == "linear":
+            report["memory_tau_scale"] = 1.5  # as passkey.sh's calibration chose it
         (tmp_path / folder).mkdir()
         (tmp_path / folder / name).write_text(json.dumps(report))
     (tmp_path / "linear" / "train.json").write_text(json.dumps({"stage1_seconds": 100, "stage2_seconds": 20}))
@@ -216,7 +218,9 @@ def test_passkey_summary_adds_the_no_memory_control_of_each_memory_arm(tmp_path,
     assert (linear["min_accuracy_at_32k"], linear["train_seconds"]) == (0.4, 120)
     assert linear["no_memory"]["min_accuracy_at_32k"] == 0.0 and len(linear["no_memory"]["cells"]) == 6
     assert "no_memory" not in summary["arms"]["off"] and "delta" not in summary["arms"]
+    assert linear["memory_tau_scale"] == 1.5 and summary["arms"]["off"]["memory_tau_scale"] == 1.0
     out = capsys.readouterr().out.splitlines()
+    assert "(train 120 s, eval 12 s, memory τ x1.5)" in "\n".join(out)
     # columns 2K 32K 128K; the control was not run at 128K: '-'
     assert " linear no-mem   100%       0      80       -" in out
     assert "        linear   100%      30      90       0" in out

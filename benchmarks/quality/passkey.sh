@@ -48,6 +48,11 @@ COMBINE="${COMBINE:-best}"          # best: keep the member with the most keys f
                                     # keys than the eval's: --seed 1); average: their weights averaged (a soup)
 VAL_SAMPLES="${VAL_SAMPLES:-20}"    # validation prompts per depth at 2K (COMBINE=best)
 EXTRA="${EXTRA:-}"                  # more key=value overrides for both stages
+TAU_SCALES="${TAU_SCALES-1 1.5 2}"  # memory temperature factors tried at inference (eval --memory-tau-scale): the
+                                    # eval uses the one that finds the most keys in validation prompts (eval passkey
+                                    # --seed 1: other keys) at CAL_LENGTHS, ties to the first; empty or "1": none
+CAL_LENGTHS="${CAL_LENGTHS:-8k,32k}"
+CAL_SAMPLES="${CAL_SAMPLES:-30}"    # validation prompts per (length, depth)
 case "$COMBINE" in best|average) ;; *) echo "COMBINE must be best or average, not $COMBINE" >&2; exit 3 ;; esac
 LENGTHS="${LENGTHS:-2k,8k,32k,128k}"
 DEPTHS="${DEPTHS:-0,25,50,75,100}"
@@ -150,12 +155,38 @@ print(acc.index(max(acc)) + 1, json.dumps(acc).replace(' ', ''))")  # ties: the 
     "$DISTRACT" "$LOCAL" "$MAXKEY2" "$BOUNDARY" "$MEMBERS" "$COMBINE" "$val" "$chosen" "$LR" "$EXTRA" > "$OUT/$arm/train.json"
   echo "$arm: trained in $((t2 - t0)) s (stage 1 $((t1 - t0)) s, stage 2 $((t2 - t1)) s)"
 }
+calibrate_arm() {  # calibrate_arm ARM: the memory temperature factor the eval uses -> stdout (validation JSONs in
+  local arm=$1      # OUT/ARM/calibration/); the memory-off arm and TAU_SCALES of one factor use 1 (nothing run)
+  local scales; scales=$(echo $TAU_SCALES)
+  if [ "$arm" = off ] || [ -z "$scales" ] || [ "$scales" = 1 ]; then echo 1; return 0; fi
+  mkdir -p "$OUT/$arm/calibration"
+  for f in $scales; do
+    "$INF" eval passkey "runs/$arm" --tokenizer tokenizer.json --lengths "$CAL_LENGTHS" --depths "$DEPTHS" --seed 1 \
+      --samples "$CAL_SAMPLES" --batch-size 10 --threads "$THREADS" --memory-tau-scale "$f" \
+      --out "$WORK/cal-$arm-$f" --no-progress >> "train-$arm.log" 2>&1 ||
+      { echo "$arm: calibration at tau x$f failed: $WORK/train-$arm.log" >&2; return 1; }
+    cp "$WORK/cal-$arm-$f/passkey.json" "$OUT/$arm/calibration/tau-$f.json"
+  done
+  "$PY" - "$OUT/$arm/calibration" $scales <<'PY'
+import json, sys
+folder, scales = sys.argv[1], sys.argv[2:]
+found = {f: sum(c["correct"] for c in json.load(open(f"{folder}/tau-{f}.json"))["cells"]) for f in scales}
+chosen = max(scales, key=lambda f: (found[f], -scales.index(f)))  # the most keys; ties: the first listed
+total = sum(c["total"] for c in json.load(open(f"{folder}/tau-{chosen}.json"))["cells"])
+json.dump({"found": found, "of": total, "chosen": float(chosen), "seed": 1}, open(f"{folder}/summary.json", "w"))
+print(chosen)
+print(f"keys found in validation prompts by tau factor: " + ", ".join(f"x{f} {n}" for f, n in found.items())
+      + f" of {total}: x{chosen} chosen", file=sys.stderr)
+PY
+}
 eval_arm() {
+  local tau; tau=$(calibrate_arm "$1" 2> >(sed "s/^/$1: /" >&2)) || return 1
   "$INF" eval passkey "runs/$1" --tokenizer tokenizer.json --lengths "$LENGTHS" --depths "$DEPTHS" \
-    --samples "$SAMPLES" --batch-size 10 --threads "$THREADS" --out "$OUT/$1" --no-progress
+    --samples "$SAMPLES" --batch-size 10 --threads "$THREADS" --memory-tau-scale "$tau" --out "$OUT/$1" --no-progress
   [ "$1" = off ] || [ -z "$NO_MEMORY_LENGTHS" ] ||
     "$INF" eval passkey "runs/$1" --tokenizer tokenizer.json --lengths "$NO_MEMORY_LENGTHS" --depths "$DEPTHS" \
-      --samples "$SAMPLES" --batch-size 10 --threads "$THREADS" --out "$OUT/$1-no-memory" --no-memory --no-progress
+      --samples "$SAMPLES" --batch-size 10 --threads "$THREADS" --memory-tau-scale "$tau" --out "$OUT/$1-no-memory" \
+      --no-memory --no-progress
 }
 
 running=0

@@ -1,5 +1,6 @@
 """Print one passkey table for all arms of passkey.sh (rows: arm x needle depth, columns: context length) from
-each arm's `infinitrain eval passkey` JSON, with the training wall times, and save it as summary.json. A memory
+each arm's `infinitrain eval passkey` JSON, with the training wall times and the memory temperature factor the eval
+used, and save it as summary.json. A memory
 arm's ``<arm>-no-memory`` folder (the same model evaluated with ``--no-memory``) adds rows ``<arm> no-mem``."""
 
 from __future__ import annotations
@@ -53,8 +54,11 @@ def main() -> None:
         summary["arms"][arm] = {"cells": report["cells"], "samples_per_cell": report["config"]["samples"],
                                 "min_accuracy_at_32k": worst, "train": train, "train_seconds": seconds,
                                 "eval_seconds": report["seconds"]}
+        tau = report.get("memory_tau_scale", 1.0)  # eval --memory-tau-scale (passkey.sh: chosen on validation)
+        summary["arms"][arm]["memory_tau_scale"] = tau
         lines += arm_lines
-        lines.append(f"{'':>14s} {'(train ' + str(seconds) + ' s, eval ' + str(round(report['seconds'])) + ' s)'}")
+        lines.append(f"{'':>14s} (train {seconds} s, eval {round(report['seconds'])} s"
+                     + (f", memory τ x{tau:g}" if tau != 1 else "") + ")")
         control = no_memory(out, arm)
         if control is not None:
             control_lines, control_worst = rows(f"{arm} no-mem", control, lengths)
