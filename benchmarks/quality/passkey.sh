@@ -9,6 +9,8 @@
 # MEMBERS > 1 trains stage 2 that many times from the stage-1 model with other records and order, then keeps the
 # member that finds the most keys in 2K validation prompts (COMBINE=best) or averages their weights (COMBINE=average);
 # neither beat the single stage 2 at 32K (results/passkey-soup/), so MEMBERS is 1.
+# After training, each memory arm's memory temperature factor (eval --memory-tau-scale) is chosen from TAU_SCALES on
+# validation prompts with other keys (eval passkey --seed 1 at CAL_LENGTHS) and the evals use it.
 # In MEMORY of the samples the needle ends a segment before the question, so only the memory can carry the key;
 # in DISTRACT of the filler sentences another number replaces the colour, so the memory must store which number
 # followed "pass key", not just the digits it saw. Stage-1 keys have up to DIGITS digits (more copy targets per
@@ -16,7 +18,7 @@
 #   bash benchmarks/quality/passkey.sh                         # all three arms, ~70 min with the evals
 #   ARMS=delta STEPS1=300 STEPS2=100 SAMPLES=4 bash benchmarks/quality/passkey.sh   # a quick look
 # Writes benchmarks/quality/results/passkey/<arm>/{passkey.json,passkey.png,train.json} (and <arm>-no-memory/ for
-# the memory arms) and prints the tables.
+# the memory arms; OUT/ARM/calibration/ the validation runs) and prints the tables.
 set -euo pipefail
 PARALLEL="${PARALLEL:-1}"           # arms trained side by side, THREADS threads each
 THREADS="${THREADS:-$((2 / PARALLEL > 0 ? 2 / PARALLEL : 1))}"
