@@ -172,9 +172,10 @@ calibrate_arm() {  # calibrate_arm ARM: the memory temperature factor the eval u
   "$PY" - "$OUT/$arm/calibration" $scales <<'PY'
 import json, sys
 folder, scales = sys.argv[1], sys.argv[2:]
-found = {f: sum(c["correct"] for c in json.load(open(f"{folder}/tau-{f}.json"))["cells"]) for f in scales}
+cells = {f: json.load(open(f"{folder}/tau-{f}.json"))["cells"] for f in scales}
+found = {f: sum(c["correct"] for c in cells[f]) for f in scales}
 chosen = max(scales, key=lambda f: (found[f], -scales.index(f)))  # the most keys; ties: the first listed
-total = sum(c["total"] for c in json.load(open(f"{folder}/tau-{chosen}.json"))["cells"])
+total = sum(c["total"] for c in cells[chosen])
 json.dump({"found": found, "of": total, "chosen": float(chosen), "seed": 1}, open(f"{folder}/summary.json", "w"))
 print(chosen)
 print(f"keys found in validation prompts by tau factor: " + ", ".join(f"x{f} {n}" for f, n in found.items())

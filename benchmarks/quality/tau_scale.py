@@ -11,13 +11,13 @@ prompts are `infinitrain eval passkey`'s (same seeds), so factor 1 reproduces it
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 
 import infinitrain.ops.memory as memory_ops
 from infinitrain.evaluate.loading import load_for_inference
 from infinitrain.evaluate.passkey import PasskeyConfig, parse_lengths, run_passkey
+from infinitrain.model.lm import scale_memory_tau
 
 
 def main() -> None:
@@ -48,7 +48,9 @@ def main() -> None:
             f = float(spec.lstrip("q"))
             with torch.no_grad():
                 for p, b in zip(taus, base):
-                    p.copy_(b if query_only else b + math.log(f))
+                    p.copy_(b)
+            if not query_only:
+                scale_memory_tau(model, f)  # what `eval --memory-tau-scale f` does
             memory_ops.query_tau = ((lambda tau, heads, f=f: query_tau(tau, heads) * f) if query_only
                                     else query_tau)
             grid = {(c["length"], c["depth"]): c["accuracy"] for c in run_passkey(model, codec, cfg,

@@ -224,7 +224,8 @@ def ppl_cmd(model, data, split, no_memory, out_dir, batch_size, max_documents, d
 @_progress
 @_threads
 def summarize_cmd(model, data, document_field, summary_field, separator, max_new_tokens, temperature, top_p, top_k,
-                  seed, batch_size, max_records, out_dir, tokenizer, device, dtype, memory_tau_scale, progress, threads) -> None:
+                  seed, batch_size, max_records, out_dir, tokenizer, device, dtype, memory_tau_scale, progress,
+                  threads) -> None:
     """ROUGE-1/2/L of generated summaries (the paper's decoding: temperature 0.5, top-p 0.95, 1024 tokens)."""
     from infinitrain.evaluate import summarize as sm
 
