@@ -1,0 +1,167 @@
+"""MEGALODON's complex exponential moving average (CEMA, arXiv 2404.08801 §3.1) as pure functions: a chunked-scan
+fast path beside a naive twin that runs the recurrence one token at a time.
+
+    h_t = α e^{iθ} ⊙ β x_t + (1 − α⊙δ) e^{iθ} ⊙ h_{t−1},    y_t = Re(ηᵀ h_t),    θ_{j,k} = 2πk/E · ω_j
+
+with α = σ(alpha), δ = σ(delta), ω = σ(omega) (the paper's parameterisation: decay and damping in (0, 1), the
+base angle ω_j in (0, 1) per channel, wavelets k = 1..E), β the real expansion, η the complex projection.
+The official code (XuezheMax/megalodon) puts no phase on the input term and has no β (β·η fold into one
+parameter there); this is the paper's equation, which spans the same family of filters.
+
+Fast path (``cema``): no loop over tokens. Tokens are cut into blocks of C; inside a block the output is a causal
+convolution with the real kernel K_j[τ] = Re Σ_k η p q^τ (one C×C Toeplitz matmul per channel); every block's
+own end state is one matmul with q^{C−1−s}; the states entering the blocks come from a log-depth scan over
+blocks (powers q^C, q^{2C}, ..., never inverse powers, so it is stable); their contribution to the outputs is
+Re Σ_k η q^{τ+1} H. Document starts (``doc_start``) clear the state for their row exactly as the naive twin.
+
+Shape legend: B batch, T tokens, D channels (model dim), E EMA dims per channel (the paper's h), N blocks,
+C block length. The state h is (B, D, E) complex; math runs in complex64 for bf16/fp32 and complex128 for fp64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from infinitrain.ops.memory import document_masks
+
+DEFAULT_BLOCK = 64
+
+
+def _real_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _complex_dtype(x: Tensor) -> torch.dtype:
+    return torch.complex128 if _real_dtype(x) == torch.float64 else torch.complex64
+
+
+def cema_coefficients(alpha: Tensor, delta: Tensor, omega: Tensor, beta: Tensor, eta: Tensor,
+                      dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
+    """Raw parameters -> (p, log q, η) complex (D, E): p = α e^{iθ} β multiplies x_t, q = (1 − αδ) e^{iθ} the state.
+
+    alpha, delta, beta (D, E) and omega (D,) real; eta (D, E, 2) the real and imaginary parts of η."""
+    D, E = alpha.shape
+    a, d = torch.sigmoid(alpha.to(dtype)), torch.sigmoid(delta.to(dtype))
+    k = torch.arange(1, E + 1, dtype=dtype, device=alpha.device)
+    theta = (2 * math.pi / E) * k * torch.sigmoid(omega.to(dtype))[:, None]  # (D, E)
+    ab = a * beta.to(dtype)  # may be negative: not torch.polar, whose gradient assumes a modulus >= 0
+    p = torch.complex(ab * torch.cos(theta), ab * torch.sin(theta))
+    log_q = torch.complex(torch.log1p(-(a * d)), theta)  # |q| = 1 − αδ in (0, 1)
+    return p, log_q, torch.view_as_complex(eta.to(dtype).contiguous())
+
+
+def zero_cema_state(batch: int, channels: int, dims: int, dtype: torch.dtype, device=None) -> Tensor:
+    return torch.zeros(batch, channels, dims, dtype=torch.complex128 if dtype == torch.float64 else torch.complex64,
+                       device=device)
+
+
+def _block_scan(S: Tensor, a: Tensor, live: Tensor) -> Tensor:
+    """Inclusive scan S_n ← a·live_n·S_{n−1} + S_n over dim 2 of S (B, D, M, E), a (D, E) complex, live (B, M)
+    real (0 where a document starts inside block n), in log2(M) steps of doubling windows (Hillis-Steele)."""
+    M = S.shape[2]
+    o, ao, L = 1, a, live
+    while o < M:
+        carry = (ao[None, :, None] * L[:, None, o:, None]) * S[:, :, :-o]
+        S = torch.cat((S[:, :, :o], S[:, :, o:] + carry), 2)
+        L = torch.cat((L[:, :o], L[:, o:] * L[:, :-o]), 1)  # product of live over the window now summed
+        ao, o = ao * ao, o * 2
+    return S
+
+
+def _toeplitz(kern: Tensor) -> Tensor:
+    """Causal Toeplitz (D, C, C) [t, s] = kern[t − s] for s <= t, else 0; kern (D, C)."""
+    C = kern.shape[-1]
+    i = torch.arange(C, device=kern.device)
+    lag = i[:, None] - i[None, :]
+    return kern[:, lag.clamp(min=0)] * (lag >= 0).to(kern.dtype)
+
+
+def _cema_blocks(x: Tensor, p: Tensor, log_q: Tensor, eta: Tensor, h0: Tensor, C: int,
+                 doc_start: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``cema`` on T = N·C tokens: x (B, T, D) real, p/log_q/eta (D, E) complex, h0 (B, D, E) -> (y (B, T, D), h)."""
+    B, T, D = x.shape
+    N = T // C
+    xb = x.transpose(1, 2).reshape(B, D, N, C)  # (B, D, N, C)
+    qpow = torch.exp(log_q[..., None] * torch.arange(C + 1, dtype=x.dtype, device=x.device))  # (D, E, C+1): q^τ
+    toe = _toeplitz(((eta * p)[..., None] * qpow[..., :C]).sum(1).real)  # (D, C, C): Re Σ_k η p q^{t−s}
+    y = xb @ toe.transpose(-1, -2)  # (B, D, N, C) the in-block convolution
+    reads = writes = None
+    live = torch.ones(B, N, dtype=x.dtype, device=x.device)
+    if doc_start is not None:
+        doc, reads, writes, reset = document_masks(doc_start, C)
+        live = (~reset).to(x.dtype)
+        y = _mask_blocks_with_starts(y, xb, toe, doc.view(B, N, C), doc_start.view(B, N, C))
+        writes = writes.view(B, 1, N, C).to(x.dtype)
+    xw = xb if writes is None else xb * writes  # a block's end state holds only its last document
+    own = xw.to(p.dtype) @ (p[..., None] * qpow[..., :C].flip(-1)).transpose(-1, -2)  # (B, D, N, E)
+    S = _block_scan(torch.cat((h0[:, :, None], own), 2), qpow[..., C],
+                    torch.cat((torch.ones(B, 1, dtype=x.dtype, device=x.device), live), 1))
+    before, final = S[:, :, :N], S[:, :, N]  # the state entering each block, and the state after the last
+    carry = (before @ (eta[..., None] * qpow[..., 1:])).real  # (B, D, N, C): Re Σ_k η q^{τ+1} H_{n−1}
+    if reads is not None:
+        carry = carry * reads.view(B, 1, N, C).to(x.dtype)  # a token of a document begun in its block reads none
+    return (y + carry).reshape(B, D, T).transpose(1, 2), final
+
+
+def _mask_blocks_with_starts(y: Tensor, xb: Tensor, toe: Tensor, doc: Tensor, starts: Tensor) -> Tensor:
+    """Recompute the in-block convolution of the few blocks where a document starts after their first token, with
+    the Toeplitz masked to same-document pairs. y, xb (B, D, N, C); doc, starts (B, N, C)."""
+    bi, ni = starts[..., 1:].any(-1).nonzero(as_tuple=True)
+    if not len(bi):
+        return y
+    d = doc[bi, ni]  # (R, C)
+    same = (d[:, :, None] == d[:, None, :]).to(toe.dtype)  # (R, C, C)
+    xs = xb[bi, :, ni]  # (R, D, C)
+    ys = ((toe[None] * same[:, None]) @ xs[..., None]).squeeze(-1)  # (R, D, C)
+    return y.transpose(1, 2).index_put((bi, ni), ys).transpose(1, 2)
+
+
+def cema(x: Tensor, alpha: Tensor, delta: Tensor, omega: Tensor, beta: Tensor, eta: Tensor, h0: Tensor | None = None,
+         *, doc_start: Tensor | None = None, block: int = DEFAULT_BLOCK) -> tuple[Tensor, Tensor]:
+    """CEMA over x (B, T, D) from the carried state h0 (B, D, E) complex (None: zeros) -> (y (B, T, D), h_T).
+
+    doc_start (B, T) bool: a document starts at that token, so the state is cleared for its row just before it.
+    y has x's dtype; h is complex (see the module docstring). Any split of the tokens over calls, carrying h,
+    gives the same outputs: the blocks are an implementation detail."""
+    B, T, D = x.shape
+    E = alpha.shape[-1]
+    rdt = _real_dtype(x)
+    if h0 is None:
+        h0 = zero_cema_state(B, D, E, rdt, x.device)
+    if T == 0:
+        return x, h0
+    p, log_q, eta_c = cema_coefficients(alpha, delta, omega, beta, eta, rdt)
+    xf, h, outs, i = x.to(rdt), h0.to(p.dtype), [], 0
+    for C in (min(block, T), T % min(block, T)):  # whole blocks, then the remainder as one shorter block
+        n = (T - i) // C * C if C else 0
+        if n:
+            ds = None if doc_start is None else doc_start[:, i:i + n]
+            o, h = _cema_blocks(xf[:, i:i + n], p, log_q, eta_c, h, C, ds)
+            outs.append(o)
+            i += n
+    return torch.cat(outs, 1).to(x.dtype), h
+
+
+def cema_naive(x: Tensor, alpha: Tensor, delta: Tensor, omega: Tensor, beta: Tensor, eta: Tensor,
+               h0: Tensor | None = None, *, doc_start: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Reference for ``cema`` (same signature, no block size): the paper's recurrence, one token at a time."""
+    B, T, D = x.shape
+    E = alpha.shape[-1]
+    rdt = _real_dtype(x)
+    a, d = torch.sigmoid(alpha.to(rdt)), torch.sigmoid(delta.to(rdt))
+    theta = 2 * math.pi * torch.arange(1, E + 1, dtype=rdt) / E * torch.sigmoid(omega.to(rdt))[:, None]
+    rot = torch.complex(torch.cos(theta), torch.sin(theta))  # cos θ + i sin θ
+    eta_c = torch.complex(eta[..., 0].to(rdt), eta[..., 1].to(rdt))
+    h = zero_cema_state(B, D, E, rdt, x.device) if h0 is None else h0
+    ys = []
+    for t in range(T):
+        if doc_start is not None:
+            h = h * (~doc_start[:, t]).to(rdt)[:, None, None]  # a new document forgets the old one
+        u = beta.to(rdt) * x[:, t, :, None].to(rdt)  # (B, D, E): u_t = β x_t
+        h = a * rot * u + (1 - a * d) * rot * h
+        ys.append((eta_c * h).sum(-1).real)  # y_t = Re(ηᵀ h_t)
+    y = torch.stack(ys, 1) if ys else x.new_zeros(B, 0, D)
+    return y.to(x.dtype), h
