@@ -7,7 +7,7 @@ Reproduce (about 5 minutes on 2 loaded CPU cores; ``--quick`` is a smoke run):
 Two implementations, the same weights and dims:
 
 * ``infini``: a tiny InfiniLM (default d 256, 2 layers, 4 heads x 64, FFN 512, vocab 256, segment 512) is
-  prefilled with C-1 random tokens streamed one segment at a time through ``infinitrain.generate.prefill`` (the
+  prefilled with C-1 random tokens streamed one segment at a time through ``infinitrain.infer.generate.prefill`` (the
   prompt never exists as a whole, only the state is kept), then ``generate(..., state=)`` decodes
   ``--decode-tokens`` tokens greedily (default one segment: every in-segment position and one compression into
   the memory are in the median); a token's latency is the time between two ``on_tokens`` callbacks. All C are
@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from infinitrain.generate import Sampling, generate, prefill
+from infinitrain.infer.generate import Sampling, generate, prefill
 from infinitrain.model import InfiniLM, ModelConfig
 from infinitrain.ops.memory import _expand_kv
 from infinitrain.ops.rope import rope_angles, rotate

@@ -25,11 +25,12 @@ def presets_cmd() -> None:
 
 # --- command registration (each module owns its commands; keep these lines sorted) ---------------
 from infinitrain.data_tools.commands import data_group, prepare_cmd, tokenizer_group  # noqa: E402
-from infinitrain.evaluate.commands import eval_group, generate_cmd  # noqa: E402
+from infinitrain.evaluate.commands import eval_group  # noqa: E402
+from infinitrain.export import export_cmd  # noqa: E402
+from infinitrain.infer.commands import generate_cmd  # noqa: E402
+from infinitrain.plan import plan_cmd  # noqa: E402
+from infinitrain.recipes.commands import recipes_group  # noqa: E402
 from infinitrain.train.commands import train_cmd  # noqa: E402
-from infinitrain.train.export import export_cmd  # noqa: E402
-from infinitrain.train.plan import plan_cmd  # noqa: E402
-from infinitrain.train.recipes_cmd import recipes_group  # noqa: E402
 
 cli.add_command(data_group)
 cli.add_command(eval_group)

@@ -202,7 +202,7 @@ def test_eval_passkey_as_a_real_subprocess(kit, tmp_path):
 def test_memory_tau_scale_reads_and_writes_the_memory_at_f_times_tau(kit, tmp_path, capsys):
     """--memory-tau-scale F: every layer equals the naive Infini-attention run with τ·F (the read σ(Fτq) and the
     write σ(Fτk)); `eval passkey` records F and answers like the scaled model; a model without τ refuses F != 1."""
-    from infinitrain.evaluate.loading import load_for_inference
+    from infinitrain.infer.loading import load_for_inference
     from infinitrain.ops.memory import infini_attention_naive
 
     root, tok, _, codec = kit

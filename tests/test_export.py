@@ -19,9 +19,9 @@ from safetensors import safe_open
 from trainkit import REPO, SMALL, TEXT
 
 from infinitrain.errors import CheckpointError, ConfigError
-from infinitrain.evaluate.loading import load_for_inference
+from infinitrain.infer.loading import load_for_inference
 from infinitrain.model import InfiniLM
-from infinitrain.train.export import export, parse_size
+from infinitrain.export import export, parse_size
 
 IDS = torch.randint(0, 256, (2, 100), generator=torch.Generator().manual_seed(0))
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from infinitrain.errors import ConfigError
-from infinitrain.generate import Sampling, filter_logits, generate, sample_next
+from infinitrain.infer.generate import Sampling, filter_logits, generate, sample_next
 from infinitrain.model import InfiniLM, ModelConfig
 
 BASE = dict(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, segment_len=8)

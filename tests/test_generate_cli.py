@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from evalkit import codec_of, make_model, make_tokenizer, run_main, tiny_config
 
 from infinitrain.cli import cli
-from infinitrain.evaluate.loading import Codec, load_for_inference
-from infinitrain.generate import Sampling, TextStream, advance, generate, prefill
+from infinitrain.infer.loading import Codec, load_for_inference
+from infinitrain.infer.generate import Sampling, TextStream, advance, generate, prefill
 from infinitrain.model import InfiniLM
 
 

@@ -16,12 +16,12 @@ import torch
 from click.testing import CliRunner
 
 from infinitrain.errors import CheckpointError, ConfigError
-from infinitrain.evaluate.loading import checkpoint_state_dict
+from infinitrain.infer.loading import checkpoint_state_dict
 from infinitrain.model.io import save_pretrained
 from infinitrain.model.lm import InfiniLM
 from infinitrain.train.checkpoint import committed
 from infinitrain.train.config import load_recipe
-from infinitrain.train.export import export
+from infinitrain.export import export
 from infinitrain.train.init_from import REPORT_NAME, report_for
 
 REPO = Path(__file__).resolve().parent.parent

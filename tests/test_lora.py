@@ -102,12 +102,12 @@ def _params(model_or_state) -> dict[str, torch.Tensor]:
 def test_lora_under_zero3_trains_only_adapters_and_gates_and_exports_merged(tmp_path):
     """The real trainer (ZeRO-3, 1 rank): the loss falls, the base weights stay bitwise equal to a plain run's
     initialisation, and the export (merged) gives the unmerged model's logits."""
-    from infinitrain.evaluate.loading import _gathered_state_dict
+    from infinitrain.infer.loading import _gathered_state_dict
     from infinitrain.train import train
     from infinitrain.train.checkpoint import committed
     from infinitrain.train.config import load_recipe
     from infinitrain.train.engine import build_model
-    from infinitrain.train.export import export
+    from infinitrain.export import export
 
     small = ["data.segments_per_sample=4", "data.micro_batch_size=4", "data.val_samples=4", "log.every=1",
              "log.progress=false", "tbptt.window=2", "model.segment_len=32", "run.zero_stage=3", "optim.lr=1e-2",
@@ -143,7 +143,7 @@ def _rows(run_dir: Path) -> list[dict]:
 
 
 def test_frozen_parameters_stay_bitwise_unchanged_zero3(tmp_path):
-    from infinitrain.evaluate.loading import checkpoint_state_dict
+    from infinitrain.infer.loading import checkpoint_state_dict
     from infinitrain.train import train
     from infinitrain.train.checkpoint import committed
     from infinitrain.train.config import load_recipe

@@ -17,7 +17,7 @@ from infinitrain.errors import ConfigError
 from infinitrain.model.config import ModelConfig, get_preset
 from infinitrain.model.layers import Block, MoDBlock
 from infinitrain.train.config import load_recipe
-from infinitrain.train.plan import (
+from infinitrain.plan import (
     GB,
     activation_bytes,
     layer_bytes_per_token,
@@ -236,7 +236,7 @@ def test_readme_plan_outputs_are_current(capsys):
 def test_every_shipped_recipe_plans(path):
     """Each stage of each shipped recipe gives a table on 8 GPUs, its model states 16Ψ/N bytes at ZeRO-3."""
     from infinitrain.train.config import load_yaml, recipe_stages
-    from infinitrain.train.plan import format_plan
+    from infinitrain.plan import format_plan
 
     for stage in list(recipe_stages(load_yaml(path), str(path))) or [None]:
         cfg = load_recipe(str(path), stage=stage)

@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from infinitrain.model import (
+from infinitrain.compat import (
     CompressiveMemory,
     InfiniTransformer,
     MoDInfiniTransformer,
     RoPEEmbeddings,
     YaRNEmbeddings,
+    seed_betas_to_scalar,
 )
-from infinitrain.model.seed import seed_betas_to_scalar
 
 SEG = 64  # the README uses 2048; two segments of 64 keep the examples fast
 SEQ = 2 * SEG
@@ -459,3 +459,10 @@ def test_mod_eval_state_carries_across_calls():
     second = mod(x[:, 11:], first[3], return_state=True)
     torch.testing.assert_close(torch.cat((first[0], second[0]), 1), whole[0], rtol=0, atol=1e-6)
     # (select_target is top-C of the tokens each call sees: not streamable, and routing never reads it)
+
+
+def test_seed_blocks_live_in_compat_only():
+    import infinitrain.model
+
+    for name in ("CompressiveMemory", "InfiniTransformer", "MoDInfiniTransformer", "RoPEEmbeddings", "YaRNEmbeddings"):
+        assert not hasattr(infinitrain.model, name), name

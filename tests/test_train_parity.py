@@ -20,7 +20,8 @@ import torch
 
 from infinitrain.train.config import TrainConfig
 from infinitrain.train.data import Batch
-from infinitrain.train.step import token_loss_sum
+
+from naive_loss import token_loss_sum
 
 N, S, B, ACCUM = 4, 8, 2, 2
 AUX = 0.5

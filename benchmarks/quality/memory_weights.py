@@ -16,7 +16,7 @@ import torch
 
 from infinitrain.data_tools.passkey import needle, passkey_records
 from infinitrain.evaluate.passkey import parse_lengths
-from infinitrain.evaluate.loading import load_for_inference
+from infinitrain.infer.loading import load_for_inference
 from infinitrain.ops.memory import query_tau, sigma
 
 

@@ -17,9 +17,9 @@ import random
 import torch
 
 from infinitrain.data_tools.passkey import FILLER, QUESTION, TASK, build_context, needle
-from infinitrain.evaluate.loading import load_for_inference
+from infinitrain.infer.loading import load_for_inference
 from infinitrain.evaluate.passkey import first_integer
-from infinitrain.generate import Sampling, generate
+from infinitrain.infer.generate import Sampling, generate
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import argparse
 import torch
 
 import infinitrain.ops.memory as memory_ops
-from infinitrain.evaluate.loading import load_for_inference
+from infinitrain.infer.loading import load_for_inference
 from infinitrain.evaluate.passkey import PasskeyConfig, parse_lengths, run_passkey
 from infinitrain.model.lm import scale_memory_tau
 

@@ -1,24 +1,10 @@
-"""`infinitrain generate` and `infinitrain eval passkey|ppl|summarize|classify`: parse, call one library function, report."""
+"""`infinitrain eval passkey|ppl|summarize|classify`: parse, call one library function, report."""
 
 from __future__ import annotations
 
-import sys
-
 import click
 
-_model = click.argument("model", metavar="MODEL")
-_tokenizer = click.option("--tokenizer", default=None, help="tokenizer.json to use, or 'bytes' for byte-level runs "
-                          "[default: the one found with MODEL].")
-_device = click.option("--device", default="cpu", show_default=True, help="Torch device.")
-_dtype = click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
-                      help="Cast the weights [default: as stored].")
-_progress = click.option("--progress/--no-progress", default=True, show_default=True, help="tqdm bars on stderr.")
-_tau_scale = click.option("--memory-tau-scale", type=float, default=1.0, show_default=True,
-                          help="Multiply every memory temperature τ by this: a sharper memory read for contexts far "
-                          "longer than training (choose it on validation prompts, e.g. `eval passkey --seed 1`). "
-                          "Needs a model trained with model.memory_tau.")
-_threads = click.option("--threads", type=click.IntRange(min=1), default=None,
-                        help="torch CPU threads [default: torch's]; on a busy machine 1 can be much faster.")
+from infinitrain.infer.commands import _device, _dtype, _load, _model, _progress, _tau_scale, _threads, _tokenizer
 
 
 def _split_options(outputs: str, batch_size: int):
@@ -39,26 +25,6 @@ def _split_options(outputs: str, batch_size: int):
     return apply
 
 
-def _load(model: str, tokenizer: str | None, device: str, dtype: str | None, threads: int | None,
-          need_tokenizer: bool = True, classifier: bool = False, memory_tau_scale: float = 1.0):
-    import torch
-
-    from infinitrain.errors import ConfigError
-    from infinitrain.evaluate.loading import describe, load_for_inference
-
-    if threads is not None:
-        torch.set_num_threads(threads)
-
-    m, codec = load_for_inference(model, tokenizer=tokenizer, device=device, dtype=dtype,
-                                  need_tokenizer=need_tokenizer, memory_tau_scale=memory_tau_scale)
-    if (m.config.labels is not None) != classifier:
-        raise ConfigError(f"{model}: a classifier (labels {', '.join(m.config.labels)}) predicts classes, not tokens: "
-                          f"use `infinitrain eval classify`" if m.config.labels else
-                          f"{model}: a language model has no class head (train with task: classification)")
-    click.echo(describe(m, codec, memory_tau_scale), err=True)
-    return m, codec
-
-
 def _wrote(json_path, png) -> None:
     """Where the results went (stderr); a one-line note when the PNG could not be drawn."""
     from infinitrain.evaluate.plots import MISSING
@@ -66,67 +32,6 @@ def _wrote(json_path, png) -> None:
     click.echo(f"wrote {json_path}" + (f" and {png}" if png else ""), err=True)
     if png is None:
         click.echo(f"note: {MISSING}", err=True)
-
-
-def _read_prompts(prompts: tuple[str, ...], files: tuple[str, ...], per_line: bool) -> list[str]:
-    from pathlib import Path
-
-    from infinitrain.errors import ConfigError
-
-    out = list(prompts)
-    for f in files:
-        try:
-            text = sys.stdin.read() if f == "-" else Path(f).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{f}: cannot read prompt file ({type(err).__name__}: {err})") from None
-        out.extend([line for line in text.splitlines() if line.strip()] if per_line else [text])
-    return out
-
-
-@click.command("generate")
-@_model
-@click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeatable: prompts are batched).")
-@click.option("--prompt-file", "prompt_files", multiple=True, help="File holding one prompt ('-' = stdin); repeatable.")
-@click.option("--lines", "per_line", is_flag=True, help="Each non-empty line of a --prompt-file is its own prompt.")
-@click.option("--max-new-tokens", type=int, default=128, show_default=True)
-@click.option("--temperature", type=float, default=1.0, show_default=True, help="0 = greedy.")
-@click.option("--top-k", type=int, default=None, help="Sample among the k most likely tokens.")
-@click.option("--top-p", type=float, default=None, help="Nucleus sampling: the smallest set reaching probability p.")
-@click.option("--seed", type=int, default=None, help="Seed of the sampler (reproducible output).")
-@click.option("--num-samples", type=int, default=1, show_default=True, help="Continuations per prompt.")
-@click.option("--stream/--no-stream", default=True, show_default=True,
-              help="Print text as it is generated (a single prompt and sample).")
-@_tokenizer
-@_device
-@_dtype
-@_tau_scale
-@_progress
-@_threads
-def generate_cmd(model, prompts, prompt_files, per_line, max_new_tokens, temperature, top_k, top_p, seed, num_samples,
-                 stream, tokenizer, device, dtype, memory_tau_scale, progress, threads) -> None:
-    """Continue prompts with MODEL at constant memory (segment-wise prefill with the memory carried).
-
-    MODEL is an export directory, a run directory (its newest committed checkpoint) or a checkpoint directory.
-    Tokens/s go to stderr at the end.
-    """
-    from infinitrain.evaluate.textgen import generate_text
-    from infinitrain.generate import Sampling
-
-    texts = _read_prompts(prompts, prompt_files, per_line)
-    m, codec = _load(model, tokenizer, device, dtype, threads, memory_tau_scale=memory_tau_scale)
-    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        eos_id=codec.eos_id)
-    result = generate_text(m, codec, texts, sampling, num_samples=num_samples, seed=seed,
-                           stream=sys.stdout if stream else None, progress=progress)
-    if result.streamed:
-        click.echo()
-    elif len(result.texts) == 1:
-        click.echo(result.texts[0])
-    else:
-        for p, s, text in zip(result.prompt_index, result.sample_index, result.texts):
-            click.echo(f"=== prompt {p + 1}" + (f", sample {s + 1}" if num_samples > 1 else "") + " ===")
-            click.echo(text)
-    click.echo(result.summary(), err=True)
 
 
 @click.group("eval")

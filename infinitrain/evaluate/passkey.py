@@ -21,9 +21,9 @@ from typing import Any
 from infinitrain.data_tools.passkey import parse_depths, passkey_records
 from infinitrain.errors import ConfigError
 from infinitrain.evaluate import plots
-from infinitrain.evaluate.loading import Codec
 from infinitrain.evaluate.switches import memory_read_off
-from infinitrain.generate import Sampling, generate
+from infinitrain.infer.generate import Sampling, generate
+from infinitrain.infer.loading import Codec
 
 UNITS = {"": 1, "k": 1024, "m": 1024**2}
 

@@ -20,8 +20,8 @@ import torch
 
 from infinitrain.data_tools.prepare import PrepareConfig
 from infinitrain.errors import ConfigError, DataError
-from infinitrain.evaluate.loading import Codec
-from infinitrain.generate import Sampling, generate
+from infinitrain.infer.generate import Sampling, generate
+from infinitrain.infer.loading import Codec
 
 SEPARATOR = PrepareConfig.separator  # "\n\nSummary:\n", as prepared for training
 METRICS = ("rouge1", "rouge2", "rougeL")

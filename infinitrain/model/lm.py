@@ -148,8 +148,8 @@ class InfiniLM(nn.Module):
     def generate(self, prompts, *, max_new_tokens: int = 128, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos_id: int | None = None, generator: torch.Generator | None = None,
                  **callbacks) -> list[list[int]]:
-        """Continue each prompt (lists of token ids) at constant memory; see ``infinitrain.generate.generate``."""
-        from infinitrain.generate import Sampling, generate
+        """Continue each prompt (lists of token ids) at constant memory; see ``infinitrain.infer.generate.generate``."""
+        from infinitrain.infer.generate import Sampling, generate
 
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             eos_id=eos_id)

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from infinitrain import faults
 from infinitrain.errors import CheckpointError
-from infinitrain.train import faults
 
 MANIFEST = "manifest.json"
 TAG = "ds"  # DeepSpeed's tag directory inside a checkpoint
@@ -289,7 +289,7 @@ def choose(run_dir: Path, resume: str, allow_fallback: bool = False) -> tuple[Pa
 def load(engine, ckpt: Path) -> dict[str, Any]:
     """Load a checkpoint that ``choose`` checked into the engine (weights-only unpickling) and restore this
     rank's RNG. Returns the trainer state saved with it."""
-    from infinitrain.train.export import weights_only_loads
+    from infinitrain.export import weights_only_loads
 
     rank = dist.get_rank()
     try:

@@ -6,7 +6,7 @@ DIR may be
   * an exported infinitrain model (``config.json`` with ``format: infinitrain`` + safetensors);
   * a run directory of ``infinitrain train`` (its newest committed checkpoint) or one committed checkpoint
     ``RUN/checkpoints/step-N`` (the previous stage of a recipe): DeepSpeed's own files, gathered by
-    ``evaluate.loading.checkpoint_state_dict`` with every ``torch.load`` forced to ``weights_only=True``
+    ``infer.loading.checkpoint_state_dict`` with every ``torch.load`` forced to ``weights_only=True``
     (``export.weights_only_loads``).
 Safetensors only for outside weights: a directory holding only ``*.bin``/``*.pt`` files is refused.
 
@@ -237,8 +237,8 @@ def _reader(source: Source, active: bool) -> Iterator[Callable[[str], torch.Tens
         yield lambda name: None
         return
     if source.files is None:
-        from infinitrain.evaluate.loading import checkpoint_state_dict
-        from infinitrain.train.export import weights_only_loads
+        from infinitrain.infer.loading import checkpoint_state_dict
+        from infinitrain.export import weights_only_loads
 
         with weights_only_loads():  # DeepSpeed's files: tensors and three DeepSpeed records, nothing else
             state = checkpoint_state_dict(source.origin)

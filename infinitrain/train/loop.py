@@ -23,9 +23,10 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from infinitrain import faults
 from infinitrain.errors import CollectiveError, ConfigError, DataError, Preempted, TrainingAborted
 from infinitrain.train import checkpoint as ckpt
-from infinitrain.train import faults, tasks
+from infinitrain.train import tasks
 from infinitrain.train.config import TrainConfig
 from infinitrain.train.data import (DatasetMetrics, SampleSource, Validation, collate, make_sampler, next_micro_batches,
                                     open_source)

@@ -15,19 +15,10 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
-from infinitrain.train import faults
+from infinitrain import faults
 from infinitrain.train.data import Batch
-
-
-def token_loss_sum(logits: Tensor, targets: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed cross-entropy over the masked-in targets (fp32), and the per-token loss (B, T) detached: the
-    naive twin of the model's chunked loss (``InfiniLM.forward(..., targets=)``), which the trainer uses."""
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
-    ce = ce * mask  # (B, T); masked targets contribute exactly 0
-    return ce.sum(), ce.detach()
 
 
 class StepStats(NamedTuple):

@@ -3,7 +3,7 @@ reproduce bit for bit. Helpers live in tests/trainkit.py (shared with tests/test
 
 Issue 8 item -> file: 1, 2, 6 test_faults_kills (and the 2-rank mid-save kill in test_faults_ranks); 3, 5
 test_faults_checkpoints; 4, 7, 8, 9 test_faults_ranks; 10, 11 test_faults_hostile; 12 test_faults_exit_codes.
-Faults are injected with INFINITRAIN_FAULT and observed with INFINITRAIN_TRACE (infinitrain/train/faults.py)."""
+Faults are injected with INFINITRAIN_FAULT and observed with INFINITRAIN_TRACE (infinitrain/faults.py)."""
 
 from __future__ import annotations
 

@@ -188,7 +188,7 @@ def checkpoint_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 def _gathered_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of a committed checkpoint: ZeRO 1-3 partitions gathered, or stage 0's whole module."""
     from infinitrain.train.checkpoint import TAG
-    from infinitrain.train.export import weights_only_loads
+    from infinitrain.export import weights_only_loads
 
     _check_manifest(ckpt)
     ds = ckpt / TAG

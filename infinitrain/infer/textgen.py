@@ -10,8 +10,8 @@ from typing import TextIO
 import torch
 
 from infinitrain.errors import ConfigError
-from infinitrain.evaluate.loading import Codec
-from infinitrain.generate import Sampling, TextStream, generate
+from infinitrain.infer.generate import Sampling, TextStream, generate
+from infinitrain.infer.loading import Codec
 
 
 @dataclass

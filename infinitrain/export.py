@@ -259,7 +259,7 @@ def export(path: str | os.PathLike | list | tuple, out: str | os.PathLike, *, st
 
 def _load_verified(ckpt: Path, tokenizer: str | None, log: Callable[[str], None]):
     """(fp32 model, codec or None, manifest, provenance) of one committed checkpoint, its files verified first."""
-    from infinitrain.evaluate.loading import load_for_inference
+    from infinitrain.infer.loading import load_for_inference
     from infinitrain.train.checkpoint import MANIFEST
 
     manifest = verify_checkpoint(ckpt)
@@ -277,7 +277,7 @@ def _load_verified(ckpt: Path, tokenizer: str | None, log: Callable[[str], None]
 
 def _check_same_model(ckpts: list[Path]) -> None:
     """ConfigError unless every checkpoint's run trained the same ModelConfig (read from its config.yaml)."""
-    from infinitrain.evaluate.loading import _run_config
+    from infinitrain.infer.loading import _run_config
     from infinitrain.model.config import ModelConfig
 
     def config(ckpt: Path) -> ModelConfig:

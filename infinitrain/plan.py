@@ -284,7 +284,7 @@ def plan_cmd(recipe: str, overrides: tuple[str, ...], stage: str | None, gpus: i
         recipe_path,
         recipe_stages,
     )
-    from infinitrain.train.export import parse_size
+    from infinitrain.export import parse_size
 
     path = recipe_path(recipe)
     stages = [stage] if stage is not None else list(recipe_stages(load_yaml(path), str(path))) or [None]
