@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -161,9 +162,23 @@ def test_train_export_and_eval_classify(topics_data, tmp_path):
         assert n_val > 0 and report["documents"] == n_val and sum(map(sum, report["confusion"])) == n_val
         assert report["memory"] == (not flags) and report["read_segment"]["max"] == 3
         assert 0 <= report["accuracy"] <= 1 and report["labels"] == names
-    with pytest.raises(ConfigError, match="eval classify"):  # a classifier does not generate
-        runner.invoke(cli, ["generate", str(tmp_path / "model"), "--prompt", "x", "--tokenizer",
-                            str(topics_data / "tok.json")], catch_exceptions=False)
+        assert (tmp_path / "evals" / name.replace(".json", ".png")).stat().st_size > 0  # the confusion heatmap
+    # a classifier's answer to a prompt is its class, read at the last token, with the memory on or off
+    from infinitrain.infer.loading import Codec
+    from infinitrain.evaluate.switches import memory_read_off
+
+    codec = Codec.from_file(topics_data / "tok.json")
+    texts = [json.loads(line)["text"] for line in (topics_data / "t.jsonl").read_text().splitlines()[:2]]
+    for flags in ([], ["--no-memory"]):
+        res = runner.invoke(cli, ["generate", str(tmp_path / "model"), "--prompt", texts[0], "--prompt", texts[1],
+                                  "--tokenizer", str(topics_data / "tok.json"), *flags], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        docs = [np.asarray(codec.encode(t)) for t in texts]
+        with memory_read_off(exported) if flags else nullcontext():
+            expected = [names[i] for i in class_logits(exported, docs, 16).argmax(-1).tolist()]
+        assert res.stdout.split() == ["===", "prompt", "1", "===", expected[0], "===", "prompt", "2", "===",
+                                      expected[1]]
+        assert all(n in res.stderr for n in names)  # every class's probability
 
 
 def test_classification_needs_labelled_data(tmp_path):

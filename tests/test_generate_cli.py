@@ -62,6 +62,22 @@ def test_streamed_output_equals_the_unstreamed_one_and_seeds_reproduce(saved, tm
     assert "=== prompt" not in whole.stdout
 
 
+def test_no_memory_generates_what_the_model_says_with_an_empty_memory_in_every_segment(saved):
+    """--no-memory equals generation under memory_read_off; on a prompt of several segments it changes the text."""
+    from infinitrain.evaluate.switches import memory_read_off
+
+    path, model, codec = saved
+    prompt = "a long river and the sun is there and back " * 6
+    assert len(codec.encode(prompt)) > 2 * model.config.segment_len
+    args = ["generate", str(path), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "16", "--no-stream"]
+    on, off = (CliRunner().invoke(cli, args + flags) for flags in ([], ["--no-memory"]))
+    assert on.exit_code == 0 and off.exit_code == 0, on.output + off.output
+    with memory_read_off(model):
+        expected = greedy_text(model, codec, prompt, 16)
+    assert off.stdout == expected + "\n" and on.stdout == greedy_text(model, codec, prompt, 16) + "\n"
+    assert off.stdout != on.stdout
+
+
 def test_text_stream_holds_back_split_utf8_characters():
     codec = Codec.bytes()
     ids = codec.encode("héllo ✓!")

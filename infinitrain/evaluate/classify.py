@@ -152,10 +152,30 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(report: dict[str, Any], out_dir: str | Path) -> Path:
-    """classify.json (classify-no-memory.json with the memory off) in ``out_dir``."""
+def write_outputs(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path | None]:
+    """classify.json and the classify.png confusion heatmap, rows normalised to the true class's documents
+    (classify-no-memory.* with the memory off), in ``out_dir``; the PNG is None without matplotlib."""
+    from infinitrain.evaluate import plots
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / ("classify.json" if report["memory"] else "classify-no-memory.json")
+    stem = "classify" if report["memory"] else "classify-no-memory"
+    path = out / f"{stem}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
-    return path
+    rows = [[v / max(1, sum(row)) for v in row] for row in report["confusion"]]
+    png = plots.heatmap(out / f"{stem}.png", rows, rows=report["labels"], cols=report["labels"],
+                        title=f"memory {'on' if report['memory'] else 'off'}: accuracy {100 * report['accuracy']:.1f}%",
+                        xlabel="predicted class", ylabel="true class", label="share of the true class, %", cmap="Blues")
+    return path, png
+
+
+def classify_texts(model, codec, texts: list[str], *, memory: bool = True) -> list[dict[str, float]]:
+    """Class probabilities of each text, read at its last token (what training reads), each text streamed from a
+    fresh state one segment per call; ``memory=False`` reads an empty memory in every segment (``--no-memory``)."""
+    docs = [np.asarray(codec.encode(t), np.int64) for t in texts]
+    for i, d in enumerate(docs):
+        if len(d) == 0:
+            raise ConfigError(f"prompt {i + 1} is empty (it encodes to no tokens)")
+    with memory_read_off(model) if not memory else nullcontext():
+        probs = class_logits(model, docs, model.config.segment_len).softmax(-1)
+    return [dict(zip(model.config.labels, row.tolist())) for row in probs]

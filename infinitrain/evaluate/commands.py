@@ -55,7 +55,7 @@ def classify_cmd(model, data, split, no_memory, out_dir, batch_size, max_documen
                  memory_tau_scale=memory_tau_scale)
     report = cl.run_classify(m, cfg, model_name=model, progress=progress)
     click.echo(cl.format_table(report))
-    click.echo(f"wrote {cl.write_outputs(report, out_dir)}", err=True)
+    _wrote(*cl.write_outputs(report, out_dir))
 
 
 @eval_group.command("passkey")

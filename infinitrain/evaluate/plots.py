@@ -21,13 +21,14 @@ def pyplot():
 
 
 def heatmap(path: Path, values: Sequence[Sequence[float]], *, rows: Sequence[str], cols: Sequence[str],
-            title: str, xlabel: str, ylabel: str) -> Path | None:
-    """values[r][c] in [0, 1] as a red-to-green grid with the percentage in each cell (needle-in-a-haystack style)."""
+            title: str, xlabel: str, ylabel: str, label: str = "accuracy, %", cmap: str = "RdYlGn") -> Path | None:
+    """values[r][c] in [0, 1] as a red-to-green grid with the percentage in each cell (needle-in-a-haystack style);
+    the colour bar is in percent too."""
     plt = pyplot()
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(cols), 1.0 + 0.6 * len(rows)))
-    im = ax.imshow(values, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    im = ax.imshow(values, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
     ax.set_xticks(range(len(cols)), cols)
     ax.set_yticks(range(len(rows)), rows)
     for r, row in enumerate(values):
@@ -36,7 +37,8 @@ def heatmap(path: Path, values: Sequence[Sequence[float]], *, rows: Sequence[str
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    fig.colorbar(im, ax=ax, label="accuracy")
+    bar = fig.colorbar(im, ax=ax, label=label)
+    bar.set_ticks([0.0, 0.25, 0.5, 0.75, 1.0], labels=["0", "25", "50", "75", "100"])
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

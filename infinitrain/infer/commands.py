@@ -22,7 +22,7 @@ _threads = click.option("--threads", type=click.IntRange(min=1), default=None,
 
 
 def _load(model: str, tokenizer: str | None, device: str, dtype: str | None, threads: int | None,
-          need_tokenizer: bool = True, classifier: bool = False, memory_tau_scale: float = 1.0):
+          need_tokenizer: bool = True, classifier: bool | None = False, memory_tau_scale: float = 1.0):
     import torch
 
     from infinitrain.errors import ConfigError
@@ -33,7 +33,7 @@ def _load(model: str, tokenizer: str | None, device: str, dtype: str | None, thr
 
     m, codec = load_for_inference(model, tokenizer=tokenizer, device=device, dtype=dtype,
                                   need_tokenizer=need_tokenizer, memory_tau_scale=memory_tau_scale)
-    if (m.config.labels is not None) != classifier:
+    if classifier is not None and (m.config.labels is not None) != classifier:  # None: either kind
         raise ConfigError(f"{model}: a classifier (labels {', '.join(m.config.labels)}) predicts classes, not tokens: "
                           f"use `infinitrain eval classify`" if m.config.labels else
                           f"{model}: a language model has no class head (train with task: classification)")
@@ -69,6 +69,8 @@ def _read_prompts(prompts: tuple[str, ...], files: tuple[str, ...], per_line: bo
 @click.option("--num-samples", type=int, default=1, show_default=True, help="Continuations per prompt.")
 @click.option("--stream/--no-stream", default=True, show_default=True,
               help="Print text as it is generated (a single prompt and sample).")
+@click.option("--no-memory", is_flag=True, help="Switch the memory read off (local attention only): what the "
+              "model says without what its memory carried.")
 @_tokenizer
 @_device
 @_dtype
@@ -76,21 +78,28 @@ def _read_prompts(prompts: tuple[str, ...], files: tuple[str, ...], per_line: bo
 @_progress
 @_threads
 def generate_cmd(model, prompts, prompt_files, per_line, max_new_tokens, temperature, top_k, top_p, seed, num_samples,
-                 stream, tokenizer, device, dtype, memory_tau_scale, progress, threads) -> None:
+                 stream, no_memory, tokenizer, device, dtype, memory_tau_scale, progress, threads) -> None:
     """Continue prompts with MODEL at constant memory (segment-wise prefill with the memory carried).
 
     MODEL is an export directory, a run directory (its newest committed checkpoint) or a checkpoint directory.
-    Tokens/s go to stderr at the end.
+    Tokens/s go to stderr at the end. A classifier (task: classification) answers each prompt with its class
+    (stdout) and the class probabilities (stderr), read at the prompt's last token.
     """
+    from contextlib import nullcontext
+
+    from infinitrain.evaluate.switches import memory_read_off
     from infinitrain.infer.generate import Sampling
     from infinitrain.infer.textgen import generate_text
 
     texts = _read_prompts(prompts, prompt_files, per_line)
-    m, codec = _load(model, tokenizer, device, dtype, threads, memory_tau_scale=memory_tau_scale)
+    m, codec = _load(model, tokenizer, device, dtype, threads, classifier=None, memory_tau_scale=memory_tau_scale)
+    if m.config.labels is not None:
+        return _answer_classes(m, codec, texts, not no_memory)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         eos_id=codec.eos_id)
-    result = generate_text(m, codec, texts, sampling, num_samples=num_samples, seed=seed,
-                           stream=sys.stdout if stream else None, progress=progress)
+    with memory_read_off(m) if no_memory else nullcontext():  # generate prefills one segment per call
+        result = generate_text(m, codec, texts, sampling, num_samples=num_samples, seed=seed,
+                               stream=sys.stdout if stream else None, progress=progress)
     if result.streamed:
         click.echo()
     elif len(result.texts) == 1:
@@ -101,3 +110,13 @@ def generate_cmd(model, prompts, prompt_files, per_line, max_new_tokens, tempera
             click.echo(text)
     click.echo(result.summary(), err=True)
 
+
+def _answer_classes(m, codec, texts: list[str], memory: bool) -> None:
+    """A classifier's answer to each prompt: the most likely class on stdout, every class's probability on stderr."""
+    from infinitrain.evaluate.classify import classify_texts
+
+    for i, probs in enumerate(classify_texts(m, codec, texts, memory=memory)):
+        if len(texts) > 1:
+            click.echo(f"=== prompt {i + 1} ===")
+        click.echo(max(probs, key=probs.get))
+        click.echo("  ".join(f"{name} {p:.3f}" for name, p in probs.items()), err=True)
