@@ -5,9 +5,10 @@ from __future__ import annotations
 import click
 
 from infinitrain import __version__
+from infinitrain.cli_help import Group
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="infinitrain")
 def cli() -> None:
     """Train and run Infini-attention language models on DeepSpeed."""
@@ -16,10 +17,10 @@ def cli() -> None:
 @cli.command("presets")
 def presets_cmd() -> None:
     """List the model presets with their parameter counts."""
-    from infinitrain.model.config import PRESETS, count_parameters
+    from infinitrain.model.config import PRESETS, count_parameters, format_count
 
     for name, cfg in PRESETS.items():
-        click.echo(f"{name:10s} {count_parameters(cfg) / 1e9:8.3f} B  layers={cfg.n_layers} d={cfg.d_model} "
+        click.echo(f"{name:10s} {format_count(count_parameters(cfg)):>9s}  layers={cfg.n_layers} d={cfg.d_model} "
                    f"heads={cfg.n_heads}/{cfg.n_kv_heads} ffn={cfg.d_ff} segment={cfg.segment_len} update={cfg.update}")
 
 
@@ -63,6 +64,9 @@ def main() -> None:
         click.echo("aborted", err=True)
         raise SystemExit(130) from None
     except click.ClickException as err:
+        if isinstance(err, click.NoSuchOption) and "." in err.option_name:  # `train --schedule.steps=30`
+            typed = next((a for a in args if a.startswith(err.option_name)), err.option_name + "=VALUE")
+            err.message = f"{err.message.rstrip('.')}: an override has no dashes, write {typed.lstrip('-')}"
         err.show()
         raise SystemExit(err.exit_code) from None
 

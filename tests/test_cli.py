@@ -19,6 +19,10 @@ def test_presets_lists_every_preset_with_its_size():
     lines = {line.split()[0]: line for line in result.output.splitlines()}
     assert set(lines) == {"debug", "1b", "1b-mod", "8b", "8b-mod"}
     assert "8.030 B" in lines["8b"] and "1.236 B" in lines["1b"]
+    from infinitrain.model.config import PRESETS, count_parameters
+
+    n = count_parameters(PRESETS["debug"])
+    assert 1e3 < n < 1e6 and f"{n / 1e3:.3f} K" in lines["debug"]  # was "0.000 B"
 
 
 def test_version_and_help_as_a_subprocess():
@@ -34,6 +38,12 @@ def test_unknown_command_is_a_usage_error_without_traceback():
     assert "Traceback" not in out.stderr and "No such command" in out.stderr
 
 
+def test_an_override_typed_as_an_option_gets_a_hint():
+    out = subprocess.run(ENTRY + ["train", "--recipe", "debug", "--schedule.steps=30"], capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "No such option '--schedule.steps': an override has no dashes, write schedule.steps=30" in out.stderr
+
+
 def test_deepspeed_launcher_local_rank_is_accepted_before_the_command():
     out = subprocess.run(ENTRY + ["--local_rank=1", "presets"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -45,3 +55,4 @@ def test_help_does_not_import_torch():
     code = "import sys; from infinitrain.cli import cli; print('torch' in sys.modules, 'deepspeed' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -179,9 +180,41 @@ def test_bad_input_is_reported_by_reason_with_file_and_line_or_fails_under_stric
                    "--segment-len", "8", "--sample-segments", "2", "--strict", "--no-progress")
     assert proc.returncode == 4 and proc.stderr.strip() == f"error: {f}:2: broken_json (Expecting property name " \
         "enclosed in double quotes: line 1 column 2 (char 1))"
-    assert not (tmp_path / "strict" / "index.json").exists()
+    assert not (tmp_path / "strict").exists()  # a failed prepare leaves no half-made folder it created
     with pytest.raises(DataError, match="no usable documents"):
         run_prepare([tmp_path / "bin.txt"], bpe_path, tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("a folder the user made is not removed")
+    with pytest.raises(DataError, match="no usable documents"):
+        run_prepare([tmp_path / "bin.txt"], bpe_path, tmp_path / "mine")
+    assert (tmp_path / "mine" / "keep.txt").is_file()
+
+
+def test_one_text_file_gets_its_tail_as_val_and_the_default_holds_out_five_percent(bpe_path, tmp_path):
+    """--val-fraction on one .txt file used to hold out nothing (one document, hashed to train): the tail of its
+    tokens is val now, and train + val are exactly the document's tokens."""
+    tok, info = load_tokenizer(bpe_path)
+    text = " ".join(make_docs(40, seed=5))
+    (tmp_path / "book.txt").write_text(text)
+    args = ["prepare", str(tmp_path / "book.txt"), "--tokenizer", str(bpe_path), "--segment-len", str(S),
+            "--sample-segments", str(K), "--no-progress"]
+    res = invoke(*args, "--out", str(tmp_path / "d"), "--val-fraction", "0.2")
+    assert res.exit_code == 0 and "note: no document was picked for val by hash; held out the last 0.2" in res.output
+    index = json.loads((tmp_path / "d" / "index.json").read_text())
+    ids = tok.encode(text).ids + [info.eos_id]
+    tail = index["val_split"]["from_token"]
+    assert index["val_split"]["method"] == "tail" and tail == len(ids) - math.ceil(0.2 * len(ids))
+    rows = read_documents_table(tmp_path / "d")
+    assert [(r["split"], r["tokens"]) for r in rows] == [("train", tail), ("val", len(ids) - 1 - tail)]
+    train, val = (split_stream(ShardDataset(tmp_path / "d", s)).tolist() for s in ("train", "val"))
+    assert train[:-1] + val == ids  # the cut document: its head ends with an extra eos in train
+    assert train[-1] == info.eos_id
+    res = invoke(*args, "--out", str(tmp_path / "default"))
+    assert json.loads((tmp_path / "default" / "index.json").read_text())["val_split"] == \
+        {"method": "tail", "fraction": 0.05, "from_token": len(ids) - math.ceil(0.05 * len(ids))}
+    res = invoke(*args, "--out", str(tmp_path / "none"), "--val-fraction", "0")
+    assert json.loads((tmp_path / "none" / "index.json").read_text())["splits"]["val"]["num_samples"] == 0
 
 
 def test_long_single_line_document_is_tokenized_in_pieces_exactly(bpe_path, tmp_path):
@@ -278,7 +311,7 @@ def test_passkey_samples_prepare_as_qa_with_the_exact_prompt_tokens_and_loss_on_
     assert recs[0]["prompt"].index(f"is {recs[0]['pass_key']}.") < recs[4]["prompt"].index(f"is {recs[4]['pass_key']}.")
     res = invoke("prepare", str(out), "--tokenizer", str(bpe_path), "--out", str(tmp_path / "d"), "--format", "qa",
                  "--question-separator", "", "--answer-separator", "", "--segment-len", "64", "--sample-segments", "5",
-                 "--no-progress")
+                 "--no-progress", "--val-fraction", "0")
     assert res.exit_code == 0, res.output
     ds = ShardDataset(tmp_path / "d", "train")
     assert len(ds) == 6
@@ -344,6 +377,8 @@ def test_verify_and_inspect_commands_and_corruption_exit_code(corpus, bpe_path, 
     assert json.loads(res.output)["splits"]["train"]["num_documents"] == 300
     proc = run_cli("data", "inspect", str(tmp_path / "out"), "--sample", "0", "--tokenizer", str(bpe_path))
     assert proc.returncode == 0 and json.loads(proc.stdout)["text"].startswith("Doc 0: ")
+    res = invoke("data", "inspect", str(tmp_path / "out"), "--sample", "0")  # the folder's own tokenizer.json
+    assert json.loads(res.output) == json.loads(proc.stdout)
     shard = tmp_path / "out" / "train-00000.shard"
     data = bytearray(shard.read_bytes())
     data[len(data) // 3] ^= 4

@@ -69,11 +69,18 @@ def test_bad_tokenizers_give_one_line_errors_naming_the_path(tmp_path):
     with pytest.raises(ConfigError, match="missing.json: tokenizer file not found"):
         load_tokenizer(tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="bad.json: not a valid tokenizer.json"):
+    with pytest.raises(ConfigError, match="bad.json: not a valid tokenizer.json \\(invalid JSON: Expecting"):
         load_tokenizer(tmp_path / "bad.json")
     (tmp_path / "wrong.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": "evil.Tok"}}))
-    with pytest.raises(ConfigError, match="wrong.json: not a valid tokenizer.json"):
+    with pytest.raises(ConfigError, match="wrong.json: valid JSON, but not a Hugging Face tokenizer.json"):
         load_tokenizer(tmp_path / "wrong.json")
+    (tmp_path / "hello.json").write_text('{"hello": 1}')  # was reported as invalid JSON ("expected `,` or `}`")
+    with pytest.raises(ConfigError, match=r"hello.json: valid JSON, but .* \(no 'model' mapping; keys hello\)$"):
+        load_tokenizer(tmp_path / "hello.json")
+    tok = json.loads(_gpt2_like(tmp_path, ["<|endoftext|>"]).read_text())
+    (tmp_path / "broken.json").write_text(json.dumps({**tok, "model": {"type": "BPE", "vocab": 3}}))
+    with pytest.raises(ConfigError, match="broken.json: not a valid tokenizer.json \\("):
+        load_tokenizer(tmp_path / "broken.json")
     path = _gpt2_like(tmp_path, ["<|unusual|>"])
     with pytest.raises(ConfigError, match="no end-of-document token found.*--eos-token"):
         load_tokenizer(path)

@@ -47,6 +47,7 @@ def test_every_recipe_and_stage_builds(name, stage):
     assert ds["train_batch_size"] == cfg.data.micro_batch_size * cfg.data.grad_accum * cfg.n_windows * 8
     assert ds["gradient_clipping"] == cfg.optim.grad_clip and ds["zero_optimization"]["stage"] == cfg.run.zero_stage
     assert TrainConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg  # config.yaml round-trips
+    assert cfg.log.progress  # a long run shows its progress (the tiny-* recipes printed nothing until done)
     if name in PAPER:
         size, tol, lengths = PAPER[name]
         assert abs(n - size) < tol, f"{name}: {n / 1e9:.3f} B"
@@ -68,6 +69,14 @@ def test_paper_details_are_recorded():
     assert max(load_recipe("1b-passkey", stage="finetune").eval.lengths) == 2**20
     assert ev.command("runs/r") == ("infinitrain eval summarize runs/r --data booksum-test.jsonl --temperature 0.5 "
                                     "--top-p 0.95 --max-new-tokens 1024")
+
+
+def test_fewer_steps_than_the_recipes_warmup_keep_its_warmup_share():
+    assert load_recipe("debug").schedule.warmup == 30  # of 300 steps
+    assert load_recipe("debug", ["schedule.steps=10"]).schedule.warmup == 1  # was an error: warmup 30 > 10 steps
+    assert load_recipe("debug", ["schedule.steps=29"]).schedule.warmup == 2
+    assert load_recipe("debug", ["schedule.steps=30"]).schedule.warmup == 30  # fits: unchanged
+    assert load_recipe("debug", ["schedule.steps=10", "schedule.warmup=4"]).schedule.warmup == 4
 
 
 def test_stages_merge_in_order(tmp_path):
@@ -130,6 +139,16 @@ def test_recipes_list_show_cp(tmp_path):
     (["recipes", "cp", "nope", "x.yaml"], "unknown recipe 'nope'"),
     (["train", "--recipe", "8b-booksum", "--stage", "posttrain"], "unknown stage 'posttrain' (stages: pretrain, finetune)"),
     (["train", "--recipe", "debug", "--stage", "finetune"], "recipe has no stages"),
+    (["train", "--recipe", "tiny-pasky"], "or give a path to a .yaml file); did you mean tiny-passkey?"),
+    (["train", "--recipe", "debug", "schedule.step=30"], "(known: min_lr_ratio, steps, warmup); did you mean "
+                                                         "schedule.steps?"),
+    (["train", "--recipe", "debug", "shedule.steps=30"], "unknown key shedule (known: model, task, deepspeed, data, "
+                                                         "optim, schedule, tbptt, checkpoint, log, run, eval, finetune); "
+                                                         "did you mean schedule?"),
+    (["train", "--recipe", "debug", "model.n_layer=3"], "did you mean model.n_layers?"),
+    (["train", "--recipe", "debug", "log.progres=false"], "did you mean log.progress?"),
+    (["train", "--recipe", "debug", "schedule.steps=10", "schedule.warmup=30"],
+     "schedule.warmup (30) must be <= schedule.steps (10)"),
     (["train", "--recipe", "8b-booksum", "--stage", "finetune", "--run-dir", "exp/finetune"],
      "stage finetune starts from pretrain's run exp/pretrain, which has no committed checkpoint: train that stage "
      "first (--stage pretrain"),

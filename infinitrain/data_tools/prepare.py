@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -36,7 +37,7 @@ from infinitrain.data_tools.shards import (FORMAT_VERSION, INDEX_NAME, LABEL_FOR
 from infinitrain.data_tools.tokenizer import TokenizerInfo, encoder, load_tokenizer, write_atomic
 
 TOKENIZER_NAME = "tokenizer.json"  # a copy of --tokenizer, byte for byte
-from infinitrain.errors import ConfigError, DataError
+from infinitrain.errors import ConfigError, DataError, InfinitrainError
 
 DONE_NAME = ".prepare-done.json"
 WORK_NAME = ".work"
@@ -144,7 +145,18 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     separators = tuple(np.array(tokenizer.encode(text, add_special_tokens=False).ids, tok_info.dtype)
                        for text in (cfg.question_separator, before_answer))
     out = Path(cfg.out)
+    fresh = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _build(cfg, paths, tok_info, separators, out, t0)
+    except InfinitrainError:
+        if fresh:  # bad input leaves no half-made folder (a killed run keeps its .work to resume)
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _build(cfg: PrepareConfig, paths: list[Path], tok_info: TokenizerInfo, separators: tuple[np.ndarray, np.ndarray],
+           out: Path, t0: float) -> PrepareResult:
     version = LABEL_FORMAT_VERSION if cfg.format == "classification" else FORMAT_VERSION
     fingerprint = {"format_version": version, "args": cfg.output_args(), "tokenizer": tok_info.to_dict(),
                    "inputs": input_fingerprint(paths)}
@@ -376,6 +388,66 @@ def is_val(split_key: str, seed: int, fraction: float) -> bool:
     return int.from_bytes(h, "little") < fraction * 2**64
 
 
+@dataclass
+class ValSplit:
+    """Which split each kept document goes to. Normally by content hash (:func:`is_val`). When that holds out
+    nothing although ``val_fraction > 0`` (a few long documents: one book, one .txt file), the tail is held out
+    instead: packed text from token ``tail_from`` of the stream on (the document there is cut in two, each part
+    ending with eos), or records from record number ``tail_from`` on."""
+
+    fraction: float
+    seed: int
+    mode: str
+    tail_from: int | None = None
+    seen: int = 0  # tokens (packed text, eos included) or records assigned so far
+
+    @classmethod
+    def plan(cls, cfg: PrepareConfig, work: Path, n_units: int, dtype: np.dtype) -> "ValSplit":
+        split = cls(cfg.val_fraction, cfg.seed, cfg.mode)
+        if cfg.val_fraction <= 0:
+            return split
+        lengths, pending = [], 0
+        for k in range(n_units):  # stops at the first document the hash holds out: cheap on real corpora
+            meta, doc_tokens, _, _ = read_unit(work / f"unit-{k:06d}.bin", dtype)
+            for (_, _, key, more, _), toks in zip(meta["docs"], doc_tokens):
+                pending += len(toks)
+                if more:
+                    continue
+                if pending >= max(cfg.min_doc_tokens, 1):
+                    if is_val(key, cfg.seed, cfg.val_fraction):
+                        return split
+                    lengths.append(pending)
+                pending = 0
+        if split.mode == "pretrain":
+            total = sum(lengths) + len(lengths)  # each document ends with eos
+            split.tail_from = total - max(1, math.ceil(cfg.val_fraction * total))
+        elif len(lengths) >= 2:
+            split.tail_from = len(lengths) - max(1, round(cfg.val_fraction * len(lengths)))
+        return split
+
+    def assign(self, key: str, toks: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+        """(split, tokens) for one document: one pair, or two where the val tail starts inside it."""
+        if self.tail_from is None:
+            yield ("val" if is_val(key, self.seed, self.fraction) else "train"), toks
+        elif self.mode != "pretrain":
+            self.seen += 1
+            yield ("val" if self.seen > self.tail_from else "train"), toks
+        else:
+            cut = min(max(self.tail_from - self.seen, 0), len(toks))
+            self.seen += len(toks) + 1
+            if cut > 0:
+                yield "train", toks[:cut]
+            if cut < len(toks):
+                yield "val", toks[cut:]
+
+    def describe(self) -> dict:
+        """For index.json: how val was chosen."""
+        if self.tail_from is None:
+            return {"method": "hash", "fraction": self.fraction}
+        return {"method": "tail", "fraction": self.fraction,
+                "from_token" if self.mode == "pretrain" else "from_record": self.tail_from}
+
+
 def _unit_ok(path: Path) -> bool:
     try:
         read_unit(path, np.dtype("<u4"), check_only=True)
@@ -444,6 +516,7 @@ def write_output(cfg: PrepareConfig, paths: list[Path], tok: TokenizerInfo, sepa
     counts: Counter = Counter()
     issues: list[dict] = []
     shards_done = 0
+    val_split = ValSplit.plan(cfg, work, n_units, tok.dtype)
 
     def note(source, line, reason, detail="", kept=False):
         counts[reason] += 1
@@ -480,27 +553,27 @@ def write_output(cfg: PrepareConfig, paths: list[Path], tok: TokenizerInfo, sepa
                 if len(toks) < max(cfg.min_doc_tokens, 1):
                     note(source, line, "too_short", f"{len(toks)} tokens")
                     continue
-                split = "val" if is_val(key, cfg.seed, cfg.val_fraction) else "train"
-                row = {"id": doc_id, "split": split, "source": source, "line": line, "tokens": len(toks)}
-                if mode == "pretrain":
-                    sample, position = divmod(packers[split].total, L)
-                    emit(split, packers[split].add(doc_id, np.append(toks, np.array([tok.eos_id], tok.dtype))))
-                else:
-                    middle = record_middle(mode, separators, question)
-                    if mode == "qa" and len(middle) + min(len(answer), L // 2 - 1) >= L:
-                        note(source, line, "too_long", f"question and separators take {len(middle)} of {L} tokens")
-                        continue
-                    sample, position = n_samples[split], 0
-                    emit(split, [answer_sample(doc_id, toks, middle, answer, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                                               segment_len=cfg.segment_len, sample_segments=cfg.sample_segments,
-                                               dtype=tok.dtype, label=label_ids.get(label))])
-                    if labels is not None:
-                        label_counts[split][label_ids[label]] += 1
-                        row["label"] = label_ids[label]
-                docs_out.write((json.dumps({**row, "sample": sample, "position": position},
-                                           separators=(",", ":")) + "\n").encode())
-                n_docs[split] += 1
-                doc_id += 1
+                for split, toks in val_split.assign(key, toks):  # two parts where the val tail starts inside it
+                    row = {"id": doc_id, "split": split, "source": source, "line": line, "tokens": len(toks)}
+                    if mode == "pretrain":
+                        sample, position = divmod(packers[split].total, L)
+                        emit(split, packers[split].add(doc_id, np.append(toks, np.array([tok.eos_id], tok.dtype))))
+                    else:
+                        middle = record_middle(mode, separators, question)
+                        if mode == "qa" and len(middle) + min(len(answer), L // 2 - 1) >= L:
+                            note(source, line, "too_long", f"question and separators take {len(middle)} of {L} tokens")
+                            continue
+                        sample, position = n_samples[split], 0
+                        emit(split, [answer_sample(doc_id, toks, middle, answer, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                                                   segment_len=cfg.segment_len, sample_segments=cfg.sample_segments,
+                                                   dtype=tok.dtype, label=label_ids.get(label))])
+                        if labels is not None:
+                            label_counts[split][label_ids[label]] += 1
+                            row["label"] = label_ids[label]
+                    docs_out.write((json.dumps({**row, "sample": sample, "position": position},
+                                               separators=(",", ":")) + "\n").encode())
+                    n_docs[split] += 1
+                    doc_id += 1
         for split in SPLITS:
             emit(split, packers[split].finish())
     with docs_file:
@@ -520,7 +593,7 @@ def write_output(cfg: PrepareConfig, paths: list[Path], tok: TokenizerInfo, sepa
                        documents={"name": DOCS_NAME, "bytes": (out / DOCS_NAME).stat().st_size,
                                   "sha256": docs_sha.hexdigest(), "num_documents": doc_id},
                        sources=[{"path": str(p), "bytes": p.stat().st_size} for p in paths],
-                       args=cfg.output_args(), report=dict(sorted(counts.items())))
+                       args=cfg.output_args(), report=dict(sorted(counts.items())), val_split=val_split.describe())
     for s in SPLITS:
         index["splits"][s]["num_documents"] = n_docs[s]
     # The tokenizer travels with its data (train, export and generate find it here); its sha256 is in the index.

@@ -126,9 +126,15 @@ def load_tokenizer(path: str | os.PathLike, *, eos_token: str | None = None) -> 
     p = resolve_tokenizer_path(path)
     raw = p.read_bytes()
     try:
-        json.loads(raw)
+        parsed = json.loads(raw)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"{p}: not a valid tokenizer.json (invalid JSON: {err})") from None
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("model"), dict):
+        found = f"keys {', '.join(sorted(parsed)[:5]) or 'none'}" if isinstance(parsed, dict) else type(parsed).__name__
+        raise ConfigError(f"{p}: valid JSON, but not a Hugging Face tokenizer.json (no 'model' mapping; {found})")
+    try:
         tok = Tokenizer.from_str(raw.decode("utf-8"))
-    except Exception as err:  # json raises ValueError, tokenizers a bare Exception
+    except Exception as err:  # tokenizers raises a bare Exception
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConfigError(f"{p}: not a valid tokenizer.json ({first})") from None
     vocab_size = tok.get_vocab_size(with_added_tokens=True)

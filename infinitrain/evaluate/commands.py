@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from infinitrain.cli_help import Group
 from infinitrain.infer.commands import _device, _dtype, _load, _model, _progress, _tau_scale, _threads, _tokenizer
 
 
@@ -34,7 +35,7 @@ def _wrote(json_path, png) -> None:
         click.echo(f"note: {MISSING}", err=True)
 
 
-@click.group("eval")
+@click.group("eval", cls=Group)
 def eval_group() -> None:
     """Long-context evaluations: passkey retrieval, perplexity per segment, summarization ROUGE, classification."""
 

@@ -217,3 +217,9 @@ def count_parameters(config: ModelConfig) -> int:
     with torch.device("meta"):
         model = InfiniLM(config)
     return sum(p.numel() for p in model.parameters())
+
+
+def format_count(n: int) -> str:
+    """A parameter count in the unit that shows it: ``8.030 B``, ``164.168 K`` (the debug preset is not ``0.000 B``)."""
+    scale, unit = next(((s, u) for s, u in ((1e9, "B"), (1e6, "M")) if n >= s), (1e3, "K"))
+    return f"{n / scale:.3f} {unit}"

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from infinitrain.cli_help import Group
+
 from infinitrain.errors import ConfigError
 
 
@@ -72,7 +74,7 @@ def copy_recipe(name: str, dest: str | Path, force: bool = False) -> Path:
     return out
 
 
-@click.group("recipes")
+@click.group("recipes", cls=Group)
 def recipes_group() -> None:
     """Shipped training recipes: list them, print one, copy one to edit."""
 

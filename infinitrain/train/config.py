@@ -61,6 +61,14 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def did_you_mean(word: str, choices) -> str:
+    """``"; did you mean X?"`` for the closest of ``choices`` to a misspelt ``word``, else ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
 def _from_dict(cls, d: Any, where: str):
     """Build a section dataclass from a mapping; unknown keys and wrong types are one-line ConfigErrors."""
     if d is None:
@@ -68,7 +76,8 @@ def _from_dict(cls, d: Any, where: str):
     _check(isinstance(d, dict), f"{where}: expected a mapping, got {type(d).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
-    _check(not unknown, f"{where}: unknown key {where}.{unknown[0] if unknown else ''!s} (known: {', '.join(sorted(known))})")
+    _check(not unknown, f"{where}: unknown key {where}.{unknown[0] if unknown else ''!s} (known: "
+                        f"{', '.join(sorted(known))}){did_you_mean(unknown[0], known) if unknown else ''}")
     try:
         return cls(**d)
     except TypeError as err:
@@ -321,7 +330,8 @@ def _model_from(m: Any) -> ModelConfig:
         return ModelConfig.from_dict(m, where="model")
     base = get_preset(preset).to_dict()
     unknown = sorted(set(m) - set(base) - {"extra"})
-    _check(not unknown, f"model: unknown key model.{unknown[0] if unknown else ''} (known: preset, {', '.join(sorted(base))})")
+    _check(not unknown, f"model: unknown key model.{unknown[0] if unknown else ''} (known: preset, {', '.join(sorted(base))})"
+                        f"{did_you_mean(f'model.{unknown[0]}', [f'model.{k}' for k in base]) if unknown else ''}")
     return ModelConfig.from_dict({**base, **m}, where="model")
 
 
@@ -360,7 +370,8 @@ def recipe_path(name_or_path: str) -> Path:
     shipped = RECIPE_DIR / f"{name_or_path}.yaml"
     if not shipped.is_file():
         names = ", ".join(q.stem for q in shipped_recipes())
-        raise ConfigError(f"unknown recipe {name_or_path!r} (shipped: {names}; or give a path to a .yaml file)")
+        raise ConfigError(f"unknown recipe {name_or_path!r} (shipped: {names}; or give a path to a .yaml file)"
+                          f"{did_you_mean(name_or_path, [q.stem for q in shipped_recipes()])}")
     return shipped
 
 
@@ -454,11 +465,13 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
         parts = key.split(".")
         if parts[0] == "model" and isinstance(d.get("model"), str):
             d["model"] = {"preset": d["model"]}
-        _check(parts[0] in TOP_KEYS, f"override {token!r}: unknown key {parts[0]} (known: {', '.join(TOP_KEYS)})")
+        _check(parts[0] in TOP_KEYS, f"override {token!r}: unknown key {parts[0]} (known: {', '.join(TOP_KEYS)})"
+                                     f"{did_you_mean(parts[0], TOP_KEYS)}")
         if len(parts) > 1 and parts[0] in SECTIONS:
             names = {f.name for f in dataclasses.fields(SECTIONS[parts[0]])}
             _check(parts[1] in names and len(parts) == 2,
-                   f"override {token!r}: unknown key {key} (known: {', '.join(sorted(names))})")
+                   f"override {token!r}: unknown key {key} (known: {', '.join(sorted(names))})"
+                   f"{did_you_mean(f'{parts[0]}.{parts[1]}', (f'{parts[0]}.{n}' for n in names))}")
         node = d
         for p in parts[:-1]:
             if not isinstance(node.get(p), dict):
@@ -468,6 +481,19 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return d
 
 
+def _keep_warmup_share(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A ``schedule.steps`` below the recipe's warmup (``debug`` warms up for 30 steps: ``schedule.steps=10``)
+    keeps the recipe's warmup share of its steps instead of failing; a warmup given as an override stays as given."""
+    default = ScheduleConfig()
+    before, after = d.get("schedule") or {}, apply_overrides(d, overrides).get("schedule") or {}
+    old_steps, steps = before.get("steps", default.steps), after.get("steps", default.steps)
+    warmup = after.get("warmup", default.warmup)
+    if any(o.startswith("schedule.warmup=") for o in overrides) or \
+            not all(isinstance(x, int) and x > 0 for x in (old_steps, steps, warmup)) or warmup <= steps:
+        return d
+    return {**d, "schedule": {**before, "warmup": steps * warmup // old_steps}}
+
+
 def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), data: str | None = None,
                 stage: str | None = None, with_stage: bool = False):
     """Recipe file -> its stage (the first one if ``stage`` is None) -> overrides -> ``--data`` -> TrainConfig
@@ -475,7 +501,7 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), 
     path = recipe_path(name_or_path)
     raw = load_yaml(path)
     d, stage = stage_recipe(raw, stage, str(path))
-    d = apply_overrides(d, list(overrides))
+    d = apply_overrides(_keep_warmup_share(d, list(overrides)), list(overrides))
     if data is not None:
         d.setdefault("data", {})
         d["data"] = {**(d["data"] or {}), "path": str(data)}
