@@ -150,7 +150,7 @@ def _write_error(err: Exception, tmp: Path) -> str:
 
 def _raise_if_any(error: str | None, tmp: Path) -> None:
     """Collective: if any rank failed to write, drop the partial directory and raise on every rank."""
-    first = _agree(error)
+    first = agree(error)
     if first:
         if dist.get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -217,7 +217,7 @@ def read_manifest(ckpt: Path) -> dict[str, Any]:
     return m
 
 
-def _agree(error: str | None) -> str | None:
+def agree(error: str | None) -> str | None:
     """Collective: the first rank's error, on every rank."""
     errors: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
@@ -240,7 +240,7 @@ def verify(ckpt: Path, manifest: dict[str, Any]) -> None:
         if digest != meta["sha256"] or size != meta["bytes"]:
             error = f"{path}: corrupt (sha256 expected {meta['sha256']}, got {digest}; {size} of {meta['bytes']} bytes)"
             break
-    first = _agree(error)
+    first = agree(error)
     if first:
         raise CheckpointError(first)
 

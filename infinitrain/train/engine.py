@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from infinitrain.model import InfiniLM, count_parameters
 from infinitrain.train.config import STAGE_REF, TrainConfig, deep_merge
+from infinitrain.train.world import World
 
 ZERO_INIT_MIN_PARAMS = 500_000_000  # run.zero_init=auto: build partitioned from the start above this size
 
@@ -32,19 +33,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def setup_environment(local_rank: int | None = None) -> None:
-    """Make torchrun, the ``deepspeed`` launcher (``--local_rank``) and a bare single process look the same:
-    RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* set, DS_ACCELERATOR=cpu when there is no CUDA. Call before
-    ``import deepspeed``."""
-    if local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(local_rank))
-    if "RANK" not in os.environ:  # no launcher: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"), WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+def setup_environment(local_rank: int | None = None) -> World:
+    """Make every launcher look like torchrun: RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from the launcher's own
+    variables (``infinitrain.train.world``; refused in one line when a launcher's world is incomplete),
+    DS_ACCELERATOR=cpu when there is no CUDA, and on CUDA the settings that make deterministic mode strict and a
+    hung NCCL collective end the process. Call before ``import deepspeed``."""
+    from infinitrain.train.world import detect_world, mpi_rank0_address
+
+    world = detect_world(os.environ, local_rank, discover=mpi_rank0_address)
+    os.environ.update(world.env())
+    if world.launcher == "none" and world.master_port == 0:  # a world of one: any free port
+        os.environ["MASTER_PORT"] = str(_free_port())
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return world
 
 
 STALE_BUILD_LOCK_S = 300.0  # no build of DeepSpeed's shm op (~35 s on 2 cores) holds its lock this long

@@ -32,6 +32,7 @@ from infinitrain.train.data import (DatasetMetrics, SampleSource, Validation, co
                                     open_source)
 from infinitrain.train.engine import build_engine, deepspeed_config, init_distributed, setup_environment
 from infinitrain.train.step import all_reduce, backward_windows, evaluate, reduce_stats
+from infinitrain.train.world import RunLock
 
 
 @dataclass
@@ -223,6 +224,31 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: int, wor
            allow_fallback: bool) -> dict[str, Any]:
     cfg = tasks.resolve(cfg, sources)  # task classification: the class names from the data (config.yaml keeps them)
     ds_config = deepspeed_config(cfg, world)
+    lock = _lock_run_dir(run_dir, rank)
+    try:
+        return _train_locked(cfg, run_dir, resume, sources, rank, world, allow_fallback, ds_config)
+    finally:
+        lock.release()
+
+
+def _lock_run_dir(run_dir: Path, rank: int) -> RunLock:
+    """Rank 0 takes ``run_dir/train.lock`` (collective: a refusal is raised on every rank)."""
+    lock, error = RunLock(run_dir), None
+    if rank == 0:
+        try:
+            note = lock.acquire()
+            if note:
+                print(f"warning: {note}", file=sys.stderr)
+        except ConfigError as err:
+            error = str(err)
+    first = ckpt.agree(error)
+    if first:
+        raise ConfigError(first)
+    return lock
+
+
+def _train_locked(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: int, world: int,
+                  allow_fallback: bool, ds_config: dict[str, Any]) -> dict[str, Any]:
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
