@@ -98,28 +98,13 @@ def find_checkpoint(path: Path, step: int | None) -> Path:
     return want
 
 
-@contextlib.contextmanager
-def _world_of_one():
-    """A single-process gloo group for the trainer's collective ``checkpoint.verify`` (reused if one exists)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        yield
-        return
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
-    """Every file of the checkpoint against its manifest (size and sha256); returns the manifest."""
+    """Every file of the checkpoint against its manifest (size and sha256), several files at once with a
+    progress bar on stderr for big checkpoints; returns the manifest."""
     from infinitrain.train.checkpoint import read_manifest, verify
 
     manifest = read_manifest(ckpt)
-    with _world_of_one():
-        verify(ckpt, manifest)
+    verify(ckpt, manifest, progress=True)
     return manifest
 
 

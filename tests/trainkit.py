@@ -160,16 +160,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_ranks(run_dir: Path, overrides: list[str] = (), *, world: int = 2, log_dir: Path | None = None,
-                 **env: str) -> list[subprocess.Popen]:
-    """``world`` ranks of ``infinitrain train``, each its own process group member; stderr to log_dir."""
+def launch_ranks(run_dir: Path | list[Path], overrides: list[str] = (), *, world: int = 2,
+                 log_dir: Path | None = None, **env: str) -> list[subprocess.Popen]:
+    """``world`` ranks of ``infinitrain train``, each its own process group member; stderr to log_dir. A list of
+    run dirs gives each rank its own (node-local disks: no rank sees another's files)."""
+    run_dirs = list(run_dir) if isinstance(run_dir, (list, tuple)) else [run_dir] * world
+    run_dir = run_dirs[0]
     port, log_dir = free_port(), log_dir or run_dir.parent / f"{run_dir.name}-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     procs = []
     for rank in range(world):
         e = clean_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), **env)
-        argv = train_argv(run_dir, [*TWO_RANKS, *overrides])
+        argv = train_argv(run_dirs[rank], [*TWO_RANKS, *overrides])
         if ZYGOTE:
             procs.append(ZYGOTE[0].spawn(argv, e))
             continue
@@ -197,7 +200,8 @@ def stderr_tail(p: subprocess.Popen, n: int = 3000) -> str:
     return p.stderr_path.read_text()[-n:]
 
 
-def run_ranks(run_dir: Path, overrides: list[str] = (), *, timeout: float = 300, **env: str) -> tuple[list[int], list[str]]:
+def run_ranks(run_dir: Path | list[Path], overrides: list[str] = (), *, timeout: float = 300,
+              **env: str) -> tuple[list[int], list[str]]:
     """Launch, wait; (exit codes, stderr tails) of every rank."""
     procs = launch_ranks(run_dir, overrides, **env)
     return wait_all(procs, timeout), [stderr_tail(p) for p in procs]

@@ -247,15 +247,32 @@ def _lock_run_dir(run_dir: Path, rank: int) -> RunLock:
     return lock
 
 
-def _train_locked(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: int, world: int,
-                  allow_fallback: bool, ds_config: dict[str, Any]) -> dict[str, Any]:
+def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, rank: int, ds_config: dict[str, Any], resume: str
+                     ) -> ckpt.Disks:
+    """Rank 0 writes the resolved config; the ranks find which of them share the checkpoint disk (refusing
+    node-local disks below ZeRO-3); each disk's leader removes partial saves (collective)."""
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
+    disks = ckpt.probe_disks(run_dir / "checkpoints", cfg.run.zero_stage)
+    if disks.leader:
         ckpt.clean_partial(run_dir / "checkpoints")
-    dist.barrier()
+    error = None
+    if rank == 0 and resume == "none" and ckpt.committed(run_dir / "checkpoints"):
+        error = f"{run_dir / 'checkpoints'} already holds checkpoints; use --resume auto or a new --run-dir"
+    first = ckpt.agree(error)
+    if first:
+        raise ConfigError(first)
+    if rank == 0 and not disks.shared:
+        print(f"checkpoints on node-local disks: {disks.describe()} (each disk holds its ranks' files and the "
+              "manifest; resume with the same ranks on the same nodes)", file=sys.stderr)
+    return disks
 
+
+def _train_locked(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: int, world: int,
+                  allow_fallback: bool, ds_config: dict[str, Any]) -> dict[str, Any]:
+    disks = _prepare_run_dir(cfg, run_dir, rank, ds_config, resume)
     if sources is None:
         if cfg.data.path is None:
             raise ConfigError("no training data: pass --data DIR or set data.path in the recipe")
@@ -267,8 +284,6 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: i
     if train_src.vocab_size > cfg.model.vocab_size:
         raise DataError(f"data vocabulary ({train_src.vocab_size}) exceeds model.vocab_size ({cfg.model.vocab_size})")
 
-    if resume == "none" and ckpt.committed(run_dir / "checkpoints"):
-        raise ConfigError(f"{run_dir / 'checkpoints'} already holds checkpoints; use --resume auto or a new --run-dir")
     resume_from, fallbacks = ckpt.choose(run_dir, resume, allow_fallback)  # checked before the engine is built
     engine, model = build_engine(cfg, ds_config)
     sampler = make_sampler(train_src, micro_batch=cfg.data.micro_batch_size, grad_accum=cfg.data.grad_accum,
@@ -295,7 +310,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: i
     def save() -> Path:
         state.data = sampler.state_dict()
         return ckpt.save(engine, run_dir / "checkpoints", state.step, {"train_state": dataclasses.asdict(state)},
-                         cfg.checkpoint.keep_last)
+                         cfg.checkpoint.keep_last, disks)
 
     try:
         while state.step < cfg.schedule.steps:
