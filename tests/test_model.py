@@ -162,9 +162,9 @@ def test_mod_training_routes_exactly_k_per_segment_and_leaves_others_untouched()
     seen = {}
     orig = block.block.forward_compact
 
-    def spy(xs, state, *, pos, tokens_per_segment, doc_start=None):
+    def spy(xs, state, *, pos, tokens_per_segment, **docs):
         seen["n"], seen["pos"], seen["C"] = xs.shape[1], pos, tokens_per_segment
-        return orig(xs, state, pos=pos, tokens_per_segment=tokens_per_segment, doc_start=doc_start)
+        return orig(xs, state, pos=pos, tokens_per_segment=tokens_per_segment, **docs)
 
     block.block.forward_compact = spy
     out, _, aux = block(x)

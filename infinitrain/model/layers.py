@@ -124,15 +124,17 @@ class InfiniAttention(nn.Module):
         return self.o_proj(o.transpose(1, 2).reshape(B, T, H * V))  # heads back next to each other, then W_O
 
     def forward(self, x: Tensor, state: AttnState | None = None, *, keep: Tensor | None = None,
-                doc_start: Tensor | None = None) -> tuple[Tensor, AttnState]:
-        """Stream x (B, T, D) through the layer; segments count from the start of the stream."""
+                doc_start: Tensor | None = None, doc_inside: bool | None = None) -> tuple[Tensor, AttnState]:
+        """Stream x (B, T, D) through the layer; segments count from the start of the stream. doc_inside: whether
+        a document of doc_start starts inside a segment (None: read from doc_start, a host sync)."""
         prev = None
         if self.shift_k is not None:
             prev = token_shift(x, None if state is None else state.last, doc_start)
         q, k, v = self.project(x, prev)
         o, state = infini_attention_stream(q, k, v, self.betas, state, segment_len=self.segment_len,
                                            update=self.update, causal=self.causal, rotary=self.rotary,
-                                           keep=keep, doc_start=doc_start, eps=self.eps, tau=self.tau())
+                                           keep=keep, doc_start=doc_start, eps=self.eps, tau=self.tau(),
+                                           doc_inside=doc_inside)
         if self.shift_k is not None:
             state = state._replace(last=x[:, -1])
         return self.merge(o), state
@@ -151,7 +153,7 @@ class InfiniAttention(nn.Module):
                                        tau=self.tau())[1]
 
     def forward_compact(self, x: Tensor, state: AttnState | None, *, pos: Tensor, tokens_per_segment: int,
-                        doc_start: Tensor | None = None) -> tuple[Tensor, AttnState]:
+                        doc_start: Tensor | None = None, doc_inside: bool | None = None) -> tuple[Tensor, AttnState]:
         """Mixture-of-Depths training path: x (B, N*C, D) holds the C routed tokens of each of N whole
         segments in order, pos (B, N*C) their in-segment positions. The memory sees only these tokens."""
         if state is not None and state.k.shape[2]:
@@ -160,7 +162,8 @@ class InfiniAttention(nn.Module):
         q, k, v = self.project(x)
         o, mem = infini_attention(q, k, v, self.betas, None if state is None else state.mem,
                                   segment_len=tokens_per_segment, update=self.update, causal=self.causal,
-                                  rotary=self.rotary, pos=pos, doc_start=doc_start, eps=self.eps, tau=self.tau())
+                                  rotary=self.rotary, pos=pos, doc_start=doc_start, eps=self.eps, tau=self.tau(),
+                                  doc_inside=doc_inside)
         B = x.shape[0]
         empty_k = k.new_zeros(B, self.n_kv_heads, 0, self.head_dim)
         empty_v = v.new_zeros(B, self.n_kv_heads, 0, self.value_dim)
@@ -188,14 +191,14 @@ class Block(nn.Module):
         return h + self.drop(self.mlp(self.mlp_norm(h)))
 
     def forward(self, x: Tensor, state: AttnState | None = None, *, keep: Tensor | None = None,
-                doc_start: Tensor | None = None) -> tuple[Tensor, AttnState, Tensor]:
-        a, state = self.attn(self.attn_norm(x), state, keep=keep, doc_start=doc_start)
+                doc_start: Tensor | None = None, doc_inside: bool | None = None) -> tuple[Tensor, AttnState, Tensor]:
+        a, state = self.attn(self.attn_norm(x), state, keep=keep, doc_start=doc_start, doc_inside=doc_inside)
         return self._mlp(x + self.drop(a)), state, x.new_zeros((), dtype=torch.float32)
 
     def forward_compact(self, x: Tensor, state: AttnState | None, *, pos: Tensor, tokens_per_segment: int,
-                        doc_start: Tensor | None = None) -> tuple[Tensor, AttnState]:
-        a, state = self.attn.forward_compact(self.attn_norm(x), state, pos=pos,
-                                             tokens_per_segment=tokens_per_segment, doc_start=doc_start)
+                        doc_start: Tensor | None = None, doc_inside: bool | None = None) -> tuple[Tensor, AttnState]:
+        a, state = self.attn.forward_compact(self.attn_norm(x), state, pos=pos, tokens_per_segment=tokens_per_segment,
+                                             doc_start=doc_start, doc_inside=doc_inside)
         return self._mlp(x + self.drop(a)), state
 
 
@@ -273,33 +276,39 @@ class MoDBlock(nn.Module):
         return r.to(torch.promote_types(r.dtype, torch.float32))  # (B, T) logits r
 
     def forward(self, x: Tensor, state: AttnState | None = None, *, keep: Tensor | None = None,
-                doc_start: Tensor | None = None) -> tuple[Tensor, AttnState, Tensor]:
+                doc_start: Tensor | None = None, doc_inside: bool | None = None) -> tuple[Tensor, AttnState, Tensor]:
         if keep is not None:
             raise ValueError("a Mixture-of-Depths block routes by itself; nested routing is not supported")
         logits = self.route(x)
+        docs = {} if doc_start is None else dict(doc_start=doc_start, doc_inside=doc_inside)
         if self.training:
-            compact = self._compact if doc_start is None else partial(self._compact, doc_start=doc_start)
+            compact = partial(self._compact, **docs)
             out, state, chosen = route_topk(x, logits, state, compact, segment_len=self.segment_len,
                                             tokens_per_segment=self.tokens_per_segment)
             return out, state, F.binary_cross_entropy_with_logits(logits, chosen.float())
-        if x.shape[1] == 1 and doc_start is None and not torch.is_grad_enabled() and not bool((logits > 0).any()):
-            state = self.block.attn.skip(self.block.attn_norm(x), state)  # decoding a token no row routes
+        # Decoding a token no row routes skips the block's attention. Knowing that takes a host sync, free on the
+        # CPU only: elsewhere the routed path runs with every token masked out, which stores the same state.
+        if (x.device.type == "cpu" and x.shape[1] == 1 and doc_start is None and not torch.is_grad_enabled()
+                and not bool((logits > 0).any())):
+            state = self.block.attn.skip(self.block.attn_norm(x), state)
             return x, state, x.new_zeros((), dtype=torch.float32)
-        full = self._full if doc_start is None else partial(self._full, doc_start=doc_start)
+        full = partial(self._full, **docs)
         out, state, _ = route_causal(x, logits, state, full)
         return out, state, x.new_zeros((), dtype=torch.float32)  # the BCE target is top-k, defined in training only
 
     def _full(self, x: Tensor, state: AttnState | None, keep: Tensor, doc_start: Tensor | None = None,
-              ) -> tuple[Tensor, AttnState]:
-        y, state, _ = self.block(x, state, keep=keep, doc_start=doc_start)
+              doc_inside: bool | None = None) -> tuple[Tensor, AttnState]:
+        y, state, _ = self.block(x, state, keep=keep, doc_start=doc_start, doc_inside=doc_inside)
         return y, state
 
     def _compact(self, xs: Tensor, state: AttnState | None, pos: Tensor, tokens_per_segment: int,
-                 doc_start: Tensor | None = None) -> tuple[Tensor, AttnState]:
+                 doc_start: Tensor | None = None, doc_inside: bool | None = None) -> tuple[Tensor, AttnState]:
+        """doc_inside is the full window's: no start inside a segment there means none among the routed tokens;
+        a start inside may leave none among them, and the document mask is then merely unneeded (same result)."""
         if doc_start is not None:
             doc_start = compact_doc_start(doc_start, pos, self.segment_len, tokens_per_segment)
         return self.block.forward_compact(xs, state, pos=pos, tokens_per_segment=tokens_per_segment,
-                                          doc_start=doc_start)
+                                          doc_start=doc_start, doc_inside=doc_inside)
 
 
 def compact_doc_start(doc_start: Tensor, pos: Tensor, segment_len: int, tokens_per_segment: int) -> Tensor:

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from infinitrain.errors import ConfigError
 from infinitrain.model.config import ModelConfig
 from infinitrain.model.layers import Block, MoDBlock, RMSNorm
-from infinitrain.ops.memory import AttnState
+from infinitrain.ops.memory import AttnState, documents_inside
 
 
 class ModelState(NamedTuple):
@@ -95,17 +95,25 @@ class InfiniLM(nn.Module):
 
     def forward(self, input_ids: Tensor, state: ModelState | None = None, *, doc_start: Tensor | None = None,
                 targets: Tensor | None = None, loss_mask: Tensor | None = None,
-                loss_chunk: int | None = None) -> LMOutput:
+                loss_chunk: int | None = None, doc_inside: bool | None = None) -> LMOutput:
         """input_ids (B, T); state from the previous call (None starts fresh); doc_start (B, T) bool marks
-        the first token of each packed document (segment-aligned calls only): nothing crosses it.
+        the first token of each packed document (segment-aligned calls only): nothing crosses it. doc_inside:
+        whether one starts inside a segment (None: read from doc_start here, once, not in every layer; the
+        trainer passes it from its host copy, so the layer loop never waits for the device).
         targets (B, T) (with loss_mask (B, T), default all) returns the loss in place of the logits, computed
         ``loss_chunk`` tokens at a time (default: one segment)."""
         x = self.embed(input_ids)  # (B, T, D)
         layer_states = [None] * len(self.layers) if state is None else list(state.layers)
         aux = x.new_zeros((), dtype=torch.float32)
+        docs = {}
+        if doc_start is not None:
+            inside = doc_inside
+            if inside is None and doc_start.shape[1] % self.config.segment_len == 0:  # else the layers refuse it
+                inside = documents_inside(doc_start, self.config.segment_len)
+            docs = dict(doc_start=doc_start, doc_inside=inside)
         new_states = []
         for layer, s in zip(self.layers, layer_states):
-            x, s, a = layer(x, s, doc_start=doc_start)
+            x, s, a = layer(x, s, **docs)
             new_states.append(s)
             aux = aux + a
         state = ModelState(tuple(new_states))

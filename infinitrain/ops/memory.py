@@ -157,11 +157,21 @@ def _segment_positions(T: int, segment_len: int, device) -> Tensor:
 
 
 def _expand_kv(x: Tensor, heads: int) -> Tensor:
-    """(B, G, ...) -> (B, H, ...) with KV head g serving query heads g*R .. g*R+R-1 (repeat_interleave)."""
+    """(B, G, ...) -> (B, H, ...) with KV head g serving query heads g*R .. g*R+R-1 (repeat_interleave). A copy
+    R times the size of x: only where no fused SDPA kernel reads grouped heads (see ``grouped_sdpa``)."""
     B, G = x.shape[:2]
     if G == heads:
         return x
     return x[:, :, None].expand(B, G, heads // G, *x.shape[2:]).flatten(1, 2)
+
+
+def grouped_sdpa(q: Tensor, masked: bool) -> bool:
+    """Whether SDPA should read G < H key/value heads itself (``enable_gqa=True``) for queries like q: where a fused
+    kernel reads grouped heads natively, which is CUDA's FlashAttention (fp16/bf16, no mask). Elsewhere PyTorch
+    either falls back to its math kernel, which keeps S×S probabilities (fp32 or a mask on CUDA), or expands K/V
+    per query head itself before its kernel (the CPU, in torch 2.13): there the caller expands (``_expand_kv``),
+    which costs the same and keeps the kernel fused. Both paths give the same numbers (tested on the CPU)."""
+    return q.device.type == "cuda" and not masked and q.dtype in (torch.float16, torch.bfloat16)
 
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, segment_len: int, *, causal: bool = True,
@@ -178,20 +188,31 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, segment_len: int, *, causal
 
 def _local_attention_blocks(q: Tensor, k: Tensor, v: Tensor, segment_len: int, *, causal: bool = True,
                             keep: Tensor | None = None, doc: Tensor | None = None) -> Tensor:
-    """``local_attention`` shaped (B, H, N, S, V). Always one 4-D SDPA call, which PyTorch's fused kernels can
-    take instead of the math fallback that keeps fp32 S×S probabilities (on CPU the flash kernel takes both
-    layouts, checked for fp32 and bf16; on CUDA the unmasked one is FlashAttention's case, not checked here). Without keep/doc: segments as extra heads, (B, H·N, S, ·) with ``is_causal``; SDPA's
-    output is then laid out (B, S, H·N, V) on CPU, so no copy is made until the caller combines it. With them:
-    segments as batch rows, (B·N, H, S, ·), so that the boolean mask (B·N, 1, S, S) broadcasts over heads."""
+    """``local_attention`` shaped (B, G, R, N, S, V), R = H/G query heads per KV head. Always one 4-D SDPA call,
+    which PyTorch's fused kernels can take instead of the math fallback that keeps fp32 S×S probabilities (on CPU
+    the flash kernel takes every layout here, checked for fp32 and bf16; on CUDA the unmasked one is
+    FlashAttention's case, not checked here). Without keep/doc: segments as extra heads, (B, H·N, S, ·) with
+    ``is_causal``; SDPA's output is then laid out (B, S, H·N, V) on CPU, so no copy is made until the caller
+    combines it. With G < H and ``grouped_sdpa``: (B·G·N, R, S, ·) queries against (B·G·N, 1, S, ·) keys and
+    values (views), so K/V are never copied per query head; only q is laid out anew. With keep/doc: segments as
+    batch rows, (B·N, H, S, ·) against (B·N, G, S, ·) (or H when expanded), so that the boolean mask
+    (B·N, 1, S, S) broadcasts over heads."""
     B, H, T, K = q.shape
-    S = segment_len
-    N = T // S
-    k, v = _expand_kv(k, H), _expand_kv(v, H)
-    if keep is None and doc is None:
+    G, S, Vd = k.shape[1], segment_len, v.shape[-1]
+    N, R = T // S, H // G
+    masked = keep is not None or doc is not None
+    gqa = G < H and grouped_sdpa(q, masked)
+    if not gqa:
+        k, v = _expand_kv(k, H), _expand_kv(v, H)
+    if not masked and gqa:
+        qg = q.reshape(B, G, R, N, S, K).transpose(2, 3).reshape(B * G * N, R, S, K)
+        o = F.scaled_dot_product_attention(qg, k.reshape(B * G * N, 1, S, K), v.reshape(B * G * N, 1, S, Vd),
+                                           is_causal=causal, enable_gqa=True)
+        return o.view(B, G, N, R, S, Vd).transpose(2, 3)
+    if not masked:
         o = F.scaled_dot_product_attention(
-            q.reshape(B, H * N, S, K), k.reshape(B, H * N, S, K), v.reshape(B, H * N, S, v.shape[-1]),
-            is_causal=causal)
-        return o.view(B, H, N, S, -1)
+            q.reshape(B, H * N, S, K), k.reshape(B, H * N, S, K), v.reshape(B, H * N, S, Vd), is_causal=causal)
+        return o.view(B, G, R, N, S, Vd)
     eye = torch.eye(S, dtype=torch.bool, device=q.device)
     allowed = torch.ones_like(eye) if keep is None else keep.view(B, N, 1, S) | eye  # kept keys, and self
     if doc is not None:
@@ -200,11 +221,12 @@ def _local_attention_blocks(q: Tensor, k: Tensor, v: Tensor, segment_len: int, *
     if causal:
         allowed = allowed & torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
 
-    def rows(x: Tensor) -> Tensor:  # (B, H, T, ·) -> (B·N, H, S, ·)
-        return x.reshape(B, H, N, S, -1).transpose(1, 2).reshape(B * N, H, S, x.shape[-1])
+    def rows(x: Tensor) -> Tensor:  # (B, heads, T, ·) -> (B·N, heads, S, ·)
+        return x.reshape(B, x.shape[1], N, S, -1).transpose(1, 2).reshape(B * N, x.shape[1], S, x.shape[-1])
 
-    o = F.scaled_dot_product_attention(rows(q), rows(k), rows(v), attn_mask=allowed.view(B * N, 1, S, S))
-    return o.view(B, N, H, S, -1).transpose(1, 2)
+    o = F.scaled_dot_product_attention(rows(q), rows(k), rows(v), attn_mask=allowed.view(B * N, 1, S, S),
+                                       enable_gqa=gqa)
+    return o.view(B, N, G, R, S, Vd).permute(0, 2, 3, 1, 4, 5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,8 +311,8 @@ def memory_states_delta(sk: Tensor, v: Tensor, mem: MemoryState, eps: float, res
 def infini_attention(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: MemoryState | None = None, *,
                      segment_len: int, update: Update = "linear", causal: bool = True,
                      rotary: RotarySpec | None = None, pos: Tensor | None = None, keep: Tensor | None = None,
-                     doc_start: Tensor | None = None, eps: float = DEFAULT_EPS,
-                     tau: Tensor | None = None) -> tuple[Tensor, MemoryState]:
+                     doc_start: Tensor | None = None, eps: float = DEFAULT_EPS, tau: Tensor | None = None,
+                     doc_inside: bool | None = None) -> tuple[Tensor, MemoryState]:
     """Infini-attention over whole segments: (q, k, v, mem) -> (out, final mem).
 
     q (B, H, T, K), k (B, G, T, K), v (B, G, T, V) un-rotated, T a multiple of S; beta (H,).
@@ -299,7 +321,9 @@ def infini_attention(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: MemoryS
     doc_start (B, T) marks the first token of each new document: no token sees another document,
     through local attention or through the memory; the carried ``mem`` belongs to the document that
     is current when the call starts (see ``document_masks``). tau (G,): the memory reads σ(τ·q) and writes
-    σ(τ·k), one temperature per KV head (None: the paper's σ(q), σ(k)).
+    σ(τ·k), one temperature per KV head (None: the paper's σ(q), σ(k)). doc_inside: whether a document may
+    start inside a segment (then local attention needs the document mask); None reads it from doc_start, a host
+    sync, so a model computes it once per call (``documents_inside``) rather than once per layer.
     """
     if update not in UPDATES:
         raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
@@ -318,7 +342,7 @@ def infini_attention(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: MemoryS
     if doc_start is not None:
         doc, reads, writes, reset = document_masks(doc_start, S)
         write = writes if keep is None else keep & writes
-        if not bool(doc_start.view(B, N, S)[..., 1:].any()):
+        if not (documents_inside(doc_start, S) if doc_inside is None else doc_inside):
             doc = None  # documents start on segment boundaries only: local attention needs no mask (fused kernel)
     if write is not None:
         sk = sk * write.view(B, 1, N, S, 1)
@@ -336,14 +360,21 @@ def infini_attention(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: MemoryS
     if reads is not None:
         w = w * reads.view(B, 1, N, S, 1)  # a document's first (partial) segment reads an empty memory
     # Local path: rotated q/k, causal inside each segment.
-    if rotary is not None:
+    if rotary is not None:  # angles from the per-device cached frequencies: no host work per call
         p = pos if pos is not None else _segment_positions(T, S, q.device)
         q, k = apply_rotary(q, p, rotary), apply_rotary(k, p, rotary)
-    a_dot = _local_attention_blocks(q, k, v, S, causal=causal, keep=keep, doc=doc)  # (B, H, N, S, V)
+    a_dot = _local_attention_blocks(q, k, v, S, causal=causal, keep=keep, doc=doc)  # (B, G, R, N, S, V)
     # Eq. 10 as `gate`, in two passes: num·w is contiguous and comes first, so the sum is laid out
     # (B, H, T, V) too and SDPA's output needs no reshape copy.
-    out = torch.addcmul(num * w, a_dot, 1.0 - g)
+    R = H // G
+    out = torch.addcmul((num * w).view(B, G, R, N, S, Vd), a_dot, (1.0 - g).view(1, G, R, 1, 1, 1))
     return out.to(a_dot.dtype).reshape(B, H, T, Vd), final  # a view: out is contiguous
+
+
+def documents_inside(doc_start: Tensor, segment_len: int) -> bool:
+    """Whether a document starts inside a segment of doc_start (B, T), T = N·S (a host sync on an accelerator)."""
+    B, T = doc_start.shape
+    return bool(doc_start.view(B, T // segment_len, segment_len)[..., 1:].any())
 
 
 def document_masks(doc_start: Tensor, segment_len: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -466,7 +497,6 @@ def infini_attention_partial(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem:
         else:
             q = apply_rotary_at(q, P, rotary, table_len)
         k = k_rot if k_rot is not None else apply_rotary(k, torch.arange(L, device=q.device), rotary)
-    k, v = _expand_kv(k, H), _expand_kv(v, H)
     mask = None
     if (causal and t > 1) or keep is not None:  # one causal query at the end sees every key: no mask
         qpos = torch.arange(P, L, device=q.device)[:, None]
@@ -474,7 +504,10 @@ def infini_attention_partial(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem:
         mask = (kpos <= qpos) if causal else torch.ones(t, L, dtype=torch.bool, device=q.device)
         if keep is not None:
             mask = mask & (keep[:, None, None, :] | (kpos == qpos))  # (B, 1, t, L)
-    a_dot = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    gqa = k.shape[1] < H and grouped_sdpa(q, mask is not None)
+    if not gqa:
+        k, v = _expand_kv(k, H), _expand_kv(v, H)
+    a_dot = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     return gate(beta, a_mem, a_dot)
 
 
@@ -505,7 +538,7 @@ def infini_attention_stream(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, state
                             segment_len: int, update: Update = "linear", causal: bool = True,
                             rotary: RotarySpec | None = None, keep: Tensor | None = None,
                             doc_start: Tensor | None = None, eps: float = DEFAULT_EPS,
-                            tau: Tensor | None = None) -> tuple[Tensor, AttnState]:
+                            tau: Tensor | None = None, doc_inside: bool | None = None) -> tuple[Tensor, AttnState]:
     """Feed any number of tokens (q (B, H, T, K), k/v (B, G, T, ·)) with the state carried.
 
     Segments are counted from the start of the stream: the call first completes the unfinished
@@ -513,7 +546,8 @@ def infini_attention_stream(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, state
     as the new unfinished segment. One call over a stream equals any chunking of it, down to one
     token per call (causal attention only: a bidirectional segment depends on its future tokens).
     doc_start (B, T) document starts are supported on segment-aligned calls (the trainer's windows).
-    tau (G,): the memory temperatures (see ``infini_attention``).
+    tau (G,): the memory temperatures, doc_inside: whether a document starts inside a segment (see
+    ``infini_attention``).
     """
     B, H, T, K = q.shape
     G, Vd, S = k.shape[1], v.shape[-1], segment_len
@@ -548,7 +582,7 @@ def infini_attention_stream(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, state
         j = i + n_full
         o, mem = infini_attention(q[:, :, i:j], k[:, :, i:j], v[:, :, i:j], beta, mem, segment_len=S,
                                   update=update, keep=None if keep is None else keep[:, i:j], doc_start=doc_start,
-                                  causal=causal, rotary=rotary, eps=eps, tau=tau)
+                                  causal=causal, rotary=rotary, eps=eps, tau=tau, doc_inside=doc_inside)
         outs.append(o)
         i = j
     kt, vt = k[:, :, i:], v[:, :, i:]  # 3. the remainder starts a new unfinished segment

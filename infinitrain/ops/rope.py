@@ -67,9 +67,16 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+@functools.lru_cache(maxsize=64)
+def _inv_freq_on(spec: RotarySpec, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``rope_inv_freq`` on device, made once: a layer call then copies nothing from the host."""
+    with torch.inference_mode(False), torch.no_grad():
+        return rope_inv_freq(spec, dtype).to(device)
+
+
 def rope_angles(pos: Tensor, spec: RotarySpec, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos, sin (..., R) of positions pos (T,) or (B, T): each frequency twice, in rotate-half order."""
-    angles = pos.to(dtype)[..., None] * rope_inv_freq(spec, dtype).to(pos.device)  # (..., R/2)
+    angles = pos.to(dtype)[..., None] * _inv_freq_on(spec, dtype, pos.device)  # (..., R/2)
     cos, sin = angles.cos(), angles.sin()
     return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
 

@@ -116,7 +116,7 @@ class RouterAccuracy:
     def __init__(self, model) -> None:
         from infinitrain.model.layers import MoDBlock, topk_per_segment
 
-        self.counts = torch.zeros(2, dtype=torch.float64)  # agreeing tokens, tokens
+        self.counts = None  # (2,) agreeing tokens, tokens: on the router's device until ``take`` (no sync per call)
         self.handles = []
         for block in model.layers:
             if isinstance(block, MoDBlock):
@@ -127,8 +127,10 @@ class RouterAccuracy:
                     if not module.training or logits.shape[1] % S:
                         return
                     chosen = torch.zeros_like(logits, dtype=torch.bool).scatter(1, topk_per_segment(logits, S, C), True)
-                    self.counts += torch.tensor([float(((logits > 0) == chosen).sum()), float(logits.numel())],
-                                                dtype=torch.float64)
+                    if self.counts is None:
+                        self.counts = torch.zeros(2, dtype=torch.float64, device=logits.device)
+                    self.counts[0] += ((logits > 0) == chosen).sum()
+                    self.counts[1] += logits.numel()
 
                 self.handles.append(block.router.register_forward_hook(hook))
 
@@ -136,8 +138,8 @@ class RouterAccuracy:
         """Accuracy over all ranks since the last call (collective); None without routed blocks."""
         if not self.handles:
             return None
-        c = all_reduce(self.counts.clone())
-        self.counts.zero_()
+        c = all_reduce(torch.zeros(2, dtype=torch.float64) if self.counts is None else self.counts.cpu())
+        self.counts = None
         return float(c[0] / c[1]) if c[1] else None
 
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from infinitrain import faults
+from infinitrain.ops.memory import documents_inside
 from infinitrain.train.data import Batch
 
 
@@ -58,18 +59,20 @@ def backward_windows(engine, micro_batches: list[Batch], *, segment_len: int, wi
     B, L = micro_batches[0].input_ids.shape
     N, span = L // segment_len, window * segment_len
     windows = [(a, min(L, a + span)) for a in range(0, L, span)]
-    stats = dict(loss=torch.zeros((), dtype=torch.float64), aux=torch.zeros((), dtype=torch.float64),
-                 seg=torch.zeros(N, dtype=torch.float64), sample=torch.zeros(len(micro_batches) * B, dtype=torch.float64))
-    nonfinite = torch.zeros(())
+    dev = engine.device
+    # sums stay on the device until the step ends: a .cpu() per window would stall the host on every backward
+    sums = dict(loss=(), aux=(), seg=(N,), nonfinite=(), sample=(len(micro_batches) * B,))
+    stats = {k: torch.zeros(shape, dtype=torch.float64, device=dev) for k, shape in sums.items()}
     n_backward, total = 0, len(micro_batches) * len(windows)
     for m, mb in enumerate(micro_batches):
         state = None  # memory resets at every sample start
         for a, b in windows:
             n_backward += 1
             engine.set_gradient_accumulation_boundary(n_backward == total)
-            dev = engine.device
-            out = engine(mb.input_ids[:, a:b].to(dev), state, doc_start=mb.doc_start[:, a:b].to(dev),
-                         targets=mb.targets[:, a:b].to(dev), loss_mask=mb.loss_mask[:, a:b].to(dev))
+            doc_start = mb.doc_start[:, a:b]
+            out = engine(mb.input_ids[:, a:b].to(dev), state, doc_start=doc_start.to(dev),
+                         targets=mb.targets[:, a:b].to(dev), loss_mask=mb.loss_mask[:, a:b].to(dev),
+                         doc_inside=documents_inside(doc_start, segment_len))  # from the host copy: no sync
             loss_sum, ce = out.loss_sum, out.token_loss  # chunked: the window's logits are never all kept
             # the router loss is a per-token mean: weight windows by tokens (× world / world for the DS average)
             aux_share = (b - a) * B / tokens_per_rank
@@ -79,15 +82,15 @@ def backward_windows(engine, micro_batches: list[Batch], *, segment_len: int, wi
             engine.backward(loss, scale_wrt_gas=False)
             faults.point("mid_step", step)
             state = out.state.detach()
-            if not torch.isfinite(loss.detach()):
-                nonfinite.fill_(1.0)
-            stats["loss"] += loss_sum.detach().double().cpu()
-            stats["aux"] += out.aux_loss.detach().double().cpu() * aux_share
+            stats["nonfinite"] = torch.maximum(stats["nonfinite"], (~torch.isfinite(loss.detach())).double())
+            stats["loss"] += loss_sum.detach().double()
+            stats["aux"] += out.aux_loss.detach().double() * aux_share
             stats["seg"][a // segment_len:math.ceil(b / segment_len)] += (
-                ce.double().cpu().view(B, -1, segment_len).sum(dim=(0, 2)))
-            stats["sample"][m * B:(m + 1) * B] += ce.double().cpu().sum(1)
+                ce.double().view(B, -1, segment_len).sum(dim=(0, 2)))
+            stats["sample"][m * B:(m + 1) * B] += ce.double().sum(1)
+    stats = {k: v.cpu() for k, v in stats.items()}
     seg_targets = torch.stack([mb.loss_mask.view(B, N, segment_len).sum(dim=(0, 2)) for mb in micro_batches]).sum(0)
-    return StepStats(stats["loss"], n_targets, stats["seg"], seg_targets.double(), stats["aux"], nonfinite.double(),
+    return StepStats(stats["loss"], n_targets, stats["seg"], seg_targets.double(), stats["aux"], stats["nonfinite"],
                      stats["sample"])
 
 
@@ -111,7 +114,8 @@ def evaluate(engine, batches: list[Batch], *, segment_len: int, window: int) -> 
             b = min(L, a + window * segment_len)
             dev = engine.device
             out = engine(mb.input_ids[:, a:b].to(dev), state, doc_start=mb.doc_start[:, a:b].to(dev),
-                         targets=mb.targets[:, a:b].to(dev), loss_mask=mb.loss_mask[:, a:b].to(dev))
+                         targets=mb.targets[:, a:b].to(dev), loss_mask=mb.loss_mask[:, a:b].to(dev),
+                         doc_inside=documents_inside(mb.doc_start[:, a:b], segment_len))
             tot[0] += out.loss_sum.double().cpu()
             tot[1] += mb.loss_mask[:, a:b].sum()
             state = out.state
