@@ -49,6 +49,45 @@ def test_batched_ragged_prompts_equal_one_by_one():
         assert len(out) == 12
 
 
+@pytest.mark.parametrize("kw", [dict(update="delta", mod_every=2, mod_capacity=0.5), dict(token_shift=True)],
+                         ids=["mod-delta", "token-shift"])
+def test_batched_long_ragged_prompts_prefill_in_chunks_and_equal_one_by_one(kw):
+    """Prompts of 5, 203, 97, 1 and 64 tokens (segment 8): each row is prefilled alone in segment chunks and the
+    states stacked, so no row feeds its prompt one token per step beyond the few tokens that bring the rows of a
+    group to one phase (and a prompt of 5 beside one of 203 is no longer 198 one-token forwards). Every row's
+    output equals its own generation, also when continuing from a prefilled state."""
+    from infinitrain.infer.generate import prefill
+
+    model = build(**kw)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (5, 203, 97, 1, 64)]
+    calls = []
+    hook = model.layers[0].register_forward_pre_hook(lambda m, args: calls.append(args[0].shape))
+    batched = model.generate(prompts, max_new_tokens=6, temperature=0)
+    hook.remove()
+    singles = [model.generate([p], max_new_tokens=6, temperature=0)[0] for p in prompts]
+    assert batched == singles
+    assert sum(1 for shape in calls if shape[1] == 1) <= 5 * (6 + 8)  # per row at most new tokens + a segment
+    assert max(shape[1] for shape in calls) == 8  # prefill pieces of one segment
+    head = [11, 12, 13]  # continuing three streams that share a prefilled head
+    state = prefill(model, [torch.tensor([head] * 3)])
+    cont = generate(model, prompts[:3], Sampling(max_new_tokens=6, temperature=0), state=state)
+    assert cont == [model.generate([head + p], max_new_tokens=6, temperature=0)[0] for p in prompts[:3]]
+
+
+def test_plan_groups_batches_rows_that_share_a_phase_and_splits_the_rest():
+    from infinitrain.infer.generate import plan_groups
+
+    # the issue's example: 5 and 2,000 tokens, segment 2048, 128 new tokens: apart (256 steps), not 1,995 + 128
+    assert sorted(plan_groups([5, 2000], 0, 2048, 128)) == [([0], 4), ([1], 1999)]
+    # prompts ending at nearby phases share a group: rows 0 and 2 end 3 tokens apart, row 1 elsewhere
+    groups = plan_groups([2050, 700, 4099], 0, 2048, 128)
+    assert sorted(groups) == [([0, 2], 1), ([1], 699)]
+    assert plan_groups([7, 7, 7], 0, 8, 10) == [([0, 1, 2], 6)]
+    # a short prompt cannot reach back to a later phase: row 0 (3 tokens) fixes the group's phase at 2
+    assert plan_groups([3, 12], 0, 8, 100) == [([0, 1], 2)]
+
+
 def test_prefill_chunking_does_not_change_the_result():
     model = build()
     prompt = list(range(1, 40))

@@ -3,9 +3,11 @@
 The model's state is the whole cache: each layer's compressive memory (M, z) plus the keys/values of
 the current unfinished segment, compressed into the memory at every segment boundary. So the cost per
 token is the same at 1K or 1M tokens of context. Several prompts are batched; prompts of different
-lengths stay exact (each row's segments start at its own first token): the shared prefix length is
-prefilled in one call, and from there every row moves one token per step, feeding its prompt until it
-runs out, then its samples.
+lengths stay exact (each row's segments start at its own first token): each row is prefilled alone in
+segment chunks up to a position where the rows of its group are at the same point of a segment, the
+states are stacked, and from there the group moves one token per step, each row feeding what is left of
+its prompt, then its samples. Rows whose prompts end at distant points of a segment decode in separate
+groups (``plan_groups``), so a short prompt never drags a long one through its prompt token by token.
 """
 
 from __future__ import annotations
@@ -168,29 +170,124 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: Sampling, *,
 
 def _generate(model, prompts, sampling, generator, on_tokens, on_prefill, chunk, state) -> list[list[int]]:
     device = next(model.parameters()).device
+    lengths = [len(p) for p in prompts]
+    held = 0 if state is None else state.tokens_in_segment
+    fed = [0, sum(lengths)]  # prompt tokens fed so far, of all rows (on_prefill's count)
+
+    def progress(n: int) -> None:
+        fed[0] += n
+        if on_prefill and n:
+            on_prefill(fed[0], fed[1])
+
+    S = model.config.segment_len
+    out: list[list[int]] = [[] for _ in prompts]
+    for rows, phase in plan_groups(lengths, held, S, sampling.max_new_tokens):
+        # each row alone up to the group's phase, in segment chunks; the rest goes in lockstep
+        start = [lengths[b] - 1 - (held + lengths[b] - 1 - phase) % S for b in rows]
+        singles = [_prefill_row(model, torch.as_tensor(list(prompts[b][:c]), dtype=torch.long, device=device)[None],
+                                None if state is None else state.row(b), held, chunk, progress)
+                   for b, c in zip(rows, start)]
+        group_state = None if all(s is None for s in singles) else ModelState.cat(singles)
+        decoded = _decode_group(model, [prompts[b] for b in rows], start, group_state, sampling, generator,
+                                _widen(on_tokens, rows, len(prompts), device), progress, chunk)
+        for b, o in zip(rows, decoded):
+            out[b] = o
+    return out
+
+
+def plan_groups(lengths: Sequence[int], held: int, segment_len: int, new_tokens: int) -> list[tuple[list[int], int]]:
+    """Rows decoded together, and the in-segment phase at which each group is stacked: [(rows, phase), ...].
+
+    A batched state holds the same number of unfinished-segment tokens in every row, so rows move in lockstep
+    from the phase at which they are stacked. Row b can be prefilled alone (in segment chunks) up to any
+    position c <= len_b - 1 with that phase; the len_b - 1 - c prompt tokens left go one per step, beside the
+    other rows. A group stacked at the phase of its member whose prompt ends earliest in the segment costs
+    (most tokens left) + new_tokens steps; this picks the grouping with the fewest steps over all groups (rows
+    contiguous in the circular order of their end phases; a dynamic programme, fewer groups on ties)."""
+    S, B = segment_len, len(lengths)
+    end = [(held + n - 1) % S for n in lengths]  # phase before the last prompt token
+    order = sorted(range(B), key=lambda b: end[b])
+    best: tuple[tuple[int, int], list[tuple[list[int], int]]] | None = None
+    for rot in range(B if B > 1 else 1):
+        ring = order[rot:] + order[:rot]
+        cost: list[tuple[int, int] | None] = [(0, 0)] + [None] * B
+        back = [0] * (B + 1)
+        for i in range(B):
+            if cost[i] is None:
+                continue
+            phase, worst = end[ring[i]], 0
+            for j in range(i, B):
+                left = (end[ring[j]] - phase) % S
+                if left > lengths[ring[j]] - 1:  # this row's prompt does not reach back to the phase
+                    break
+                worst = max(worst, left)
+                c = (cost[i][0] + worst + new_tokens, cost[i][1] + 1)
+                if cost[j + 1] is None or c < cost[j + 1]:
+                    cost[j + 1], back[j + 1] = c, i
+        if cost[B] is None:
+            continue
+        groups, j = [], B
+        while j:
+            i = back[j]
+            groups.append((ring[i:j], end[ring[i]]))
+            j = i
+        if best is None or cost[B] < best[0]:
+            best = (cost[B], groups[::-1])
+    return best[1]
+
+
+def _prefill_row(model, ids: Tensor, state: ModelState | None, held: int, chunk: int,
+                 progress: Callable[[int], None]) -> ModelState | None:
+    """Feed ids (1, t) in pieces of at most ``chunk`` tokens that end where the stream position (held + fed) is a
+    multiple of ``chunk``: with chunk = S (the default) no piece crosses a segment boundary."""
+    i, t = 0, ids.shape[1]
+    while i < t:
+        j = min(t, i + chunk - (held + i) % chunk)
+        state = advance(model, ids[:, i:j], state)
+        progress(j - i)
+        i = j
+    return state
+
+
+def _widen(on_tokens, rows: list[int], total: int, device):
+    """on_tokens for a group: its (g,) ids and flags spread over all ``total`` rows (the rest inactive)."""
+    if on_tokens is None:
+        return None
+    index = torch.tensor(rows, device=device)
+
+    def call(ids: Tensor, active: Tensor) -> None:
+        full_ids = torch.zeros(total, dtype=ids.dtype, device=device).index_copy(0, index, ids)
+        on_tokens(full_ids, torch.zeros(total, dtype=torch.bool, device=device).index_copy(0, index, active))
+
+    return call
+
+
+def _decode_group(model, prompts, start: list[int], state, sampling, generator, on_tokens, progress,
+                  chunk: int) -> list[list[int]]:
+    """Rows stacked in ``state``, row b having fed its prompt up to start[b] (all at one phase): feed the prompt
+    tokens every row still has in common as pieces, then one token per step, each row its prompt until it runs
+    out, then its samples."""
+    device = next(model.parameters()).device
     B = len(prompts)
     lengths = [len(p) for p in prompts]
-    longest = max(lengths)
-    padded = torch.zeros(B, longest, dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        padded[b, : len(p)] = torch.as_tensor(list(p), dtype=torch.long, device=device)
-    shared = min(lengths) - 1  # prefill all but the last token of the shortest prompt in bulk
-    for i in range(0, shared, chunk):
-        state = advance(model, padded[:, i:min(shared, i + chunk)], state)
-        if on_prefill:
-            on_prefill(min(shared, i + chunk), longest)
+    held = 0 if state is None else state.tokens_in_segment
+    common = min(n - 1 - s for n, s in zip(lengths, start))
+    if common:
+        ids = torch.stack([torch.as_tensor(list(p[s:s + common]), dtype=torch.long, device=device)
+                           for p, s in zip(prompts, start)])
+        state = _prefill_row(model, ids, state, held, chunk, lambda n: progress(n * B))
+        start = [s + common for s in start]
     # The loop's bookkeeping is in Python lists: a decode step of a small model is a few hundred
     # microseconds, and every tensor op on (B,) flags would cost a few of them.
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
-    pos = shared  # every row is at this stream position
-    token = padded[:, pos]
+    pos = list(start)  # the prompt index each row feeds next
+    token = torch.tensor([p[s] for p, s in zip(prompts, pos)], dtype=torch.long, device=device)
     while True:
         logits, state = model(token[:, None], state)[:2]
-        pos += 1
-        in_prompt = [pos < n for n in lengths]  # these rows still have prompt tokens to feed
-        if on_prefill and any(in_prompt):
-            on_prefill(pos, longest)
+        progress(sum(1 for b in range(B) if pos[b] < lengths[b]))
+        pos = [q + 1 for q in pos]
+        in_prompt = [q < n for q, n in zip(pos, lengths)]  # these rows still have prompt tokens to feed
         sampled = sample_next(logits[:, -1], sampling, generator)
         ids = sampled.tolist()
         emitting = [not (p or d) for p, d in zip(in_prompt, done)]
@@ -203,6 +300,7 @@ def _generate(model, prompts, sampling, generator, on_tokens, on_prefill, chunk,
         if all(done):
             return out
         if any(in_prompt):
-            token = torch.where(torch.tensor(in_prompt, device=device), padded[:, min(pos, longest - 1)], sampled)
+            nxt = [prompts[b][pos[b]] if in_prompt[b] else ids[b] for b in range(B)]
+            token = torch.tensor(nxt, dtype=torch.long, device=device)
         else:
             token = sampled

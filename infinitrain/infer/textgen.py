@@ -60,8 +60,8 @@ def generate_text(model, codec: Codec, prompts: list[str], sampling: Sampling, *
     rows = [(i, s) for i, _ in enumerate(encoded) for s in range(num_samples)]
     row_ids = [encoded[i] for i, _ in rows]
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    longest = max(len(r) for r in row_ids)
-    bar = tqdm(total=longest, desc="prefill", unit="tok", file=sys.stderr, dynamic_ncols=True, leave=False,
+    longest, total = max(len(r) for r in row_ids), sum(len(r) for r in row_ids)
+    bar = tqdm(total=total, desc="prefill", unit="tok", file=sys.stderr, dynamic_ncols=True, leave=False,
                disable=not progress or longest <= model.config.segment_len)
     live = TextStream(codec.decode) if stream is not None and len(rows) == 1 else None
     t0 = time.perf_counter()
@@ -76,7 +76,7 @@ def generate_text(model, codec: Codec, prompts: list[str], sampling: Sampling, *
             started.logical_or_(active.cpu())
             if bool(started.all()):
                 prefill_end.append(time.perf_counter())
-                bar.update(longest - bar.n)
+                bar.update(total - bar.n)
                 bar.close()
         if live is not None:
             stream.write(live.push([int(ids[0])]))
