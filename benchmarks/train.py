@@ -49,7 +49,7 @@ def matmul_peak(threads: int) -> float:
 def child(length: int, window: int, steps: int, micro: int, threads: int, ckpt: str) -> dict:
     import torch
 
-    from infinitrain.model import count_parameters
+    from infinitrain.check import model_flops_per_token
     from infinitrain.train.config import load_recipe
     from infinitrain.train.data import Batch
     from infinitrain.train.engine import build_engine, deepspeed_config, init_distributed, setup_environment
@@ -79,10 +79,7 @@ def child(length: int, window: int, steps: int, micro: int, threads: int, ckpt: 
     for _ in range(steps):
         step()
     tok_s = steps * micro * length / (time.perf_counter() - t)
-    m = cfg.model
-    n_emb = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
-    flops_tok = (6 * (count_parameters(m) - n_emb) + 6 * m.n_layers * S * m.n_heads * m.head_dim
-                 + 12 * m.n_layers * m.n_heads * m.head_dim**2)
+    flops_tok = model_flops_per_token(cfg.model, S)
     peak = matmul_peak(threads)
     return {"length": length, "segments": length // S, "window": window, "tokens_per_s": tok_s,
             "peak_rss_mb": rss_mb("VmHWM"), "rss_after_init_mb": rss_init, "mfu": tok_s * flops_tok / peak,
