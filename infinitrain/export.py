@@ -2,7 +2,8 @@
 
     RUN_DIR/checkpoints/step-N  --verify manifest sha256-->  gather ZeRO partitions (fp32)  -->  OUT/
         model.safetensors (or model-0000i-of-0000n.safetensors + model.safetensors.index.json above --max-shard-size)
-        config.json       the ModelConfig, the dtype, the tokenizer ("tokenizer.json", "bytes" or null), provenance
+        config.json       the ModelConfig, the dtype, the tokenizer ("tokenizer.json", "bytes" or null), whether
+                          documents start with its BOS (bos_at_doc_start, as the training data did), provenance
         tokenizer.json    the run's tokenizer (beside the run, or beside its prepared data), when it has one
 
 Several runs (or checkpoints) of one model are averaged weight by weight into one export (a uniform "model
@@ -225,8 +226,9 @@ def export(path: str | os.PathLike | list | tuple, out: str | os.PathLike, *, st
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)  # left by an export that was killed
     try:
+        bos = {"bos_at_doc_start": codec.bos_id is not None} if tok == "tokenizer.json" else {}
         save_pretrained(model, tmp, dtype=dtype, max_shard_bytes=shard_bytes,
-                        extra={"tokenizer": tok, "exported_from": provenance})
+                        extra={"tokenizer": tok, **bos, "exported_from": provenance})
         if tok == "tokenizer.json":
             shutil.copyfile(codec.source, tmp / "tokenizer.json")
         _fsync_tree(tmp)

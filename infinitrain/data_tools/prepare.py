@@ -553,6 +553,8 @@ def write_output(cfg: PrepareConfig, paths: list[Path], tok: TokenizerInfo, sepa
                 if len(toks) < max(cfg.min_doc_tokens, 1):
                     note(source, line, "too_short", f"{len(toks)} tokens")
                     continue
+                if tok.bos_at_doc_start:  # the tokenizer's template starts every text with its BOS (Llama 3)
+                    toks = np.concatenate([np.array([tok.bos_id], tok.dtype), toks])
                 for split, toks in val_split.assign(key, toks):  # two parts where the val tail starts inside it
                     row = {"id": doc_id, "split": split, "source": source, "line": line, "tokens": len(toks)}
                     if mode == "pretrain":

@@ -40,6 +40,9 @@ class TokenizerInfo:
     eos_id: int
     bos_id: int | None
     pad_id: int  # the eos id when the tokenizer has no pad token (padding is always loss-masked)
+    # the tokenizer's own template puts bos_id before a text (Llama 3's <|begin_of_text|>): every document then
+    # starts with it, in prepare, generation and every eval (``doc_start_bos``)
+    bos_at_doc_start: bool = False
 
     def __post_init__(self) -> None:
         for name in ("eos_id", "pad_id"):
@@ -51,8 +54,11 @@ class TokenizerInfo:
         return token_dtype(self.vocab_size)
 
     def to_dict(self) -> dict:
-        return {"sha256": self.sha256, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
-                "bos_id": self.bos_id, "pad_id": self.pad_id}
+        """The index's ``tokenizer`` entry. ``bos_at_doc_start`` only when set: folders of tokenizers without a
+        BOS template stay byte-identical (and keep their prepare fingerprint); a missing key reads as false."""
+        d = {"sha256": self.sha256, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
+             "bos_id": self.bos_id, "pad_id": self.pad_id}
+        return {**d, "bos_at_doc_start": True} if self.bos_at_doc_start else d
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -146,11 +152,25 @@ def load_tokenizer(path: str | os.PathLike, *, eos_token: str | None = None) -> 
         eos_id = _first_id(tok, EOS_NAMES)
         if eos_id is None:
             raise ConfigError(f"{p}: no end-of-document token found (tried {', '.join(EOS_NAMES)}); pass --eos-token")
-    bos_id = _first_id(tok, BOS_NAMES)
+    template_bos = doc_start_bos(tok)
+    bos_id = _first_id(tok, BOS_NAMES) if template_bos is None else template_bos
     pad_id = _first_id(tok, PAD_NAMES)
     info = TokenizerInfo(path=str(p), sha256=hashlib.sha256(raw).hexdigest(), vocab_size=vocab_size,
-                         eos_id=eos_id, bos_id=bos_id, pad_id=eos_id if pad_id is None else pad_id)
+                         eos_id=eos_id, bos_id=bos_id, pad_id=eos_id if pad_id is None else pad_id,
+                         bos_at_doc_start=template_bos is not None)
     return encoder(tok), info
+
+
+def doc_start_bos(tok: Tokenizer) -> int | None:
+    """The one special token the tokenizer's own post-processor puts before a single text (Llama 3 puts
+    <|begin_of_text|>, Llama 2 and Mistral <s>, Gemma <bos>), else None (GPT-2, SmolLM, ours: no template).
+    A model trained from such a tokenizer's weights saw it at every document start, so we insert it there too."""
+    plain = tok.encode("a", add_special_tokens=False).ids
+    full = tok.encode("a", add_special_tokens=True).ids
+    for k in range(len(full) - len(plain) + 1):
+        if full[k:k + len(plain)] == plain:
+            return full[0] if k == 1 else None
+    return None
 
 
 def encoder(tok: Tokenizer) -> Tokenizer:

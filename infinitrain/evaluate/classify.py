@@ -172,9 +172,9 @@ def write_outputs(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Pa
 def classify_texts(model, codec, texts: list[str], *, memory: bool = True) -> list[dict[str, float]]:
     """Class probabilities of each text, read at its last token (what training reads), each text streamed from a
     fresh state one segment per call; ``memory=False`` reads an empty memory in every segment (``--no-memory``)."""
-    docs = [np.asarray(codec.encode(t), np.int64) for t in texts]
+    docs = [np.asarray(codec.encode_document(t), np.int64) for t in texts]
     for i, d in enumerate(docs):
-        if len(d) == 0:
+        if len(d) <= (codec.bos_id is not None):
             raise ConfigError(f"prompt {i + 1} is empty (it encodes to no tokens)")
     with memory_read_off(model) if not memory else nullcontext():
         probs = class_logits(model, docs, model.config.segment_len).softmax(-1)

@@ -118,7 +118,7 @@ def run_passkey(model, codec: Codec, cfg: PasskeyConfig, *, model_name: str = ""
                            dynamic_ncols=True)
             for i in range(0, len(records), cfg.batch_size):
                 batch = records[i:i + cfg.batch_size]
-                prompts = [codec.encode(r["prompt"]) for r in batch]
+                prompts = [codec.encode_document(r["prompt"]) for r in batch]
                 outs = generate(model, prompts, sampling, prefill_chunk=chunk)
                 for r, p, out in zip(batch, prompts, outs):
                     text = codec.decode(out)

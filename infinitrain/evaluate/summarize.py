@@ -119,7 +119,7 @@ def run_summarize(model, codec: Codec, cfg: SummarizeConfig, *, model_name: str 
                dynamic_ncols=True)
     for i in range(0, len(pairs), cfg.batch_size):
         batch = pairs[i:i + cfg.batch_size]
-        prompts = [codec.encode(doc + cfg.separator) for doc, _ in batch]
+        prompts = [codec.encode_document(doc + cfg.separator) for doc, _ in batch]
         outs = generate(model, prompts, sampling, generator=gen)
         for (doc, ref), p, out in zip(batch, prompts, outs):
             if codec.eos_id is not None and out and out[-1] == codec.eos_id:

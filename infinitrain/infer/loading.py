@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import pickle
@@ -53,19 +54,28 @@ class Codec:
     tokenizer: Any
     eos_id: int | None
     source: str  # the tokenizer.json path, or "bytes"
+    bos_id: int | None = None  # put before every document and prompt (the model's training data had it there)
 
     def encode(self, text: str) -> list[int]:
+        """The ids of a piece of text (no special tokens added)."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_document(self, text: str) -> list[int]:
+        """The ids of a whole document or prompt: BOS first when the model was trained with one at document starts."""
+        return ([] if self.bos_id is None else [self.bos_id]) + self.encode(text)
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "Codec":
+    def from_file(cls, path: str | os.PathLike, bos: bool | None = None) -> "Codec":
+        """bos: whether documents start with the tokenizer's BOS, as recorded where the model was trained (the data's
+        index, an export's config.json); None: as the tokenizer's own template says (``doc_start_bos``)."""
         from infinitrain.data_tools.tokenizer import load_tokenizer
 
         tok, info = load_tokenizer(path)
-        return cls(tok, info.eos_id, info.path)
+        bos = info.bos_at_doc_start if bos is None else bos
+        return cls(tok, info.eos_id, info.path, info.bos_id if bos else None)
 
     @classmethod
     def bytes(cls) -> "Codec":
@@ -85,9 +95,12 @@ def load_for_inference(path: str | os.PathLike, *, tokenizer: str | os.PathLike 
         model = InfiniLM.from_pretrained(p, device=device, dtype=dtype)
         from infinitrain.model.io import read_config
 
-        if tokenizer is None and read_config(p)[1].get("tokenizer") == "bytes":  # export of a byte-level run
+        extra = read_config(p)[1]
+        if tokenizer is None and extra.get("tokenizer") == "bytes":  # export of a byte-level run
             tokenizer = "bytes"
-        codec = _codec(tokenizer, [p], data_path=None, required=need_tokenizer)
+        # exports record whether documents start with BOS; one from before that record had none
+        codec = _codec(tokenizer, [p], data_path=None, required=need_tokenizer,
+                       bos=bool(extra.get("bos_at_doc_start", False)))
     else:
         ckpt, run_dir = _checkpoint_and_run(p)
         raw = _run_config(run_dir)
@@ -99,8 +112,9 @@ def load_for_inference(path: str | os.PathLike, *, tokenizer: str | os.PathLike 
                 raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
             model = model.to(DTYPES[dtype])
         model = model.to(device)
-        codec = _codec(tokenizer, [run_dir, ckpt], data_path=(raw.get("data") or {}).get("path"),
-                       required=need_tokenizer)
+        data_path = (raw.get("data") or {}).get("path")
+        codec = _codec(tokenizer, [run_dir, ckpt], data_path=data_path, required=need_tokenizer,
+                       bos=data_bos(data_path))
     scale_memory_tau(model, memory_tau_scale, where=str(p))
     if codec is None:
         return model.eval(), None
@@ -111,16 +125,31 @@ def load_for_inference(path: str | os.PathLike, *, tokenizer: str | os.PathLike 
     return model.eval(), codec
 
 
-def _codec(explicit, folders: list[Path], data_path: str | None, required: bool) -> Codec | None:
+def data_bos(data_path) -> bool | None:
+    """Whether the prepared data at ``data_path`` starts documents with BOS (its index records it; an index from
+    before that record: no); None when there is no index to read (raw text, a mixture, data moved away)."""
+    if not isinstance(data_path, str) or not (Path(data_path) / "index.json").is_file():
+        return None
+    try:
+        index = json.loads((Path(data_path) / "index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return bool((index.get("tokenizer") or {}).get("bos_at_doc_start", False))
+
+
+def _codec(explicit, folders: list[Path], data_path: str | None, required: bool, bos: bool | None = None,
+           ) -> Codec | None:
+    """The codec of a model: an explicit --tokenizer, else a tokenizer.json in ``folders`` or beside the data. bos:
+    what the model's data recorded about BOS at document starts (None: the tokenizer's template decides)."""
     if explicit is not None:
-        return Codec.bytes() if str(explicit) == "bytes" else Codec.from_file(explicit)
+        return Codec.bytes() if str(explicit) == "bytes" else Codec.from_file(explicit, bos)
     for folder in folders:
         if (folder / "tokenizer.json").is_file():
-            return Codec.from_file(folder / "tokenizer.json")
+            return Codec.from_file(folder / "tokenizer.json", bos)
     if data_path is not None:
         d = Path(data_path)
         if (d / "tokenizer.json").is_file():
-            return Codec.from_file(d / "tokenizer.json")
+            return Codec.from_file(d / "tokenizer.json", bos)
         if d.exists() and not (d / "index.json").is_file():
             return Codec.bytes()  # raw .txt training data: byte-level ids
     if not required:

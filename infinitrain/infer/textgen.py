@@ -53,9 +53,9 @@ def generate_text(model, codec: Codec, prompts: list[str], sampling: Sampling, *
         raise ConfigError("no prompt given: use --prompt TEXT or --prompt-file FILE")
     if num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {num_samples}")
-    encoded = [codec.encode(p) for p in prompts]
+    encoded = [codec.encode_document(p) for p in prompts]
     for i, ids in enumerate(encoded):
-        if not ids:
+        if len(ids) <= (codec.bos_id is not None):
             raise ConfigError(f"prompt {i + 1} is empty (it encodes to no tokens)")
     rows = [(i, s) for i, _ in enumerate(encoded) for s in range(num_samples)]
     row_ids = [encoded[i] for i, _ in rows]
