@@ -83,3 +83,51 @@ def test_prepare_benchmark_times_every_cell_and_workers_agree(tmp_path, capsys):
     assert report["outputs_identical"] and report["tokens"] > 1000
     assert "prepare 2 workers / 1 worker" in capsys.readouterr().out
     assert json.loads((tmp_path / "p.json").read_text())["summary"] == report["summary"]
+
+
+TINY_MODEL = ["--layers", "2", "--d-model", "32", "--heads", "4", "--kv-heads", "2", "--ffn", "48", "--vocab", "97",
+              "--segment", "32", "--window", "1", "--threads", "1", "--peak-n", "256"]
+
+
+def test_model_benchmark_times_every_contender_and_precision(tmp_path, capsys):
+    """benchmarks/model.py at a tiny shape: every (contender, precision, length) cell timed with finite tok/s, MFU and
+    kernel share, the side-by-side ratios printed, the load and CPU flags reported (no timing assertions)."""
+    bench = _load("model")
+    out = tmp_path / "m.json"
+    rep = bench.main(["--lengths", "64,128", "--rounds", "1", "--profile", "3", "--json", str(out), *TINY_MODEL])
+    table = capsys.readouterr().out
+    cells = {(r["contender"], r["precision"], r["T"]): r for r in rep["results"]}
+    assert set(cells) == {(c, p, T) for c in bench.CONTENDERS for p in bench.PRECISIONS for T in (64, 128)}
+    for r in cells.values():
+        assert r["steps"] == 1 and math.isfinite(r["best_tok_s"]) and r["best_tok_s"] > 0, r
+        assert 0 < r["mfu"] < 10 and 0 <= r["sys_share"] <= 1 and len(r["profile"]["top"]) == 3
+    names = {x["ratio"] for x in rep["ratios"]}
+    assert {"infini / hf fp32 T=128", "trainer / infini bf16 T=64", "trainer bf16 / fp32 T=128",
+            "trainer fp32 T=128 / T=64"} <= names
+    assert "load before:" in table and "load average" in table and "bf16 unit:" in table
+    assert rep["peaks"]["fp32"] > 0 and rep["peaks"]["bf16"] > 0
+    assert json.loads(out.read_text())["ratios"] == rep["ratios"]
+
+
+def test_model_benchmark_caps_full_attention_by_predicted_time():
+    """The full-attention contender is skipped where a step is predicted to exceed --max-step-s: quadratic from
+    one known length, a + bT² through the two longest known."""
+    bench = _load("model")
+    shape = bench.Shape(vocab=97, d_model=32, layers=2)
+    assert bench.hf_skip(shape, "fp32", 4096, {}, 10.0) == ""
+    assert bench.hf_skip(shape, "fp32", 4096, {1024: 1.0}, 10.0).startswith("skipped: predicted 16 s")
+    assert bench.hf_skip(shape, "fp32", 4096, {1024: 1.0}, 20.0) == ""
+    assert "predicted 10 s" in bench.hf_skip(shape, "fp32", 8192, {2048: 1.0, 4096: 3.0}, 9.0)  # 0.25 T + 0.125 T²
+    assert "GiB available" in bench.hf_skip(bench.Shape(vocab=10**9), "fp32", 1 << 20, {}, 1e9)
+
+
+def test_cpu_flags_are_read_not_assumed():
+    from infinitrain import hardware
+
+    info = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile amx_bf16\n\nprocessor\t: 1\nflags\t: fpu\n"
+    flags = hardware.cpu_flags(info)
+    assert hardware.bf16_unit(flags) == "amx_bf16"
+    assert hardware.bf16_unit(hardware.cpu_flags("flags: fpu avx512f avx512_bf16")) == "avx512_bf16"
+    assert hardware.bf16_unit(hardware.cpu_flags("flags: fpu avx2 fma")) is None
+    assert hardware.cpu_flags("Features: fp asimd bf16") == {"fp", "asimd", "bf16"}
+    assert hardware.cpu_flags("model name: x") == frozenset()
