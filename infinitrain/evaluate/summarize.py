@@ -22,6 +22,7 @@ from infinitrain.data_tools.prepare import PrepareConfig
 from infinitrain.errors import ConfigError, DataError
 from infinitrain.infer.generate import Sampling, generate
 from infinitrain.infer.loading import Codec
+from infinitrain.infer.textgen import sampling_generator
 
 SEPARATOR = PrepareConfig.separator  # "\n\nSummary:\n", as prepared for training
 METRICS = ("rouge1", "rouge2", "rougeL")
@@ -112,7 +113,7 @@ def run_summarize(model, codec: Codec, cfg: SummarizeConfig, *, model_name: str 
     pairs = read_records(cfg.data, cfg.document_field, cfg.summary_field, cfg.max_records)
     sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                         top_k=cfg.top_k, eos_id=codec.eos_id)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = sampling_generator(model, cfg.seed)
     report = SummarizeReport(config=asdict(cfg), model=model_name)
     t0 = time.perf_counter()
     bar = tqdm(total=len(pairs), desc="summarize", unit="doc", file=sys.stderr, disable=not progress,

@@ -9,7 +9,8 @@ import click
 _model = click.argument("model", metavar="MODEL")
 _tokenizer = click.option("--tokenizer", default=None, help="tokenizer.json to use, or 'bytes' for byte-level runs "
                           "[default: the one found with MODEL].")
-_device = click.option("--device", default="cpu", show_default=True, help="Torch device.")
+_device = click.option("--device", default="auto", show_default=True,
+                       help="Torch device: auto (CUDA when present, else the CPU), cpu, cuda or cuda:N.")
 _dtype = click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
                       help="Cast the weights [default: as stored].")
 _progress = click.option("--progress/--no-progress", default=True, show_default=True, help="tqdm bars on stderr.")

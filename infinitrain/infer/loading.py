@@ -82,12 +82,28 @@ class Codec:
         return cls(ByteTokenizer(), None, "bytes")
 
 
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``auto``: CUDA when present, else the CPU; any other name is checked (a CUDA device without CUDA, or a
+    name torch does not know, is a one-line ConfigError)."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"--device {name!r}: not a torch device ({str(err).splitlines()[0]})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available here (use --device cpu, or auto)")
+    return device
+
+
 def load_for_inference(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
-                       device: str | torch.device = "cpu", dtype: str | None = None, need_tokenizer: bool = True,
+                       device: str | torch.device = "auto", dtype: str | None = None, need_tokenizer: bool = True,
                        memory_tau_scale: float = 1.0) -> tuple[InfiniLM, Codec | None]:
     """The model (eval mode) and its codec for MODEL = export dir, run dir or checkpoint dir (module docstring).
     With ``need_tokenizer=False`` a missing tokenizer gives ``None`` instead of an error (``eval ppl``).
-    ``memory_tau_scale``: every memory temperature multiplied by it (``scale_memory_tau``)."""
+    ``memory_tau_scale``: every memory temperature multiplied by it (``scale_memory_tau``). ``device``: see
+    ``resolve_device``."""
+    device = resolve_device(device)
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such model directory")

@@ -43,6 +43,12 @@ class TextGenResult:
                 f"{self.decode_seconds:.2f} s ({self.decode_tokens_per_s:,.1f} tok/s, {len(self.texts)} rows)")
 
 
+def sampling_generator(model, seed: int) -> torch.Generator:
+    """A seeded generator on the model's device: ``torch.multinomial`` refuses one of another device (a CPU
+    generator with a CUDA model: "Expected a 'cuda' device type for generator")."""
+    return torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+
+
 def generate_text(model, codec: Codec, prompts: list[str], sampling: Sampling, *, num_samples: int = 1,
                   seed: int | None = None, stream: TextIO | None = None, progress: bool = True) -> TextGenResult:
     """Continue every prompt ``num_samples`` times in one batch. With ``stream`` and a single row, its text is
@@ -59,7 +65,7 @@ def generate_text(model, codec: Codec, prompts: list[str], sampling: Sampling, *
             raise ConfigError(f"prompt {i + 1} is empty (it encodes to no tokens)")
     rows = [(i, s) for i, _ in enumerate(encoded) for s in range(num_samples)]
     row_ids = [encoded[i] for i, _ in rows]
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    generator = sampling_generator(model, seed) if seed is not None else None
     longest, total = max(len(r) for r in row_ids), sum(len(r) for r in row_ids)
     bar = tqdm(total=total, desc="prefill", unit="tok", file=sys.stderr, dynamic_ncols=True, leave=False,
                disable=not progress or longest <= model.config.segment_len)

@@ -42,7 +42,10 @@ def train_cmd(recipe: str, overrides: tuple[str, ...], stage: str | None, data: 
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"done: step {summary['step']}  loss {summary['loss']:.4f}  val_loss {summary['val_loss']:.4f}  "
                    f"skipped {summary['skipped_total']}  checkpoint {summary['checkpoint']}")
-        evaluate = cfg.eval.command(run_dir)
+        import torch
+
+        evaluate = cfg.eval.command(run_dir, device="cuda" if torch.cuda.is_available() else "cpu",
+                                    dtype=cfg.run.precision)
         if evaluate:
             click.echo(f"evaluate: {evaluate}")
     _close_process_group()

@@ -236,11 +236,13 @@ class EvalConfig:
         _number("eval.top_p", self.top_p, 0.0, 1.0, lo_open=True)
         _positive_int("eval.max_new_tokens", self.max_new_tokens)
 
-    def command(self, model_dir: str) -> str | None:
-        """The ``infinitrain eval`` command line these settings stand for (None without a task)."""
+    def command(self, model_dir: str, device: str | None = None, dtype: str | None = None) -> str | None:
+        """The ``infinitrain eval`` command line these settings stand for (None without a task); ``device`` and
+        ``dtype``: the run's, so the evaluation runs where and how the model was trained."""
         if self.task is None:
             return None
         cmd = ["infinitrain", "eval", self.task, model_dir]
+        cmd += [*(["--device", device] if device else []), *(["--dtype", dtype] if dtype else [])]
         if self.data is not None and self.task != "passkey":
             cmd += ["--data", self.data]
         if self.task == "passkey" and self.lengths:
