@@ -25,6 +25,7 @@ def presets_cmd() -> None:
 
 
 # --- command registration (each module owns its commands; keep these lines sorted) ---------------
+from infinitrain.convert import convert_group  # noqa: E402
 from infinitrain.data_tools.commands import data_group, prepare_cmd, tokenizer_group  # noqa: E402
 from infinitrain.evaluate.commands import eval_group  # noqa: E402
 from infinitrain.export import export_cmd  # noqa: E402
@@ -33,6 +34,7 @@ from infinitrain.plan import plan_cmd  # noqa: E402
 from infinitrain.recipes.commands import recipes_group  # noqa: E402
 from infinitrain.train.commands import train_cmd  # noqa: E402
 
+cli.add_command(convert_group)
 cli.add_command(data_group)
 cli.add_command(eval_group)
 cli.add_command(export_cmd)

@@ -13,11 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 
 from infinitrain.errors import CheckpointError, ConfigError
 from infinitrain.infer.loading import checkpoint_state_dict
+from infinitrain.model.config import ModelConfig
 from infinitrain.model.io import save_pretrained
+from infinitrain.model.llama import fold_gates
 from infinitrain.model.lm import InfiniLM
 from infinitrain.train.checkpoint import committed
 from infinitrain.train.config import load_recipe
@@ -152,8 +155,11 @@ def test_llama_weights_survive_zero3_init_and_one_step(llama_dir, tmp_path):
     emb, src_emb = trained["embed.weight"], src["model.embed_tokens.weight"]
     assert torch.equal(emb[256:], src_emb[256:])
     assert not torch.equal(emb[:256], src_emb[:256])  # the step did happen
-    for ours, theirs in report["loaded"].items():
-        assert (trained[ours] - src[theirs]).abs().max() <= LR * 1.001, ours
+    model_cfg = ModelConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text())["model"])
+    for ours, theirs in report["loaded"].items():  # W_O divided by 1 - sigmoid(-3) at import (fold_gates)
+        assert (trained[ours] - fold_gates(ours, src[theirs], model_cfg)).abs().max() <= LR * 1.001, ours
+    assert not torch.allclose(trained["layers.0.attn.o_proj.weight"], src["model.layers.0.self_attn.o_proj.weight"],
+                              atol=10 * LR)
     assert torch.allclose(trained["layers.0.attn.betas"], torch.full((4,), -3.0), atol=0.011)  # gate_lr 1e-2
 
 
@@ -210,5 +216,8 @@ def test_llama_weights_land_on_two_ranks(llama_dir, tmp_path):
     trained = checkpoint_state_dict(committed(run / "checkpoints")[-1])
     src = hf_tensors(llama_dir)
     assert torch.equal(trained["embed.weight"][256:], src["model.embed_tokens.weight"][256:])
-    for ours, theirs in report["loaded"].items():
-        assert (trained[ours] - src[theirs]).abs().max() <= LR * 1.001, ours
+    model_cfg = ModelConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text())["model"])
+    for ours, theirs in report["loaded"].items():  # W_O divided by 1 - sigmoid(-3) at import (fold_gates)
+        assert (trained[ours] - fold_gates(ours, src[theirs], model_cfg)).abs().max() <= LR * 1.001, ours
+    assert not torch.allclose(trained["layers.0.attn.o_proj.weight"], src["model.layers.0.self_attn.o_proj.weight"],
+                              atol=10 * LR)

@@ -82,7 +82,8 @@ def generate_cmd(model, prompts, prompt_files, per_line, max_new_tokens, tempera
                  stream, no_memory, tokenizer, device, dtype, memory_tau_scale, progress, threads) -> None:
     """Continue prompts with MODEL at constant memory (segment-wise prefill with the memory carried).
 
-    MODEL is an export directory, a run directory (its newest committed checkpoint) or a checkpoint directory.
+    MODEL is an export directory, a Hugging Face Llama directory (e.g. from `convert gguf`), a run directory (its
+    newest committed checkpoint) or a checkpoint directory.
     Tokens/s go to stderr at the end. A classifier (task: classification) answers each prompt with its class
     (stdout) and the class probabilities (stderr), read at the prompt's last token.
     """

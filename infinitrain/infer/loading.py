@@ -1,6 +1,8 @@
 """``load_for_inference(path)``: an export directory, a run directory (its newest committed checkpoint) or one checkpoint -> (model, codec).
 
 MODEL may be
+  * a Hugging Face Llama directory (``config.json`` with ``model_type: llama`` + safetensors, e.g. from
+    ``infinitrain convert gguf``): imported by ``model.llama.load_llama`` at the default gates, tokenizer.json beside it;
   * an export directory (``config.json`` + safetensors, ``InfiniLM.save_pretrained``), tokenizer.json beside it;
   * a run directory written by ``infinitrain train`` (``config.yaml`` + ``checkpoints/step-N``): the newest
     committed checkpoint's weights are gathered from DeepSpeed's ZeRO files into fp32;
@@ -107,7 +109,13 @@ def load_for_inference(path: str | os.PathLike, *, tokenizer: str | os.PathLike 
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such model directory")
-    if (p / "config.json").is_file():
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        raise CheckpointError(f"{p}: a GGUF file is read by `infinitrain convert gguf {p} --out DIR` (then use DIR) "
+                              "or by `train --init-from`")
+    if _is_hf_llama(p):
+        model = _hf_llama(p, device, dtype)
+        codec = _codec(tokenizer, [p], data_path=None, required=need_tokenizer)
+    elif (p / "config.json").is_file():
         model = InfiniLM.from_pretrained(p, device=device, dtype=dtype)
         from infinitrain.model.io import read_config
 
@@ -139,6 +147,29 @@ def load_for_inference(path: str | os.PathLike, *, tokenizer: str | os.PathLike 
         raise ConfigError(f"{codec.source}: tokenizer has {vocab} tokens, the model's vocab_size is "
                           f"{model.config.vocab_size}")
     return model.eval(), codec
+
+
+def _is_hf_llama(p: Path) -> bool:
+    """A Hugging Face model directory (config.json with ``model_type``, not an infinitrain export)."""
+    import json
+
+    try:
+        meta = json.loads((p / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False  # InfiniLM.from_pretrained names the problem
+    return isinstance(meta, dict) and "model_type" in meta and meta.get("format") != "infinitrain"
+
+
+def _hf_llama(p: Path, device, dtype: str | None) -> InfiniLM:
+    """A Hugging Face Llama directory as an Infini model (``load_llama``: the default gates folded into W_O, so
+    one segment computes the source model; later segments add the memory read at 0.67%)."""
+    from infinitrain.model.io import DTYPES
+    from infinitrain.model.llama import load_llama
+
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    model, _ = load_llama(p, dtype=DTYPES[dtype] if dtype else None, device=device)
+    return model
 
 
 def data_bos(data_path) -> bool | None:

@@ -35,7 +35,9 @@ def train_cmd(recipe: str, overrides: tuple[str, ...], stage: str | None, data: 
         overrides = (*overrides, f"run.init_from={init_from}")
     cfg, stage = load_recipe(recipe, overrides, data, stage=stage, with_stage=True)
     run_dir = run_dir or str(Path("runs", Path(recipe).stem, *([stage] if stage else [])))
-    cfg = prepare_init_from(cfg, run_dir, resume, stage, verbose=os.environ.get("RANK", "0") == "0")
+    explicit = {t.split("=", 1)[0][len("model."):] for t in overrides if t.startswith("model.")}
+    cfg = prepare_init_from(cfg, run_dir, resume, stage, verbose=os.environ.get("RANK", "0") == "0",
+                            explicit=explicit)
     if stage is not None and os.environ.get("RANK", "0") == "0":
         click.echo(f"stage {stage}: run dir {run_dir}", err=True)
     summary = train(cfg, run_dir, resume, local_rank=local_rank, allow_fallback=allow_fallback)
@@ -62,9 +64,12 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
-def prepare_init_from(cfg, run_dir: str, resume: str, stage: str | None, verbose: bool):
-    """Resolve ``stage:NAME``, drop ``init_from`` when the run resumes (its checkpoint wins), otherwise check the
-    source against the recipe's model now (before DeepSpeed starts) and write the report to the run dir."""
+def prepare_init_from(cfg, run_dir: str, resume: str, stage: str | None, verbose: bool,
+                      explicit: set[str] | frozenset[str] = frozenset()):
+    """Resolve ``stage:NAME``; take the model's shape and function fields from the source (``derive_model``; the
+    ``explicit`` command-line fields excepted), or from the run's config.yaml when it resumes (its checkpoint wins
+    and ``init_from`` is dropped); check the source against that model now (before DeepSpeed starts) and write
+    the report to the run dir."""
     import dataclasses
 
     from infinitrain.errors import ConfigError
@@ -79,16 +84,36 @@ def prepare_init_from(cfg, run_dir: str, resume: str, stage: str | None, verbose
     if resume not in ("auto", "none") or (resume == "auto" and committed(Path(run_dir) / "checkpoints")):
         if verbose:
             click.echo(f"resuming {run_dir}: run.init_from {cfg.run.init_from} is not applied", err=True)
-        return cfg.replace(run=dataclasses.replace(cfg.run, init_from=None))
+        saved = _saved_model(Path(run_dir)) if (Path(run_dir) / "config.yaml").is_file() else \
+            init.open_source(cfg.run.init_from, cfg.model).config
+        model, _ = init.derive_model(cfg.model, saved, explicit)
+        return cfg.replace(model=model, run=dataclasses.replace(cfg.run, init_from=None))
     if ref != cfg.run.init_from and not committed(Path(cfg.run.init_from) / "checkpoints"):
         raise ConfigError(f"stage {stage} starts from {ref[len(STAGE_REF):]}'s run {cfg.run.init_from}, which has no "
                           f"committed checkpoint: train that stage first (--stage {ref[len(STAGE_REF):]}, run dir "
                           f"{cfg.run.init_from}) or set run.init_from=DIR")
-    report = init.report_for(cfg.model, cfg.run.init_from)
+    model, derived = init.derive_model(cfg.model, init.open_source(cfg.run.init_from, cfg.model).config, explicit)
+    cfg = cfg.replace(model=model)
+    report = dataclasses.replace(init.report_for(cfg.model, cfg.run.init_from), derived=derived)
     if verbose:
         click.echo(report.summary(), err=True)
         init.write_report(report, run_dir)
     return cfg
+
+
+def _saved_model(run_dir: Path):
+    """The model a run was started with (its config.yaml), which a resumed run keeps."""
+    import yaml
+
+    from infinitrain.errors import ConfigError
+    from infinitrain.model.config import ModelConfig
+
+    path = run_dir / "config.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text())
+        return ModelConfig.from_dict(raw["model"], where=f"{path}: model")
+    except (OSError, yaml.YAMLError, TypeError, KeyError) as err:
+        raise ConfigError(f"{path}: cannot read the run's model to resume it ({str(err).splitlines()[0]})") from None
 
 
 def main(argv: list[str] | None = None) -> None:

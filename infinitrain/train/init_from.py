@@ -10,11 +10,17 @@ DIR may be
     (``export.weights_only_loads``).
 Safetensors only for outside weights: a directory holding only ``*.bin``/``*.pt`` files is refused.
 
-The recipe's model config decides the model. Tensors the source lacks but the model may create (the per-head
-gates β, Mixture-of-Depths routers) keep the model's own initialisation (``model.gate_init``,
-``model.init_std``). Any other missing tensor, a shape mismatch, or an architecture field that differs
-(heads, layers, vocabulary, ...) is a one-line ``ConfigError`` naming the tensor and both shapes. Differences
-that change no shape (RoPE θ, norm eps, ...) are listed in the report; the recipe's value is used.
+or a llama.cpp ``FILE.gguf`` (``infinitrain.model.gguf``: dequantised on rank 0 as each tensor is copied).
+
+The source decides what it defines (``derive_model``, applied by ``infinitrain train``): the shape fields
+(``ARCHITECTURE``: layers, widths, heads, GQA, vocabulary, tied embeddings) and the function fields
+(``NOTED``: RoPE θ and scaling, norm eps) are taken from its config, replacing the recipe's preset, and each
+replaced value is listed in the report; the recipe supplies the rest (segment length, memory update, gates,
+temperatures, ...). Only a ``model.FIELD=V`` given on the command line keeps its value: a shape field that then
+differs is a one-line ``ConfigError`` naming the tensor and both shapes, a function field is used and reported.
+Tensors the source lacks but the model may create (the per-head gates β, Mixture-of-Depths routers) keep the
+model's own initialisation (``model.gate_init``, ``model.init_std``). A Llama source (no gates) has W_O divided
+by 1 - sigmoid(β) (``fold_gates``), so the first segment's logits equal the source's at step 0.
 
 Under ZeRO-3 with ``zero.Init`` the parameters are partitioned when this runs: each one is gathered with
 ``GatheredParameters(modifier_rank=0)`` and rank 0 (the only rank that reads the files) writes it.
@@ -59,7 +65,9 @@ class Source:
     config: ModelConfig  # the source's architecture in our terms
     shapes: dict[str, tuple[int, ...]]  # source tensor name -> shape
     name_for: Callable[[str], str | None]  # our parameter -> source tensor (None: created by the model)
-    files: dict[str, Path] | None = None  # safetensors file of each tensor; None for a run checkpoint
+    files: dict[str, Path] | None = None  # safetensors file of each tensor; None for a run checkpoint or a GGUF
+    read: Callable[[str], torch.Tensor] | None = None  # tensor by name, for a source that is not safetensors (GGUF)
+    fold_gates: bool = False  # a Llama without gates: W_O divided by 1 - sigmoid(β) (model/llama.py fold_gates)
 
 
 @dataclass(frozen=True)
@@ -71,12 +79,16 @@ class InitReport:
     created: tuple[str, ...]
     unused: tuple[str, ...]
     differences: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # field -> (recipe, source)
+    derived: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # taken from the source: field -> (recipe, source)
 
     def summary(self) -> str:
         s = self.source
         lines = [f"init_from {s.path} ({s.kind}, {s.origin.name}): loaded {len(self.loaded)} tensors, "
                  f"created {len(self.created)} ({_grouped(self.created)}), unused {len(self.unused)} "
                  f"({_grouped(self.unused)})"]
+        if self.derived:
+            lines.append("  model from the source: " + ", ".join(
+                f"{k} {b!r} (recipe {a!r})" for k, (a, b) in self.derived.items()))
         if self.differences:
             lines.append("  the recipe differs from the source in " + ", ".join(
                 f"{k} {a!r} (source {b!r})" for k, (a, b) in self.differences.items()) + "; the recipe's values are used")
@@ -86,7 +98,8 @@ class InitReport:
         s = self.source
         return {"source": str(s.path), "kind": s.kind, "origin": str(s.origin), "loaded": self.loaded,
                 "created": list(self.created), "unused": list(self.unused),
-                "differences": {k: {"recipe": a, "source": b} for k, (a, b) in self.differences.items()}}
+                "differences": {k: {"recipe": a, "source": b} for k, (a, b) in self.differences.items()},
+                "derived": {k: {"recipe": a, "source": b} for k, (a, b) in self.derived.items()}}
 
 
 def _grouped(names: tuple[str, ...] | list[str]) -> str:
@@ -130,7 +143,17 @@ def _llama_source(path: Path, hf: dict[str, Any], model: ModelConfig) -> Source:
     config = llama_model_config(hf, where=where, segment_len=model.segment_len, update=model.update,
                                 gate_init=model.gate_init, mod_every=model.mod_every)
     files, listing = tensor_files(path)
-    return Source("Hugging Face Llama", path, listing, config, read_shapes(files), hf_name, files)
+    return Source("Hugging Face Llama", path, listing, config, read_shapes(files), hf_name, files, fold_gates=True)
+
+
+def _gguf_source(path: Path, model: ModelConfig) -> Source:
+    from infinitrain.model.gguf import open_gguf
+    from infinitrain.model.llama import hf_name, llama_model_config
+
+    g = open_gguf(path)
+    config = llama_model_config(g.hf_config, where=path, segment_len=model.segment_len, update=model.update,
+                                gate_init=model.gate_init, mod_every=model.mod_every)
+    return Source("GGUF", path, path, config, g.shapes, hf_name, read=g.tensor, fold_gates=True)
 
 
 def _export_source(path: Path) -> Source:
@@ -172,8 +195,10 @@ def _run_source(path: Path) -> Source:
 def open_source(directory: str | Path, model: ModelConfig) -> Source:
     """Recognise DIR (module docstring) and read its tensor names and shapes (no tensor data)."""
     path = Path(directory)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return _gguf_source(path, model)
     if not path.is_dir():
-        raise ConfigError(f"init_from {path}: no such directory")
+        raise ConfigError(f"init_from {path}: no such directory (nor a .gguf file)")
     if (path / "config.json").is_file():
         try:
             meta = json.loads((path / "config.json").read_text())
@@ -226,6 +251,18 @@ def plan(model: ModelConfig, source: Source) -> InitReport:
     return InitReport(source, loaded, tuple(created), unused, differences)
 
 
+def derive_model(model: ModelConfig, source: ModelConfig, explicit: set[str] | frozenset[str] = frozenset()
+                 ) -> tuple[ModelConfig, dict[str, tuple[Any, Any]]]:
+    """``model`` with every ARCHITECTURE and NOTED field taken from ``source`` except those in ``explicit`` (given
+    on the command line); returns it and the replaced fields {field: (recipe's value, source's value)}."""
+    taken = {k: (getattr(model, k), getattr(source, k)) for k in (*ARCHITECTURE, *NOTED)
+             if k not in explicit and getattr(model, k) != getattr(source, k)}
+    try:
+        return model.replace(**{k: b for k, (_, b) in taken.items()}), taken
+    except ConfigError as err:
+        raise ConfigError(f"model derived from the init_from source: {err}") from None
+
+
 def report_for(model: ModelConfig, directory: str | Path) -> InitReport:
     return plan(model, open_source(directory, model))
 
@@ -235,6 +272,9 @@ def _reader(source: Source, active: bool) -> Iterator[Callable[[str], torch.Tens
     """``get(name) -> tensor``: safetensors files opened on first use, or the checkpoint's gathered state."""
     if not active:
         yield lambda name: None
+        return
+    if source.read is not None:
+        yield source.read
         return
     if source.files is None:
         from infinitrain.infer.loading import checkpoint_state_dict
@@ -264,17 +304,23 @@ def load_into(model: nn.Module, config: ModelConfig, directory: str | Path) -> I
     params = dict(model.named_parameters())
     partitioned = any(hasattr(p, "ds_id") for p in params.values())
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    from infinitrain.model.llama import fold_gates
+
+    def value(ours: str, src: str) -> torch.Tensor:
+        t = get(src)
+        return fold_gates(ours, t, config) if report.source.fold_gates else t
+
     with _reader(report.source, active=rank == 0 or not partitioned) as get, torch.no_grad():
         for ours, src in report.loaded.items():
             p = params[ours]
             if not partitioned:
-                p.copy_(get(src))
+                p.copy_(value(ours, src))
                 continue
             import deepspeed
 
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                 if rank == 0:
-                    p.data.copy_(get(src))
+                    p.data.copy_(value(ours, src))
     return report
 
 
