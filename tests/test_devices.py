@@ -3,6 +3,8 @@ present, and the eval command a training run prints carries the run's device and
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -72,3 +74,42 @@ def test_trainer_prints_the_eval_command_with_the_runs_device_and_dtype(tmp_path
     run = tmp_path / "run"
     out = CliRunner().invoke(cli, ["train", "--recipe", str(recipe), "--run-dir", str(run)]).output
     assert f"evaluate: infinitrain eval passkey {run} --device cuda --dtype fp32 --lengths 1024" in out, out
+
+
+def test_cuda_runs_get_deterministic_cublas_and_a_stated_nccl_watchdog(monkeypatch):
+    """setup_environment with CUDA faked present: CUBLAS_WORKSPACE_CONFIG only in deterministic mode, NCCL's
+    async error handling stated (a user's own values win); without CUDA, neither, and DS_ACCELERATOR=cpu."""
+    from infinitrain.train.engine import setup_environment
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CUBLAS_WORKSPACE_CONFIG",
+              "TORCH_NCCL_ASYNC_ERROR_HANDLING", "DS_ACCELERATOR"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    setup_environment(deterministic=False)
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ and os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
+    setup_environment(deterministic=True)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and "DS_ACCELERATOR" not in os.environ
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    setup_environment(deterministic=True)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    for k in ("CUBLAS_WORKSPACE_CONFIG", "TORCH_NCCL_ASYNC_ERROR_HANDLING"):
+        monkeypatch.delenv(k)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    setup_environment(deterministic=True)
+    assert os.environ["DS_ACCELERATOR"] == "cpu" and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    assert "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in os.environ
+
+
+def test_deterministic_mode_sets_cudnn_and_restores_it():
+    from infinitrain.train.loop import _configure_determinism
+
+    cfg = load_recipe("debug", ["run.deterministic=true"])
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = True, False
+    restore = _configure_determinism(cfg, rank=0)
+    try:
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    finally:
+        restore()
+    assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+    torch.backends.cudnn.benchmark = False

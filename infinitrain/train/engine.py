@@ -33,11 +33,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def setup_environment(local_rank: int | None = None) -> World:
+def setup_environment(local_rank: int | None = None, deterministic: bool = False) -> World:
     """Make every launcher look like torchrun: RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from the launcher's own
     variables (``infinitrain.train.world``; refused in one line when a launcher's world is incomplete),
-    DS_ACCELERATOR=cpu when there is no CUDA, and on CUDA the settings that make deterministic mode strict and a
-    hung NCCL collective end the process. Call before ``import deepspeed``."""
+    DS_ACCELERATOR=cpu when there is no CUDA. On CUDA: deterministic cuBLAS when ``deterministic``
+    (CUBLAS_WORKSPACE_CONFIG, read when cuBLAS starts), and NCCL's watchdog stated: a collective waiting longer
+    than the process group's timeout (run.timeout_s) aborts the process (SIGABRT), torch's default, made
+    explicit so that what the README documents does not move with torch. Call before ``import deepspeed``."""
     from infinitrain.train.world import detect_world, mpi_rank0_address
 
     world = detect_world(os.environ, local_rank, discover=mpi_rank0_address)
@@ -46,6 +48,10 @@ def setup_environment(local_rank: int | None = None) -> World:
         os.environ["MASTER_PORT"] = str(_free_port())
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        return world
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")  # tear the process down, skip comm clean-up
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     return world
 
 

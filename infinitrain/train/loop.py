@@ -162,17 +162,24 @@ def peak_memory_mb() -> float:
 
 def _configure_determinism(cfg: TrainConfig, rank: int):
     """Returns a function that restores the previous global settings (train() may run inside a test process)."""
+    cudnn = torch.backends.cudnn
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-              torch.utils.deterministic.fill_uninitialized_memory)
+              torch.utils.deterministic.fill_uninitialized_memory, cudnn.deterministic, cudnn.benchmark)
 
     def restore() -> None:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
         torch.utils.deterministic.fill_uninitialized_memory = before[2]
+        cudnn.deterministic, cudnn.benchmark = before[3:]
 
     if cfg.run.deterministic:
+        # warn_only: on CUDA torch has no deterministic kernel for ops this model uses (a float cumsum in the
+        # memory's prefix sums, cross_entropy's NLL); strict mode would stop every CUDA run, so torch names them
+        # in a warning and CUDA resumes are close, not bitwise (CPU resumes are bitwise; cuBLAS is made
+        # deterministic by CUBLAS_WORKSPACE_CONFIG, set in setup_environment)
         torch.use_deterministic_algorithms(True, warn_only=True)
         # no NaN-filling of torch.empty: it would make DeepSpeed's untouched bucket buffers resident (+2 GB)
         torch.utils.deterministic.fill_uninitialized_memory = False
+        cudnn.deterministic, cudnn.benchmark = True, False
     torch.manual_seed(cfg.run.seed + 1000 * (rank + 1))  # per-rank stream (dropout); model init reseeds
     return restore
 
@@ -205,7 +212,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: str = "auto",
           allow_fallback: bool = False) -> dict[str, Any]:
     """Train to ``cfg.schedule.steps``; returns a summary. ``sources`` (train, val) replace ``data.path``.
     ``allow_fallback``: a damaged newest checkpoint is skipped for the previous one (logged) instead of an error."""
-    setup_environment(local_rank)
+    setup_environment(local_rank, deterministic=cfg.run.deterministic)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     rank, world = init_distributed(cfg.run.timeout_s)
     restore_determinism = _configure_determinism(cfg, rank)
