@@ -94,7 +94,10 @@ def read_documents_table(directory: str | Path) -> list[dict]:
 
 
 def inspect_dir(directory: str | Path) -> dict:
-    """Counts per split, the document-length histogram (powers of two), and the shape settings."""
+    """Counts per split, the padding each split costs (one sample per row, and packed as the trainer packs
+    summarization/QA samples), the document-length histogram (powers of two), and the shape settings."""
+    from infinitrain.train.packing import padding_report
+
     directory = Path(directory)
     index = read_index(directory)
     docs = read_documents_table(directory)
@@ -102,6 +105,7 @@ def inspect_dir(directory: str | Path) -> dict:
     return {"mode": index["mode"], "segment_len": index["segment_len"], "sample_segments": index["sample_segments"],
             "dtype": index["dtype"], "vocab_size": index["tokenizer"]["vocab_size"], **_labels(index),
             "splits": {s: {k: v for k, v in info.items() if k != "shards"} | {"shards": len(info["shards"])}
+                       | (padding_report(ShardDataset(directory, s)) if info["num_samples"] else {})
                        for s, info in index["splits"].items()},
             "doc_tokens_histogram": {f">={k}": hist[k] for k in sorted(hist)},
             "issues": index.get("report", {})}

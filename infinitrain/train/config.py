@@ -104,12 +104,17 @@ class DataConfig:
     val_fraction: float = 0.05  # text sources: tail of the corpus held out for validation
     val_samples: int = 16  # validation samples evaluated (in order, sharded over ranks; per dataset of a mixture)
     seed: int = 0  # shuffle seed of the sampler
+    # summarization/QA shards: pack several samples per row of segments_per_sample segments (each its own
+    # document, on a segment boundary), so short samples are not padded to a whole row; a row is then the unit of
+    # micro_batch_size (train/packing.py)
+    pack: bool = True
 
     def __post_init__(self) -> None:
         for name in ("segments_per_sample", "micro_batch_size", "grad_accum", "val_samples"):
             _positive_int(f"data.{name}", getattr(self, name))
         _number("data.val_fraction", self.val_fraction, 0.0, 0.5, lo_open=True)
         _positive_int("data.seed", self.seed, zero_ok=True)
+        _check(isinstance(self.pack, bool), f"data.pack must be true or false, got {self.pack!r}")
         _check(self.path is None or isinstance(self.path, (str, dict)), f"data.path must be a string or a mixture "
                                                                          f"mapping, got {self.path!r}")
         if isinstance(self.path, dict):

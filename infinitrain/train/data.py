@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from infinitrain.errors import ConfigError, DataError
+from infinitrain.train.packing import PACKED_MODES, PackedSource
 
 
 class Sample(NamedTuple):
@@ -174,16 +175,18 @@ class MixtureSource:
         return self.parts[d][int(i) - self.offsets[d]]._replace(sample_id=int(i))
 
 
-def open_source(path: str | dict, sample_len: int, vocab_size: int, val_fraction: float,
+def open_source(path: str | dict, sample_len: int, vocab_size: int, val_fraction: float, pack: bool = False,
                 ) -> tuple[SampleSource, SampleSource | None]:
     """The train and validation sources for ``data.path``: prepared shards (a folder with index.json; its own
     val split, None when it has none), else raw text (byte-level, the tail held out); a mapping is a mixture
-    of such paths (a :class:`MixtureSource` each, the validation one of the datasets that have a val split)."""
+    of such paths (a :class:`MixtureSource` each, the validation one of the datasets that have a val split).
+    pack: summarization/QA shards train as packed rows (``infinitrain.train.packing``); validation reads one
+    sample per row (its loss per target is the same either way)."""
     if isinstance(path, dict):
         from infinitrain.data_tools.mixture import parse_mixture
 
         entries = parse_mixture(path)
-        pairs = [open_source(e.path, sample_len, vocab_size, val_fraction) for e in entries]
+        pairs = [open_source(e.path, sample_len, vocab_size, val_fraction, pack) for e in entries]
         train = MixtureSource([e.name for e in entries], [t for t, _ in pairs], [e.weight for e in entries])
         vals = [(e, v) for e, (_, v) in zip(entries, pairs) if v is not None]
         val = MixtureSource([e.name for e, _ in vals], [v for _, v in vals], [e.weight for e, _ in vals]) if vals else None
@@ -193,6 +196,8 @@ def open_source(path: str | dict, sample_len: int, vocab_size: int, val_fraction
         raise DataError(f"{p}: data path does not exist")
     if (p / "index.json").is_file():
         train = ShardSource(p, "train")
+        if pack and train.ds.mode in PACKED_MODES and len(train):
+            train = PackedSource(train)
         splits = train.ds.index["splits"]
         val = ShardSource(p, "val") if splits.get("val", {}).get("num_samples") else None
         return train, val

@@ -285,7 +285,8 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: i
     if sources is None:
         if cfg.data.path is None:
             raise ConfigError("no training data: pass --data DIR or set data.path in the recipe")
-        sources = open_source(cfg.data.path, cfg.sample_len, cfg.model.vocab_size, cfg.data.val_fraction)
+        sources = open_source(cfg.data.path, cfg.sample_len, cfg.model.vocab_size, cfg.data.val_fraction,
+                              cfg.data.pack)
     train_src, val_src = tasks.task_sources(cfg, sources)
     if train_src.sample_len != cfg.sample_len:
         raise DataError(f"data samples have {train_src.sample_len} tokens, the recipe needs "
