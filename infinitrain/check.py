@@ -7,6 +7,7 @@
 2. train: a 1b-shaped model (random init, bf16, ZeRO-3, one rank) trained ``--steps`` steps through the real
    trainer (``infinitrain train`` on generated text): tokens/s, MFU against the bf16 matmul peak measured in the
    same run, and peak torch.cuda.max_memory_allocated beside what ``infinitrain plan`` predicts for that config.
+   The run ends with its checkpoint, as every run does (about 17 GB: bf16 weights, fp32 master and Adam states).
 3. decode: ms per token of the 1b shape (bf16, batch 1) after 1K and 64K tokens of context (the state is constant,
    so the two should match; more than 2x apart fails).
 4. generate: ``infinitrain generate --seed`` on the device twice (a small random model): the same text twice.
@@ -34,6 +35,8 @@ PARITY_TESTS = REPO / "tests" / "test_device_parity.py"
 
 def run_parity(device: str, dtype: str) -> tuple[bool, str]:
     """tests/test_device_parity.py on ``device`` for one dtype: (passed, pytest's summary line)."""
+    if not PARITY_TESTS.is_file():
+        return False, f"{PARITY_TESTS} not found: run from a checkout of the repository (scripts/gpu_check.sh)"
     env = {**os.environ, "INFINITRAIN_TEST_DEVICE": device}
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(PARITY_TESTS),
                           "-k", dtype], capture_output=True, text=True, env=env, cwd=REPO)
@@ -187,7 +190,8 @@ def check_generate(work: Path, device: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one, removed)")
+    ap.add_argument("--work", default=None, help="scratch directory, kept (default: a temporary one under ./runs, "
+                    "removed at the end; the 1b run's final checkpoint needs about 20 GB there)")
     ap.add_argument("--steps", type=int, default=8, help="training steps of the 1b-shaped run")
     ap.add_argument("--micro-batch", type=int, default=2, help="samples of 8K tokens per step")
     a = ap.parse_args(argv)
@@ -200,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         passed, summary = run_parity(device, dtype)
         ok &= passed
         rows.append((f"parity {dtype}" + (" (TF32 off)" if dtype == "fp32" else ""), passed, f"{device}: {summary}"))
-    with tempfile.TemporaryDirectory() as tmp:
+    scratch = Path.cwd() / "runs"  # not /tmp: often a small tmpfs, and the 1b checkpoint is ~17 GB
+    scratch.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=scratch, prefix="gpu-check-") as tmp:
         work = Path(a.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         gen = check_generate(work, device)
