@@ -160,3 +160,23 @@ def test_second_run_in_a_locked_run_dir_is_refused_and_nothing_written(tmp_path)
         other.wait()
     assert train(run, ["schedule.steps=2"])["step"] == 2
     assert not (run / "train.lock").exists() and (run / "checkpoints").is_dir()
+
+
+def test_mpi_discovery_broadcasts_rank0s_address(monkeypatch):
+    """Without MASTER_ADDR under MPI, rank 0's address comes over mpi4py (a fake here: rank 1 of 2, whose bcast
+    returns what rank 0 sent), and the world is complete."""
+    import types
+
+    from infinitrain.train.world import mpi_rank0_address
+
+    sent = []
+    comm = types.SimpleNamespace(Get_rank=lambda: 1, bcast=lambda obj, root: (sent.append(obj), "10.1.2.3")[1])
+    fake = types.ModuleType("mpi4py")
+    fake.MPI = types.SimpleNamespace(COMM_WORLD=comm)
+    monkeypatch.setitem(sys.modules, "mpi4py", fake)
+    env = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}
+    assert detect_world(env, discover=mpi_rank0_address) == World(1, 2, 1, "10.1.2.3", 29500, "Open MPI")
+    assert sent == [None]  # rank 1 sends nothing of its own
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # no mpi4py: refused in one line
+    with pytest.raises(ConfigError, match="without MASTER_ADDR"):
+        detect_world(env, discover=lambda: mpi_rank0_address())

@@ -89,8 +89,9 @@ def _rendezvous(env: Mapping[str, str], launcher: str, size: int, discover: Call
         if "MASTER_PORT" not in env and env.get("SLURM_JOB_ID", "").isdigit():
             port = 20000 + int(env["SLURM_JOB_ID"]) % 20000
         return host, port
-    if discover is not None:
-        return discover(), port
+    addr = discover() if discover is not None else None  # None: no mpi4py
+    if addr:
+        return addr, port
     raise ConfigError(f"launched by {launcher} ({size} processes) without MASTER_ADDR: export MASTER_ADDR=<rank 0's "
                       f"host> and MASTER_PORT (mpirun -x MASTER_ADDR -x MASTER_PORT), or install mpi4py to find it")
 
