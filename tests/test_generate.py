@@ -75,6 +75,19 @@ def test_batched_long_ragged_prompts_prefill_in_chunks_and_equal_one_by_one(kw):
     assert cont == [model.generate([head + p], max_new_tokens=6, temperature=0)[0] for p in prompts[:3]]
 
 
+def test_rows_with_the_same_prompt_share_one_prefill():
+    """--num-samples: copies of one prompt are prefilled once and sampled apart."""
+    model = build()
+    prompt = list(range(1, 30))
+    calls = []
+    hook = model.layers[0].register_forward_pre_hook(lambda m, args: calls.append(args[0].shape))
+    outs = model.generate([prompt] * 3, max_new_tokens=5, temperature=1.0,
+                          generator=torch.Generator().manual_seed(0))
+    hook.remove()
+    assert sum(shape[1] for shape in calls if shape[0] == 1) == 28  # one prefill of all but the last token
+    assert len({tuple(o) for o in outs}) > 1  # three samples, not one repeated
+
+
 def test_plan_groups_batches_rows_that_share_a_phase_and_splits_the_rest():
     from infinitrain.infer.generate import plan_groups
 

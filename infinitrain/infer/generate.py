@@ -184,9 +184,16 @@ def _generate(model, prompts, sampling, generator, on_tokens, on_prefill, chunk,
     for rows, phase in plan_groups(lengths, held, S, sampling.max_new_tokens):
         # each row alone up to the group's phase, in segment chunks; the rest goes in lockstep
         start = [lengths[b] - 1 - (held + lengths[b] - 1 - phase) % S for b in rows]
-        singles = [_prefill_row(model, torch.as_tensor(list(prompts[b][:c]), dtype=torch.long, device=device)[None],
-                                None if state is None else state.row(b), held, chunk, progress)
-                   for b, c in zip(rows, start)]
+        done: dict[tuple, ModelState | None] = {}  # rows with the same head share its prefill (--num-samples)
+        singles = []
+        for b, c in zip(rows, start):
+            key = (b if state is not None else -1, tuple(prompts[b][:c]))
+            if key not in done:
+                ids = torch.as_tensor(key[1], dtype=torch.long, device=device)[None]
+                done[key] = _prefill_row(model, ids, None if state is None else state.row(b), held, chunk, progress)
+            else:
+                progress(c)
+            singles.append(done[key])
         group_state = None if all(s is None for s in singles) else ModelState.cat(singles)
         decoded = _decode_group(model, [prompts[b] for b in rows], start, group_state, sampling, generator,
                                 _widen(on_tokens, rows, len(prompts), device), progress, chunk)
