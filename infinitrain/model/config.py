@@ -1,4 +1,5 @@
-"""Model configuration: a frozen, validated ``ModelConfig`` and the named presets (debug, 1b, 1b-mod, 8b, 8b-mod)."""
+"""Model configuration: a frozen, validated ``ModelConfig`` and the named presets (debug, 1b, 1b-mod, 8b, 8b-mod,
+megalodon-debug, megalodon-7b)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,20 @@ from infinitrain.ops.rope import RotarySpec
 
 ACTIVATIONS = ("relu", "abs", "gelu", "swish", "swiglu", "geglu", "ffnglu", "ffngeglu", "ffnswiglu")
 POS_EMBS = ("rope", "yarn", "none")
+ARCHS = ("infini", "megalodon")
 
 Activation = Literal["relu", "abs", "gelu", "swish", "swiglu", "geglu", "ffnglu", "ffngeglu", "ffnswiglu"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """Architecture of an ``InfiniLM``. Every field is validated; unknown keys are refused by ``from_dict``."""
+    """Architecture of an ``InfiniLM``. Every field is validated; unknown keys are refused by ``from_dict``.
 
+    ``arch`` chooses the block family: ``infini`` (Infini-attention, arXiv 2404.07143) or ``megalodon`` (CEMA,
+    timestep norm and normalised chunked attention, arXiv 2404.08801; ``segment_len`` is its chunk, ``head_dim``
+    its shared Q/K dim per head, so z_dim = n_heads·head_dim). Both share embeddings, head, loss and state API."""
+
+    arch: Literal["infini", "megalodon"] = "infini"
     vocab_size: int
     d_model: int
     n_layers: int
@@ -61,11 +68,20 @@ class ModelConfig:
     # classification: the class names; the model then ends in a head of len(labels) outputs (``score``) in place
     # of the LM head, read at each sample's labelled position (infinitrain/train/tasks.py). None: a language model.
     labels: tuple[str, ...] | None = None
+    # MEGALODON only (arch: megalodon): CEMA dims per channel (the paper's h), the value dim over all heads
+    # (null: 2·d_model) and the timestep norm's groups
+    ema_dim: int = 16
+    v_dim: int | None = None
+    norm_groups: int = 32
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # free-form notes
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.arch not in ARCHS:
+            raise ConfigError(f"model.arch must be one of {', '.join(ARCHS)}; got {self.arch!r}")
+        if self.arch == "megalodon":
+            self._megalodon_defaults()
         if self.head_dim is None:
             if self.n_heads <= 0 or self.d_model % self.n_heads:
                 raise ConfigError(f"model: d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}) "
@@ -122,6 +138,32 @@ class ModelConfig:
                 raise ConfigError(f"model.labels must be null or a list of at least 2 distinct class names, "
                                   f"got {self.labels!r}")
             object.__setattr__(self, "labels", labels)
+        if self.arch == "megalodon":
+            self._check_megalodon()
+
+    def _megalodon_defaults(self) -> None:
+        """head_dim (Z per head) defaults to d_model / (4·n_heads) as the paper's 7B (z_dim 1024 of d 4096)."""
+        if self.head_dim is None and isinstance(self.n_heads, int) and self.n_heads > 0:
+            object.__setattr__(self, "head_dim", max(1, self.d_model // (4 * self.n_heads)))
+        if self.v_dim is None and isinstance(self.d_model, int):
+            object.__setattr__(self, "v_dim", 2 * self.d_model)
+
+    def _check_megalodon(self) -> None:
+        for name in ("ema_dim", "v_dim", "norm_groups"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.v_dim % self.n_heads:
+            raise ConfigError(f"model.v_dim ({self.v_dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.d_model % self.norm_groups:
+            raise ConfigError(f"model.d_model ({self.d_model}) must be divisible by norm_groups ({self.norm_groups})")
+        refused = {"mod_every": 0, "token_shift": False, "memory_tau": None, "n_kv_heads": self.n_heads}
+        for name, default in refused.items():
+            if getattr(self, name) != default:
+                raise ConfigError(f"model.{name} is an Infini-attention option; arch megalodon takes the default "
+                                  f"({default!r}), got {getattr(self, name)!r}")
+        if self.pos_emb == "yarn":
+            raise ConfigError("model.pos_emb yarn is not supported with arch megalodon (rope or none)")
 
     # --- derived -----------------------------------------------------------------------------
     def gate_init_per_head(self) -> list[float]:
@@ -153,7 +195,10 @@ class ModelConfig:
         return max(1, math.ceil(self.segment_len * self.mod_capacity))
 
     def memory_bytes_per_sequence(self) -> int:
-        """Constant state per sequence: fp32 (M, z) per KV head per layer (paper Table 1: d_k (d_v + 1) H l)."""
+        """Constant state per sequence: fp32 (M, z) per KV head per layer (paper Table 1: d_k (d_v + 1) H l); for
+        MEGALODON the complex64 CEMA state (D·h) and the timestep norm's count, mean and variance per layer."""
+        if self.arch == "megalodon":
+            return self.n_layers * (8 * self.d_model * self.ema_dim + 8 * self.norm_groups + 8)
         return 4 * self.n_layers * self.n_kv_heads * self.head_dim * (self.head_dim + 1)
 
     # --- (de)serialisation -------------------------------------------------------------------
@@ -200,6 +245,22 @@ PRESETS: dict[str, ModelConfig] = {
     "8b": _llama3_8b(),
     "8b-mod": _llama3_8b(mod_every=2, mod_capacity=0.125),
 }
+
+
+def _megalodon_7b(**kw: Any) -> ModelConfig:
+    return ModelConfig(arch="megalodon", vocab_size=32000, d_model=4096, n_layers=32, n_heads=4, head_dim=256,
+                       v_dim=8192, d_ff=8192, ema_dim=16, norm_groups=64, segment_len=4096, rope_theta=100000.0,
+                       activation="ffnswiglu", **kw)
+
+
+PRESETS.update({
+    # MEGALODON on a CPU in seconds: the same sizes as debug where they mean the same thing.
+    "megalodon-debug": ModelConfig(arch="megalodon", vocab_size=512, d_model=64, n_layers=2, n_heads=2, head_dim=16,
+                                   v_dim=128, d_ff=192, ema_dim=8, norm_groups=8, segment_len=64),
+    # The paper's 7B (official ModelStore "mega7.3B"): 32 blocks, d 4096, 4 heads, Z 1024, values 8192, SwiGLU FFN
+    # 8192, CEMA dims 16, 64 norm groups, Llama-2's 32K vocabulary, chunk 4096, RoPE base 100K.
+    "megalodon-7b": _megalodon_7b(),
+})
 
 
 def get_preset(name: str) -> ModelConfig:

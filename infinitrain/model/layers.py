@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from infinitrain.model.config import ACTIVATIONS, ModelConfig
-from infinitrain.ops.memory import AttnState, infini_attention, infini_attention_stream
+from infinitrain.ops.memory import AttnState, MemoryState, infini_attention, infini_attention_stream
 from infinitrain.ops.rope import RotarySpec
 from infinitrain.ops.shift import token_shift
 
@@ -138,6 +138,12 @@ class InfiniAttention(nn.Module):
         if self.shift_k is not None:
             state = state._replace(last=x[:, -1])
         return self.merge(o), state
+
+    def without_memory(self, state: AttnState) -> AttnState:
+        """The state under ``--no-memory``: an empty memory (M, z); the current segment's keys/values are kept, the
+        token shift's carried token only inside a segment (nothing from an earlier segment)."""
+        empty = MemoryState(torch.zeros_like(state.mem.M), torch.zeros_like(state.mem.z))
+        return AttnState(empty, state.k, state.v, state.keep, last=state.last if state.k.shape[2] else None)
 
     def skip(self, x: Tensor, state: AttnState | None) -> AttnState:
         """The state after normed tokens x (B, T, D) that no row routes through this layer (Mixture-of-Depths

@@ -1,4 +1,5 @@
-"""The causal language model ``InfiniLM``: embeddings, Infini blocks (some Mixture-of-Depths routed), norm, LM head.
+"""The causal language model ``InfiniLM``: embeddings, blocks of one family (``model.arch``: Infini-attention, some
+Mixture-of-Depths routed, or MEGALODON), norm, LM head.
 
 ``out = model(input_ids, state)`` returns logits, the state to pass back to continue the stream,
 and the Mixture-of-Depths auxiliary loss; any number of tokens per call (generation feeds one).
@@ -20,21 +21,31 @@ from torch.utils.checkpoint import checkpoint
 from infinitrain.errors import ConfigError
 from infinitrain.model.config import ModelConfig
 from infinitrain.model.layers import Block, MoDBlock, RMSNorm
+from infinitrain.model.megalodon import MegalodonBlock, MegalodonState
 from infinitrain.ops.memory import AttnState, documents_inside
 
 
-class ModelState(NamedTuple):
-    """Per-layer streaming state: each layer's memory (M, z), the keys/values of the unfinished segment and (with
-    ``token_shift``) the layer's last input token."""
+def build_block(config: ModelConfig, layer: int) -> nn.Module:
+    """The family switch: every block maps (x, state, doc_start=) -> (x, state, aux loss) with its own state type."""
+    if config.arch == "megalodon":
+        return MegalodonBlock(config)
+    return MoDBlock(config) if config.is_routed(layer) else Block(config)
 
-    layers: tuple[AttnState, ...]
+
+def _detach_attn(s: AttnState) -> AttnState:
+    return AttnState(type(s.mem)(s.mem.M.detach(), s.mem.z.detach()), s.k.detach(), s.v.detach(),
+                     None if s.keep is None else s.keep, last=None if s.last is None else s.last.detach())
+
+
+class ModelState(NamedTuple):
+    """Per-layer streaming state. Infini: each layer's memory (M, z), the keys/values of the unfinished segment and
+    (with ``token_shift``) the layer's last input token. MEGALODON: norm statistics, CEMA state, chunk cache."""
+
+    layers: tuple[AttnState | MegalodonState, ...]
 
     def detach(self) -> "ModelState":
         """Cut the gradient at a truncated-BPTT window boundary (the values are kept)."""
-        return ModelState(tuple(AttnState(
-            type(s.mem)(s.mem.M.detach(), s.mem.z.detach()), s.k.detach(), s.v.detach(),
-            None if s.keep is None else s.keep, last=None if s.last is None else s.last.detach())
-            for s in self.layers))
+        return ModelState(tuple(s.detach() if isinstance(s, MegalodonState) else _detach_attn(s) for s in self.layers))
 
     @property
     def tokens_in_segment(self) -> int:
@@ -43,6 +54,9 @@ class ModelState(NamedTuple):
     def row(self, b: int) -> "ModelState":
         """Row b of the batch, (1, ...) in every tensor (views; the segment buffer is left behind, so that the row
         copies before it appends)."""
+        if isinstance(self.layers[0], MegalodonState):
+            return ModelState(tuple(s.row(b) for s in self.layers))
+
         def pick(t):
             return None if t is None else t[b:b + 1]
 
@@ -55,6 +69,9 @@ class ModelState(NamedTuple):
         None is a stream not started (zeros shaped like another row: only with no unfinished tokens). A row without
         a keep mask keeps every token; the rotated-key cache is kept only if every row has it."""
         ref = next(s for s in states if s is not None)
+        if isinstance(ref.layers[0], MegalodonState):
+            return ModelState(tuple(MegalodonState.cat([None if s is None else s.layers[i] for s in states])
+                                    for i in range(len(ref.layers))))
         states = [s if s is not None else ModelState(tuple(AttnState(
             type(r.mem)(torch.zeros_like(r.mem.M), torch.zeros_like(r.mem.z)), r.k.new_zeros(r.k.shape),
             r.v.new_zeros(r.v.shape), None, last=None if r.last is None else torch.zeros_like(r.last))
@@ -92,8 +109,7 @@ class InfiniLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(
-            MoDBlock(config) if config.is_routed(i) else Block(config) for i in range(config.n_layers))
+        self.layers = nn.ModuleList(build_block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         if config.labels is not None:  # a classifier: class logits (B, T, C) in place of next-token logits
             self.score = nn.Linear(config.d_model, len(config.labels), bias=False)
@@ -113,6 +129,8 @@ class InfiniLM(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, 0.0, std)
+            if hasattr(module, "reset_own_parameters"):  # a layer's non-Linear parameters (MEGALODON's CEMA ...)
+                module.reset_own_parameters()
         betas = torch.tensor(self.config.gate_init_per_head())
         for p in self.gate_parameters():
             if p.numel():  # empty when partitioned by zero.Init: engine._init_module sets it then

@@ -80,7 +80,7 @@ def _toeplitz(kern: Tensor) -> Tensor:
 
 
 def _cema_blocks(x: Tensor, p: Tensor, log_q: Tensor, eta: Tensor, h0: Tensor, C: int,
-                 doc_start: Tensor | None) -> tuple[Tensor, Tensor]:
+                 doc_start: Tensor | None, doc_inside: bool | None = None) -> tuple[Tensor, Tensor]:
     """``cema`` on T = N·C tokens: x (B, T, D) real, p/log_q/eta (D, E) complex, h0 (B, D, E) -> (y (B, T, D), h)."""
     B, T, D = x.shape
     N = T // C
@@ -93,7 +93,8 @@ def _cema_blocks(x: Tensor, p: Tensor, log_q: Tensor, eta: Tensor, h0: Tensor, C
     if doc_start is not None:
         doc, reads, writes, reset = document_masks(doc_start, C)
         live = (~reset).to(x.dtype)
-        y = _mask_blocks_with_starts(y, xb, toe, doc.view(B, N, C), doc_start.view(B, N, C))
+        if doc_inside is not False:  # False: every start is on a block boundary, so no block needs its mask
+            y = _mask_blocks_with_starts(y, xb, toe, doc.view(B, N, C), doc_start.view(B, N, C))
         writes = writes.view(B, 1, N, C).to(x.dtype)
     xw = xb if writes is None else xb * writes  # a block's end state holds only its last document
     own = xw.to(p.dtype) @ (p[..., None] * qpow[..., :C].flip(-1)).transpose(-1, -2)  # (B, D, N, E)
@@ -120,12 +121,14 @@ def _mask_blocks_with_starts(y: Tensor, xb: Tensor, toe: Tensor, doc: Tensor, st
 
 
 def cema(x: Tensor, alpha: Tensor, delta: Tensor, omega: Tensor, beta: Tensor, eta: Tensor, h0: Tensor | None = None,
-         *, doc_start: Tensor | None = None, block: int = DEFAULT_BLOCK) -> tuple[Tensor, Tensor]:
+         *, doc_start: Tensor | None = None, block: int = DEFAULT_BLOCK,
+         doc_inside: bool | None = None) -> tuple[Tensor, Tensor]:
     """CEMA over x (B, T, D) from the carried state h0 (B, D, E) complex (None: zeros) -> (y (B, T, D), h_T).
 
     doc_start (B, T) bool: a document starts at that token, so the state is cleared for its row just before it.
     y has x's dtype; h is complex (see the module docstring). Any split of the tokens over calls, carrying h,
-    gives the same outputs: the blocks are an implementation detail."""
+    gives the same outputs: the blocks are an implementation detail. doc_inside False promises that no document
+    starts after the first token of a block (it spares a host sync); None looks."""
     B, T, D = x.shape
     E = alpha.shape[-1]
     rdt = _real_dtype(x)
@@ -139,7 +142,7 @@ def cema(x: Tensor, alpha: Tensor, delta: Tensor, omega: Tensor, beta: Tensor, e
         n = (T - i) // C * C if C else 0
         if n:
             ds = None if doc_start is None else doc_start[:, i:i + n]
-            o, h = _cema_blocks(xf[:, i:i + n], p, log_q, eta_c, h, C, ds)
+            o, h = _cema_blocks(xf[:, i:i + n], p, log_q, eta_c, h, C, ds, doc_inside)
             outs.append(o)
             i += n
     return torch.cat(outs, 1).to(x.dtype), h

@@ -66,11 +66,13 @@ def _rotate(x: Tensor, start: int, rotary: RotarySpec | None, C: int) -> Tensor:
 
 
 def chunk_attention(q: Tensor, k: Tensor, v: Tensor, cache: ChunkCache | None = None, *, chunk: int,
-                    rotary: RotarySpec | None = None, doc_start: Tensor | None = None) -> tuple[Tensor, ChunkCache]:
+                    rotary: RotarySpec | None = None, doc_start: Tensor | None = None,
+                    doc_inside: bool | None = None) -> tuple[Tensor, ChunkCache]:
     """Feed T tokens (q, k (B, H, T, Z) un-rotated, v (B, H, T, V)) after the cached unfinished chunk.
 
     First the tokens that complete the cached chunk (their queries against its keys), then whole chunks and the
-    remainder, padded at the end (causal: padding is seen by nobody). doc_start (B, T) needs an empty cache."""
+    remainder, padded at the end (causal: padding is seen by nobody). doc_start (B, T) needs an empty cache;
+    doc_inside False promises no document starts inside a chunk (no mask, no host sync), None looks."""
     B, H, T, Z = q.shape
     C = chunk
     if cache is None:
@@ -98,7 +100,8 @@ def chunk_attention(q: Tensor, k: Tensor, v: Tensor, cache: ChunkCache | None = 
         if rotary is not None:
             qr, kr = apply_rotary(qr, pos, rotary), apply_rotary(kr, pos, rotary)
         doc = None
-        if doc_start is not None and bool(doc_start.view(B, -1)[:, 1:].any()):
+        inside = doc_inside if doc_inside is not None else doc_start is not None and bool(doc_start[:, 1:].any())
+        if doc_start is not None and inside:
             doc = F.pad(doc_start.long().cumsum(1), (0, pad), value=-1)
         outs.append(_blocks(qr, kr, vr, C, doc)[:, :, :rest])
         held = rest % C
@@ -109,10 +112,11 @@ def chunk_attention(q: Tensor, k: Tensor, v: Tensor, cache: ChunkCache | None = 
 
 def normalized_attention(z: Tensor, v: Tensor, kappa_q: Tensor, mu_q: Tensor, kappa_k: Tensor, mu_k: Tensor,
                          cache: ChunkCache | None = None, *, chunk: int, rotary: RotarySpec | None = None,
-                         eps: float = 1e-5, doc_start: Tensor | None = None) -> tuple[Tensor, ChunkCache]:
+                         eps: float = 1e-5, doc_start: Tensor | None = None,
+                         doc_inside: bool | None = None) -> tuple[Tensor, ChunkCache]:
     """z (B, T, H, Z) the shared representation, v (B, H, T, V) -> (out (B, H, T, V), the new chunk cache)."""
     q, k = normalized_qk(z, kappa_q, mu_q, kappa_k, mu_k, eps)
-    return chunk_attention(q, k, v, cache, chunk=chunk, rotary=rotary, doc_start=doc_start)
+    return chunk_attention(q, k, v, cache, chunk=chunk, rotary=rotary, doc_start=doc_start, doc_inside=doc_inside)
 
 
 def normalized_attention_naive(z: Tensor, v: Tensor, kappa_q: Tensor, mu_q: Tensor, kappa_k: Tensor, mu_k: Tensor,

@@ -207,6 +207,8 @@ def _init_module(module: nn.Module, std: float, gate_init: list[float], memory_t
             module.betas.copy_(torch.tensor(gate_init))
         if isinstance(getattr(module, "log_tau", None), nn.Parameter):
             module.log_tau.fill_(math.log(memory_tau))
+        if hasattr(module, "reset_own_parameters"):
+            module.reset_own_parameters()
 
 
 def build_model(cfg: TrainConfig, ds_config: dict[str, Any]) -> InfiniLM:
