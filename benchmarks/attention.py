@@ -1,4 +1,4 @@
-"""Forward+backward tokens/s and saved-for-backward memory of one Infini attention layer vs local-only, full causal SDPA and the naive loop.
+"""Forward+backward tokens/s and saved-for-backward memory of one Infini attention layer vs local-only, full causal SDPA, the naive loop and the MEGALODON layer.
 
 Reproduce (default: ``--level both``, T = 2K, 8K, 32K, 5 rounds; 263 s on 2 quiet cores, about 10 minutes when
 the machine is loaded; ``--quick`` is a smoke run up to T=8K with 2 rounds; ``--profile 30`` adds op tables):
@@ -11,7 +11,10 @@ Implementations, each timed as forward+backward (``--level layer``: with the q/k
 * ``infini-linear`` / ``infini-delta``: ``infini_attention`` fast path (``InfiniAttention.forward`` at layer level);
 * ``local-only``: the same layer with the memory path removed (RoPE + block-diagonal causal SDPA, ``local_attention``);
 * ``full-causal``: RoPE + one causal SDPA over all T tokens (measured once when a single run is already long);
-* ``naive-linear``: ``infini_attention_naive`` (loops over segments and heads; small T only).
+* ``naive-linear``: ``infini_attention_naive`` (loops over segments and heads; small T only);
+* ``megalodon``: the MEGALODON layer (``MegalodonAttention``: timestep norm, CEMA with 16 dims per channel, shared
+  Z, normalised attention inside chunks of --segment, gates) with the same D = H·d, H heads, Z = d per head and
+  values H·d as the Infini rows (layer level only: it has no q/k/v core op to compare).
 
 For each T (ascending) every cell is warmed up once, then timed over ``--rounds`` rounds, each round in a fresh
 random order; throughput is reported as best (the machine's limit; prefer it on a shared machine) and median.
@@ -41,11 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from infinitrain.model.config import ModelConfig
 from infinitrain.model.layers import InfiniAttention
+from infinitrain.model.megalodon import MegalodonAttention
 from infinitrain.ops.memory import infini_attention, infini_attention_naive, local_attention, _expand_kv
 from infinitrain.ops.rope import RotarySpec, apply_rotary
 
-IMPLS = ("infini-linear", "infini-delta", "local-only", "full-causal", "naive-linear")
+IMPLS = ("infini-linear", "infini-delta", "local-only", "full-causal", "naive-linear", "megalodon")
 MiB = 2.0 ** 20
 
 
@@ -103,9 +108,10 @@ class CoreLayer(torch.nn.Module):
 
 
 class InfiniLayer(torch.nn.Module):
-    """The real ``InfiniAttention.forward`` (streaming entry point; whole segments take the fast path)."""
+    """The real ``InfiniAttention.forward`` (streaming entry point; whole segments take the fast path), or
+    ``MegalodonAttention.forward``: x -> the layer's output, the state dropped."""
 
-    def __init__(self, attn: InfiniAttention):
+    def __init__(self, attn: InfiniAttention | MegalodonAttention):
         super().__init__()
         self.attn = attn
 
@@ -244,8 +250,10 @@ def make_cell(level: str, impl: str, T: int, args, device: torch.device, gen: to
     if level == "layer":
         update = "delta" if impl == "infini-delta" else "linear"
         attn = InfiniAttention(H * K, H, G, K, segment_len=S, update=update, rotary=rotary)
+        if impl == "megalodon":
+            attn = MegalodonAttention(megalodon_config(args))
         attn = attn.to(device=device, dtype=dtype)
-        module = InfiniLayer(attn) if impl.startswith("infini-") else CoreLayer(attn, OPS[impl])
+        module = InfiniLayer(attn) if impl.startswith(("infini-", "megalodon")) else CoreLayer(attn, OPS[impl])
         x = torch.randn(B, T, H * K, generator=gen).to(device, dtype).requires_grad_()
         grad = torch.randn(B, T, H * K, generator=gen).to(device, dtype)
         inputs = [x, *module.parameters()]
@@ -271,7 +279,17 @@ def make_cell(level: str, impl: str, T: int, args, device: torch.device, gen: to
     return Cell(level, impl, T, step, keep)
 
 
-def _skip_reason(impl: str, T: int, args) -> str:
+def megalodon_config(args) -> ModelConfig:
+    """A MEGALODON layer of the Infini rows' sizes: D = H·d, H heads, Z = d per head, values H·d, chunk = segment."""
+    D = args.heads * args.head_dim
+    return ModelConfig(arch="megalodon", vocab_size=2, n_layers=1, d_model=D, n_heads=args.heads,
+                       head_dim=args.head_dim, v_dim=D, d_ff=1, ema_dim=16, norm_groups=math.gcd(32, D),
+                       segment_len=args.segment, pos_emb="none" if args.no_rope else "rope")
+
+
+def _skip_reason(impl: str, T: int, args, level: str = "layer") -> str:
+    if impl == "megalodon" and level == "op":
+        return "skipped: layer level only"
     if impl == "full-causal" and T > args.full_max_t:
         return f"skipped: T > --full-max-t {args.full_max_t}"
     if impl == "naive-linear" and T > args.naive_max_t:
@@ -299,7 +317,7 @@ def run(args, argv: list[str] | None = None) -> dict:
         cells = []
         for level in levels:
             for impl in args.impls:
-                cell = Cell(level, impl, T, lambda: None, set(), note=_skip_reason(impl, T, args))
+                cell = Cell(level, impl, T, lambda: None, set(), note=_skip_reason(impl, T, args, level))
                 prev = [c for c in done if c.level == level and c.impl == impl and c.times]
                 if impl == "full-causal" and not cell.note and prev:  # quadratic: estimate from the last T
                     p = max(prev, key=lambda c: c.T)
@@ -379,8 +397,10 @@ def ratios(results: list[dict], args) -> list[dict]:
              ("infini-delta", "local-only", args.ratio_local_t, None),
              ("infini-linear", "full-causal", args.ratio_full_t, 5.0),
              ("infini-delta", "full-causal", args.ratio_full_t, None)]
+    mega = [("megalodon", "local-only", args.ratio_local_t, 0.6), ("megalodon", "local-only", args.ratio_full_t, 0.6),
+            ("megalodon", "infini-linear", args.ratio_local_t, None)]
     for level in levels:
-        for num, den, T, target in specs:
+        for num, den, T, target in specs + (mega if level == "layer" and "megalodon" in args.impls else []):
             a, b = _get(results, level, num, T), _get(results, level, den, T)
             row = dict(level=level, ratio=f"{num} / {den}", T=T, target=target, best=None, median=None)
             if a and b:

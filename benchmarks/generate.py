@@ -4,7 +4,7 @@ Reproduce (about 5 minutes on 2 loaded CPU cores; ``--quick`` is a smoke run):
 
     .venv/bin/python benchmarks/generate.py --json out.json
 
-Two implementations, the same weights and dims:
+Three implementations, the same dims:
 
 * ``infini``: a tiny InfiniLM (default d 256, 2 layers, 4 heads x 64, FFN 512, vocab 256, segment 512) is
   prefilled with C-1 random tokens streamed one segment at a time through ``infinitrain.infer.generate.prefill`` (the
@@ -12,6 +12,10 @@ Two implementations, the same weights and dims:
   ``--decode-tokens`` tokens greedily (default one segment: every in-segment position and one compression into
   the memory are in the median); a token's latency is the time between two ``on_tokens`` callbacks. All C are
   multiples of the segment, so decoding starts at the same in-segment position at every C.
+* ``megalodon``: a MEGALODON model of the same D, layers, heads (Z = D/H per head, values D, 16 CEMA dims, chunk
+  = segment), prefilled and decoded exactly as ``infini``: its state is the CEMA state, the timestep-norm
+  statistics and the unfinished chunk's keys/values, so its per-token cost is flat in the context too
+  (``--archs infini`` leaves it out).
 * ``full-attn``: the same weights run as a plain causal decoder (RoPE, one KV cache per layer preallocated to
   C + decode tokens, gpt-fast style); ``--check`` proves it equals the InfiniLM with one segment covering the
   whole sequence and the memory gates closed. Its cache is filled with random keys/values instead of a real
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -53,14 +58,18 @@ MiB = 2.0 ** 20
 K = 1024
 
 
-def model_config(args, segment_len: int | None = None) -> ModelConfig:
+def model_config(args, segment_len: int | None = None, arch: str = "infini") -> ModelConfig:
+    if arch == "megalodon":
+        return ModelConfig(arch="megalodon", vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers,
+                           n_heads=args.heads, head_dim=args.d_model // args.heads, v_dim=args.d_model, d_ff=args.d_ff,
+                           ema_dim=16, norm_groups=math.gcd(32, args.d_model), segment_len=segment_len or args.segment)
     return ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
                        d_ff=args.d_ff, segment_len=segment_len or args.segment)
 
 
-def build(args, segment_len: int | None = None) -> InfiniLM:
+def build(args, segment_len: int | None = None, arch: str = "infini") -> InfiniLM:
     torch.manual_seed(0)
-    model = InfiniLM(model_config(args, segment_len)).eval()
+    model = InfiniLM(model_config(args, segment_len, arch)).eval()
     with torch.no_grad():
         for p in model.gate_parameters():
             p.fill_(1.0)  # open gates: the memory path is live
@@ -167,13 +176,14 @@ def measure_latency(args) -> list[dict]:
     order from the same start, so every round replays the same steps. A step's latency is its minimum over the
     rounds (another process's burst must hit that step in every round to count); reported: the median over
     steps of these minima (and p90), beside the raw median of every timing."""
-    model = build(args)
     cells: dict[tuple[str, int], dict] = {}
-    for c in args.contexts:
-        state, last, secs = prefill_random(model, c, args)
-        cells["infini", c] = {"impl": "infini", "context": c, "prefill_s": secs, "prefill_tok_s": (c - 1) / secs,
-                              "run": lambda st=state, la=last: decode_infini(model, st, la, args.decode_tokens)}
-        _log(f"prefilled {_label(c)} in {secs:.1f} s")
+    for arch in args.archs:
+        model = build(args, arch=arch)
+        for c in args.contexts:
+            state, last, secs = prefill_random(model, c, args)
+            cells[arch, c] = {"impl": arch, "context": c, "prefill_s": secs, "prefill_tok_s": (c - 1) / secs,
+                              "run": lambda m=model, st=state, la=last: decode_infini(m, st, la, args.decode_tokens)}
+            _log(f"{arch}: prefilled {_label(c)} in {secs:.1f} s")
     for c in args.full_contexts:
         dec = KVCacheDecoder(build(args), c + args.full_decode_tokens + 1)
         dec.fill_random(c, torch.Generator().manual_seed(c))
@@ -200,10 +210,10 @@ def measure_latency(args) -> list[dict]:
 
 def peak_rss(args, impl: str, context: int) -> dict:
     """Child process body: prefill (or fill the cache) to ``context``, decode a few tokens, report ru_maxrss."""
-    model = build(args)
+    model = build(args, arch="infini" if impl == "full-attn" else impl)
     base = _proc_mib("VmRSS")
     t0 = time.perf_counter()
-    if impl == "infini":
+    if impl != "full-attn":
         state, last, _ = prefill_random(model, context, args)
         decode_infini(model, state, last, 16)
     else:
@@ -241,7 +251,7 @@ def run(args, argv: list[str]) -> dict:
         report["baseline_max_abs_diff"] = check_baseline(args)
     report["results"] = measure_latency(args)
     report["memory"] = []
-    for impl, c in [("infini", c) for c in args.rss_contexts] + [("full-attn", max(args.full_contexts))]:
+    for impl, c in [(a, c) for a in args.archs for c in args.rss_contexts] + [("full-attn", max(args.full_contexts))]:
         r = rss_child(args, impl, c, argv)
         report["memory"].append(r)
         _log(f"{impl} {_label(c)}: peak RSS {r['peak_rss_mib']:.0f} MiB ({r['seconds']:.0f} s)")
@@ -264,6 +274,14 @@ def summarize(report: dict, args) -> dict:
         c = args.ratio_at if args.ratio_at in both else both[-1]
         out["ratio_context"] = c
         out["full_over_infini"] = full[c]["decode_ms_median"] / inf[c]["decode_ms_median"]  # target >= 10
+    mega = {r["context"]: r for r in report["results"] if r["impl"] == "megalodon"}
+    mega_mem = {r["context"]: r for r in report["memory"] if r["impl"] == "megalodon"}
+    if mega:
+        lat = [mega[c]["decode_ms_median"] for c in args.contexts]
+        out["megalodon_latency_spread"] = max(lat) / min(lat) - 1
+        out["megalodon_rss_ratio"] = mega_mem[hi]["peak_rss_mib"] / mega_mem[lo]["peak_rss_mib"]
+        out["megalodon_over_infini"] = statistics.median(mega[c]["decode_ms_median"] / inf[c]["decode_ms_median"]
+                                                         for c in args.contexts)
     return out
 
 
@@ -273,12 +291,14 @@ def _label(n: int) -> str:
 
 def format_table(report: dict) -> str:
     full = {r["context"]: r for r in report["results"] if r["impl"] == "full-attn"}
+    mega = {r["context"]: r for r in report["results"] if r["impl"] == "megalodon"}
     lines = [f"{'context':>8s} {'prefill s':>10s} {'prefill tok/s':>14s} {'ms/token':>9s} {'p90':>7s} | "
-             f"{'full-attn ms/token':>18s} {'full/infini':>11s}"]
+             f"{'full-attn ms/token':>18s} {'full/infini':>11s} | {'megalodon ms/token':>18s} {'prefill tok/s':>14s}"]
     for r in (r for r in report["results"] if r["impl"] == "infini"):
-        f = full.get(r["context"])
+        f, m = full.get(r["context"]), mega.get(r["context"])
         tail = f"{f['decode_ms_median']:>18.3f} {f['decode_ms_median'] / r['decode_ms_median']:>10.1f}x" if f \
             else f"{'-':>18s} {'-':>11s}"
+        tail += f" | {m['decode_ms_median']:>18.3f} {m['prefill_tok_s']:>14,.0f}" if m else f" | {'-':>18s} {'-':>14s}"
         lines.append(f"{_label(r['context']):>8s} {r['prefill_s']:>10.1f} {r['prefill_tok_s']:>14,.0f} "
                      f"{r['decode_ms_median']:>9.3f} {r['decode_ms_p90']:>7.3f} | {tail}")
     lines.append("")
@@ -291,6 +311,10 @@ def format_table(report: dict) -> str:
                  f"(max/min of medians - 1; target <= 10%)")
     lo, hi = s["rss_contexts"]
     lines.append(f"peak RSS {_label(hi)} / {_label(lo)} prompt: {s['rss_ratio']:.3f}x (target 1.0x: constant memory)")
+    if "megalodon_latency_spread" in s:
+        lines.append(f"megalodon: decode latency spread {100 * s['megalodon_latency_spread']:.1f}%, peak RSS "
+                     f"{_label(hi)} / {_label(lo)} prompt {s['megalodon_rss_ratio']:.3f}x, ms/token "
+                     f"{s['megalodon_over_infini']:.2f}x infini's (median over contexts)")
     if "full_over_infini" in s:
         lines.append(f"full-attention KV-cache decoder / infini at {_label(s['ratio_context'])}: "
                      f"{s['full_over_infini']:.1f}x slower per token (target >= 10x)")
@@ -329,6 +353,8 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=None,
                    help="interleaved timing rounds; each step keeps its fastest (default 10, --quick 1)")
     p.add_argument("--segment", type=int, default=512)
+    p.add_argument("--archs", type=lambda s: s.split(","), default=["infini", "megalodon"],
+                   help="model families timed beside the full-attention decoder (infini first)")
     p.add_argument("--d-model", type=int, default=256, help="with --heads 4: head dim 64, as the 1b preset")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)

@@ -36,7 +36,7 @@ def test_attention_benchmark_reports_every_impl(level, tmp_path, capsys):
     for impl in bench.IMPLS:
         for T in (64, 128):
             r = rows[impl, T]
-            if impl == "naive-linear" and T > 64:
+            if (impl == "naive-linear" and T > 64) or (impl == "megalodon" and level == "op"):
                 assert r["note"].startswith("skipped") and "best_tok_s" not in r
                 continue
             assert r["runs"] >= 1 and r["level"] == level

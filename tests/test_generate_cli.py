@@ -177,12 +177,15 @@ def test_generate_benchmark_pieces_at_tiny_sizes():
     report = {"command": "x", "torch": "t", "machine": "m", "threads": 1, "load_start": "0", "load_end": "0",
               "contexts": args.contexts, "decode_tokens": args.decode_tokens, "full_decode_tokens": 8, "rounds": 1,
               "results": bench.measure_latency(args),
-              "memory": [bench.peak_rss(args, "infini", c) for c in args.rss_contexts] + [bench.peak_rss(args, "full-attn", 256)]}
-    assert {(r["impl"], r["context"]) for r in report["results"]} == {("infini", 128), ("infini", 256), ("full-attn", 256)}
+              "memory": [bench.peak_rss(args, a, c) for a in args.archs for c in args.rss_contexts]
+              + [bench.peak_rss(args, "full-attn", 256)]}
+    assert {(r["impl"], r["context"]) for r in report["results"]} == {
+        ("infini", 128), ("infini", 256), ("megalodon", 128), ("megalodon", 256), ("full-attn", 256)}
     assert all(r["decode_ms_median"] > 0 and r["decode_tokens"] == 8 for r in report["results"])
     report["summary"] = bench.summarize(report, args)
     table = bench.format_table(report)
-    for needle in ("latency spread", "peak RSS 256 / 64 prompt", "slower per token", "load average"):
+    for needle in ("latency spread", "peak RSS 256 / 64 prompt", "slower per token", "load average",
+                   "megalodon: decode latency spread"):
         assert needle in table
 
 

@@ -185,3 +185,26 @@ def test_debug_preset_trains_a_step_in_fp32():
         losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
 
+
+@pytest.mark.parametrize("name,infini", [("tiny-books-megalodon", "tiny-books"),
+                                         ("tiny-passkey-megalodon", "tiny-passkey")])
+def test_recipes_mirror_the_infini_ones(name, infini):
+    """Same data, samples, steps, optimiser and TBPTT as the Infini recipe; parameters within 10%."""
+    from infinitrain.train.config import load_recipe
+
+    a, b = load_recipe(name), load_recipe(infini)
+    assert a.model.arch == "megalodon" and b.model.arch == "infini"
+    assert (a.data, a.optim, a.schedule, a.tbptt, a.run) == (b.data, b.optim, b.schedule, b.tbptt, b.run)
+    assert a.model.segment_len == b.model.segment_len and a.model.vocab_size == b.model.vocab_size
+    na, nb = count_parameters(a.model), count_parameters(b.model)
+    assert abs(na - nb) / nb < 0.1, (na, nb)
+
+
+def test_megalodon_7b_recipe_is_the_papers_run():
+    from infinitrain.train.config import load_recipe
+
+    cfg = load_recipe("megalodon-7b")
+    assert cfg.model == PRESETS["megalodon-7b"] and cfg.sample_len == 32768 and cfg.model.segment_len == 4096
+    o = cfg.optim
+    assert (o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, o.grad_clip) == (3.5e-4, 0.9, 0.95, 1e-8, 0.1, 1.0)
+    assert cfg.schedule.warmup == 2500 and cfg.schedule.steps * cfg.sample_len * 128 > 2e12  # 2T tokens on 128 GPUs

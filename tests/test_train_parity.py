@@ -1,7 +1,8 @@
 """Gradient parity: the DeepSpeed ZeRO-3 engine's TBPTT gradients equal a plain-PyTorch TBPTT reference.
 
 One global batch (micro-batches × windows × ranks) with document starts inside samples and a
-Mixture-of-Depths layer; W = 1, 2 and N; activation checkpointing none, layer and segment. 1 rank runs
+Mixture-of-Depths layer; W = 1, 2 and N; activation checkpointing none, layer and segment. The MEGALODON family
+(model.arch megalodon) on the same batches, fewer cases. 1 rank runs
 in-process; 2 ranks run this file under ``torchrun --nproc_per_node 2`` (it prints one JSON line per case).
 """
 
@@ -25,13 +26,20 @@ from naive_loss import token_loss_sum
 
 N, S, B, ACCUM = 4, 8, 2, 2
 AUX = 0.5
-CASES = [(1, "none"), (2, "none"), (N, "none"), (1, "segment"), (2, "layer"), (N, "segment"), (N, "layer")]
+CASES = [("infini", 1, "none"), ("infini", 2, "none"), ("infini", N, "none"), ("infini", 1, "segment"),
+         ("infini", 2, "layer"), ("infini", N, "segment"), ("infini", N, "layer"),
+         ("megalodon", 1, "none"), ("megalodon", 2, "layer"), ("megalodon", N, "segment")]
+MODELS = {
+    "infini": {"vocab_size": 61, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 48,
+               "segment_len": S, "mod_every": 2, "mod_capacity": 0.5, "gate_init": 0.3},
+    "megalodon": {"arch": "megalodon", "vocab_size": 61, "d_model": 32, "n_layers": 2, "n_heads": 2, "head_dim": 8,
+                  "v_dim": 24, "d_ff": 48, "ema_dim": 4, "norm_groups": 4, "segment_len": S},
+}
 
 
-def config(window: int, ckpt: str) -> TrainConfig:
+def config(window: int, ckpt: str, arch: str = "infini") -> TrainConfig:
     return TrainConfig.from_dict({
-        "model": {"vocab_size": 61, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 48,
-                  "segment_len": S, "mod_every": 2, "mod_capacity": 0.5, "gate_init": 0.3},
+        "model": MODELS[arch],
         "data": {"segments_per_sample": N, "micro_batch_size": B, "grad_accum": ACCUM},
         "optim": {"grad_clip": 0.0}, "tbptt": {"window": window, "checkpointing": ckpt, "mod_aux_weight": AUX},
         "run": {"precision": "fp32", "zero_stage": 3, "seed": 7},
@@ -70,7 +78,7 @@ def reference_grads(model, batches: list[Batch], window: int) -> dict[str, torch
     return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-def engine_grads(window: int, ckpt: str) -> tuple[float, float]:
+def engine_grads(window: int, ckpt: str, arch: str = "infini") -> tuple[float, float]:
     """(max abs diff, max abs grad) of engine vs reference gradients, on this rank."""
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_grad
@@ -79,7 +87,7 @@ def engine_grads(window: int, ckpt: str) -> tuple[float, float]:
     from infinitrain.train.step import backward_windows
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = config(window, ckpt)
+    cfg = config(window, ckpt, arch)
     ds = deepspeed_config(cfg, world)
     model = build_model(cfg, ds)
     ref = copy.deepcopy(model)
@@ -103,11 +111,11 @@ def _setup():
     return init_distributed()
 
 
-@pytest.mark.parametrize("window,ckpt", CASES)
-def test_parity_one_rank(window, ckpt):
+@pytest.mark.parametrize("arch,window,ckpt", CASES)
+def test_parity_one_rank(arch, window, ckpt):
     _setup()
-    diff, scale = engine_grads(window, ckpt)
-    print(f"W={window} ckpt={ckpt}: max |grad diff| {diff:.2e} (max |grad| {scale:.2e})")
+    diff, scale = engine_grads(window, ckpt, arch)
+    print(f"{arch} W={window} ckpt={ckpt}: max |grad diff| {diff:.2e} (max |grad| {scale:.2e})")
     assert scale > 1e-4 and diff <= 1e-5
 
 
@@ -136,7 +144,7 @@ def _port() -> int:
 if __name__ == "__main__":  # a torchrun rank
     rank, world = _setup()
     torch.set_num_threads(1)
-    for window, ckpt in CASES:
-        diff, scale = engine_grads(window, ckpt)
-        print("PARITY " + json.dumps({"rank": rank, "world": world, "window": window, "ckpt": ckpt, "diff": diff,
-                                      "scale": scale}), flush=True)
+    for arch, window, ckpt in CASES:
+        diff, scale = engine_grads(window, ckpt, arch)
+        print("PARITY " + json.dumps({"rank": rank, "world": world, "arch": arch, "window": window, "ckpt": ckpt,
+                                      "diff": diff, "scale": scale}), flush=True)
