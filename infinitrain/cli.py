@@ -20,8 +20,10 @@ def presets_cmd() -> None:
     from infinitrain.model.config import PRESETS, count_parameters, format_count
 
     for name, cfg in PRESETS.items():
-        click.echo(f"{name:10s} {format_count(count_parameters(cfg)):>9s}  layers={cfg.n_layers} d={cfg.d_model} "
-                   f"heads={cfg.n_heads}/{cfg.n_kv_heads} ffn={cfg.d_ff} segment={cfg.segment_len} update={cfg.update}")
+        family = (f"update={cfg.update}" if cfg.arch == "infini" else
+                  f"arch=megalodon z={cfg.n_heads * cfg.head_dim} v={cfg.v_dim} ema={cfg.ema_dim}")
+        click.echo(f"{name:15s} {format_count(count_parameters(cfg)):>9s}  layers={cfg.n_layers} d={cfg.d_model} "
+                   f"heads={cfg.n_heads}/{cfg.n_kv_heads} ffn={cfg.d_ff} segment={cfg.segment_len} {family}")
 
 
 # --- command registration (each module owns its commands; keep these lines sorted) ---------------
