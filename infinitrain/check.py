@@ -11,6 +11,8 @@
 3. decode: ms per token of the 1b shape (bf16, batch 1) after 1K and 64K tokens of context (the state is constant,
    so the two should match; more than 2x apart fails).
 4. generate: ``infinitrain generate --seed`` on the device twice (a small random model): the same text twice.
+5. GQA: peak memory of one 8b-shaped attention call at 32K (bf16, forward and backward) with K/V handed to SDPA
+   grouped and expanded per query head; the grouped path must take less.
 
 Without CUDA it runs steps 1 and 4 on the CPU (the "CPU half", which CI runs), says so in one line and exits 0.
 Exit code 1 when a check fails.
@@ -168,6 +170,39 @@ def check_decode() -> dict:
     return {"ok": long < 2 * short, "ms_1k": short, "ms_64k": long}  # constant state: flat in the context
 
 
+def check_gqa() -> dict:
+    """Peak memory of one 8b-shaped Infini-attention call at 32K tokens (bf16, 32 query heads on 8 KV heads, forward
+    and backward), K/V handed to SDPA grouped (FlashAttention reads them, ``grouped_sdpa``) and expanded per query
+    head: the grouped path must take less."""
+    import torch
+
+    from infinitrain.ops import memory
+    from infinitrain.ops.rope import RotarySpec
+
+    def peak(grouped: bool) -> float:
+        real = memory.grouped_sdpa
+        memory.grouped_sdpa = (lambda q, masked: real(q, masked)) if grouped else (lambda q, masked: False)
+        try:
+            g = torch.Generator(device="cuda").manual_seed(0)
+            q, k, v = (torch.randn(1, h, 32768, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+                       .requires_grad_(True) for h in (32, 8, 8))
+            beta = torch.zeros(32, device="cuda", requires_grad=True)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            out, _ = memory.infini_attention(q, k, v, beta, segment_len=2048, rotary=RotarySpec(head_dim=128,
+                                                                                               rot_dim=128))
+            out.sum().backward()
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - base) / 1e9
+        finally:
+            memory.grouped_sdpa = real
+
+    grouped, expanded = peak(True), peak(False)
+    torch.cuda.empty_cache()
+    return {"ok": grouped < expanded, "grouped_gb": grouped, "expanded_gb": expanded}
+
+
 def check_generate(work: Path, device: str) -> dict:
     """``infinitrain generate --seed 7`` twice on the device with a small random model: the same text twice."""
     import torch
@@ -227,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("decode 1b (bf16, batch 1)", dec["ok"],
                      f"{dec['ms_1k']:.2f} ms/token at 1K, {dec['ms_64k']:.2f} at 64K "
                      f"(x{dec['ms_64k'] / dec['ms_1k']:.2f})"))
+        gqa = check_gqa()
+        ok &= gqa["ok"]
+        rows.append(("GQA 8b layer at 32K (bf16)", gqa["ok"], f"peak {gqa['grouped_gb']:.2f} GB with K/V grouped, "
+                     f"{gqa['expanded_gb']:.2f} GB expanded per query head"))
         print(f"device: {torch.cuda.get_device_name(0)}")
         _table(rows)
     return 0 if ok else 1
