@@ -27,6 +27,12 @@ The loss is computed one segment at a time under checkpointing (``InfiniLM.forwa
 window keeps the final hidden states, targets and mask ((e·D + 9)·T), and the logits of one segment's B·S tokens
 exist only while that segment's loss is recomputed and differentiated.
 
+MEGALODON (``model.arch: megalodon``): a block's saved tensors (CEMA blocks and scan, timestep-norm sums, the
+chunk softmax, which takes PyTorch's math path because Z ≠ V per head) have too many shape-dependent terms for a
+closed formula, so the plan traces one block on the meta device (shapes only: no memory, no compute) at the
+window's (B, W·S) and counts the storages autograd saves, M(B, t) bytes; ``tests/test_plan.py`` holds the trace
+to a real CPU run. The carried state is the CEMA state and norm statistics, 8·D·h + 8·groups + 8 bytes per row.
+
 On top, during a window's backward: the working set of the unit being differentiated (its activations again;
 no S×S score gradients, the fused kernel works tile by tile), one chunk's logits and loss
 B·S·(V·(e + 12) + (4 + 2e)·D), the carried (M, z) and ZeRO-3's buffers; at the optimizer step, a fp32 copy of
@@ -125,6 +131,57 @@ def _layers(model, e: int) -> list[tuple[float, float]]:
     return out
 
 
+def traced_block_bytes(model, e: int, batch: int, tokens: int) -> int:
+    """MEGALODON: bytes of the distinct storages autograd saves for one block over (batch, tokens), as the trainer
+    calls it (doc_start given, none inside a chunk), traced on the meta device; parameters excluded."""
+    import torch
+
+    from infinitrain.model.megalodon import MegalodonBlock
+
+    dtype = torch.bfloat16 if e == 2 else torch.float32
+    with torch.device("meta"):
+        block = MegalodonBlock(model).to(dtype).train()
+        x = torch.empty(batch, tokens, model.d_model, dtype=dtype, requires_grad=True)
+        doc_start = torch.zeros(batch, tokens, dtype=torch.bool)
+    skip = {p.untyped_storage()._cdata for p in block.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s._cdata not in skip:
+            seen[s._cdata] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x, None, doc_start=doc_start, doc_inside=False)
+    return sum(seen.values())
+
+
+def state_bytes(model) -> int:
+    """One layer's carried state per row: (M, z) fp32 per KV head (Infini), or the complex64 CEMA state and the
+    timestep-norm count, mean and variance (MEGALODON)."""
+    if model.arch == "megalodon":
+        return 8 * model.d_model * model.ema_dim + 8 * model.norm_groups + 8
+    return model.n_kv_heads * model.head_dim * (model.head_dim + 1) * 4
+
+
+def _megalodon_activation_bytes(cfg, e: int) -> tuple[float, str, float, str]:
+    m = cfg.model
+    B, W, S = cfg.data.micro_batch_size, cfg.window, m.segment_len
+    T = B * W * S
+    head_in = (e * m.d_model + 9) * T
+    window, segment = traced_block_bytes(m, e, B, W * S), traced_block_bytes(m, e, B, S)
+    mode = cfg.tbptt.checkpointing
+    if mode == "none":
+        return m.n_layers * window + head_in, "L·M(B, W·S) + (e·D + 9)·T", window, "M(B, W·S)"
+    if mode == "layer":
+        return (m.n_layers * e * m.d_model * T + window + head_in,
+                "L·e·D·T + M(B, W·S) [one layer recomputed] + (e·D + 9)·T", window, "M(B, W·S)")
+    kept = m.n_layers * (e * m.d_model * T + W * B * state_bytes(m)) + segment + head_in
+    return (kept, "L·(e·D·T + W·B·state) + M(B, S) [one layer-segment recomputed] + (e·D + 9)·T",
+            segment, "M(B, S)")
+
+
 def activation_bytes(cfg, e: int | None = None) -> tuple[float, str, float, str]:
     """(bytes kept, formula, backward working set, formula) of one backward under the recipe's checkpointing.
 
@@ -133,6 +190,8 @@ def activation_bytes(cfg, e: int | None = None) -> tuple[float, str, float, str]
     tile, so no S×S gradients come on top)."""
     m = cfg.model
     e = e or (2 if cfg.run.precision == "bf16" else 4)
+    if m.arch == "megalodon":
+        return _megalodon_activation_bytes(cfg, e)
     B, W, S = cfg.data.micro_batch_size, cfg.window, m.segment_len
     T = B * W * S
     layers = _layers(m, e)
@@ -201,11 +260,14 @@ def plan(cfg, *, gpus: int, nodes: int = 1, gpu_memory: float = 80 * GB, title: 
     act, act_formula, work, work_formula = activation_bytes(cfg, e)
     B, W, S, V = cfg.data.micro_batch_size, cfg.window, m.segment_len, m.vocab_size
     T = B * W * S
-    memory = 2 * m.n_layers * B * m.n_kv_heads * m.head_dim * (m.head_dim + 1) * 4
+    mega = m.arch == "megalodon"
     terms += [
         Term(f"activations (checkpointing {cfg.tbptt.checkpointing})", act, act_formula, "backward"),
         Term("backward working set", work, work_formula + "  [one unit's gradients]", "backward"),
-        Term("memory states (M, z), fp32", memory, "2·L·B·G·K·(K+1)·4  [carried in and out of a window]", "backward"),
+        Term("memory states (CEMA, norm statistics)" if mega else "memory states (M, z), fp32",
+             2 * m.n_layers * B * state_bytes(m),
+             ("2·L·B·(8·D·h + 8·groups + 8)" if mega else "2·L·B·G·K·(K+1)·4") + "  [carried in and out of a window]",
+             "backward"),
         Term("logits and loss (one segment)", B * S * (V * (e + 12) + (4 + 2 * e) * m.d_model),
              "B·S·(V·(e + 12) + (4+2e)·D)  [recomputed per segment: norm, logits, fp32 log-softmax, their "
              "gradients]", "backward"),
@@ -221,8 +283,9 @@ def plan(cfg, *, gpus: int, nodes: int = 1, gpu_memory: float = 80 * GB, title: 
         terms.append(Term("largest module's full gradient", grad_e * largest, f"{grad_e}·P_max", "backward"))
         terms.append(Term("optimizer step: fp32 gradient copy", 4 * psi / (N if stage >= 1 else 1) if e == 2 else 0,
                           f"4·Ψ{part(1)} (mixed precision only)", "step"))
-    notes = ((f"P_max = {largest / 1e6:.1f} M (largest module's own parameters), "
-              f"A = {layer_bytes_per_token(m, e) / 1e3:.1f} KB/token, A_seg = {segment_bytes(m) / 1e6:.2f} MB"),)
+    per_layer = (f"M(B, S) = {traced_block_bytes(m, e, B, S) / 1e6:.1f} MB (one block over one segment, traced)" if mega
+                 else f"A = {layer_bytes_per_token(m, e) / 1e3:.1f} KB/token, A_seg = {segment_bytes(m) / 1e6:.2f} MB")
+    notes = (f"P_max = {largest / 1e6:.1f} M (largest module's own parameters), {per_layer}",)
     per_step = B * cfg.data.grad_accum * N * cfg.sample_len
     return Plan(title, gpus, nodes, gpu_memory, psi, tuple(terms), T, per_step, notes)
 
