@@ -322,5 +322,6 @@ def describe(model: InfiniLM, codec: Codec | None, memory_tau_scale: float = 1.0
     c = model.config
     n = sum(p.numel() for p in model.parameters())
     tau = f", memory τ x{memory_tau_scale:g}" if memory_tau_scale != 1 else ""
+    family = f"{c.update} memory{tau}" if c.arch == "infini" else f"MEGALODON (CEMA dims {c.ema_dim})"
     return (f"model: {n / 1e6:.2f} M params, {c.n_layers} layers, d {c.d_model}, segment {c.segment_len}, "
-            f"{c.update} memory{tau}; tokenizer: {codec.source if codec else 'none'}")
+            f"{family}; tokenizer: {codec.source if codec else 'none'}")
