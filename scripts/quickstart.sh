@@ -31,7 +31,7 @@ say "3/6 prepare: the first 4 segments of 64 tokens of each document, 20% held o
 infinitrain prepare topics.jsonl --format classification --tokenizer tokenizer.json --out "$OUT/data" \
   --segment-len 64 --sample-segments 4 --val-fraction 0.2 --seed 0
 
-say "4/6 train the tiny-classify recipe for $STEPS steps (0.16 M parameters, DeepSpeed ZeRO-3 on the CPU)"
+say "4/6 train the tiny-classify recipe for $STEPS steps (0.13 M parameters, DeepSpeed ZeRO-3 on the CPU)"
 rm -rf "$OUT/run"               # a fresh run each time
 infinitrain train --recipe tiny-classify --data "$OUT/data" --run-dir "$OUT/run" --resume none \
   schedule.steps="$STEPS" schedule.warmup=$((STEPS / 10)) log.progress=true

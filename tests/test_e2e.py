@@ -119,17 +119,3 @@ def test_deepspeed_launcher_two_ranks(tmp_path):
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     manifest = json.loads((tmp_path / "run" / "checkpoints" / "step-00000002" / "manifest.json").read_text())
     assert manifest["world_size"] == 2
-
-
-@pytest.mark.slow
-def test_quickstart_script_runs(tmp_path):
-    """The README's first command, minus the set-up it shares with CI, with 3 training steps."""
-    e = {**env(), "SKIP_SETUP": "1", "STEPS": "3", "COUNT": "4", "OUT": str(tmp_path / "qs"),
-         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    res = subprocess.run(["bash", str(REPO / "scripts" / "quickstart.sh")], env=e, capture_output=True, text=True,
-                         timeout=900)
-    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
-    assert "passkey accuracy" in res.stdout and "Outputs:" in res.stdout
-    for path in ("data/index.json", "data/tokenizer.json", "run/checkpoints/step-00000003/manifest.json",
-                 "evals/passkey/passkey.json", "evals/passkey-no-memory/passkey-no-memory.json"):
-        assert (tmp_path / "qs" / path).exists(), path

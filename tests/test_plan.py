@@ -224,17 +224,17 @@ def test_cli_table_verdict_and_errors(tmp_path, capsys):
     assert GB == 1e9
 
 
-def test_readme_plan_outputs_are_current(capsys):
-    """Every ``$ infinitrain plan ...`` block of the README is what the command prints today."""
+def test_documented_plan_outputs_are_current(capsys):
+    """Every ``$ infinitrain plan ...`` block of docs/plan.md is what the command prints today."""
     import re
     import shlex
 
-    blocks = re.findall(r"```text\n\$ (infinitrain plan [^\n]*)\n(.*?)```", (REPO / "README.md").read_text(), re.DOTALL)
+    blocks = re.findall(r"```text\n\$ (infinitrain plan [^\n]*)\n(.*?)```", (REPO / "docs" / "plan.md").read_text(), re.DOTALL)
     assert len(blocks) >= 2
     for command, shown in blocks:
         code, out, err = run_main(shlex.split(command)[1:], capsys)
         assert code == 0, err
-        assert out == shown, f"README output of `{command}` is stale: rerun it and paste the output"
+        assert out == shown, f"docs/plan.md output of `{command}` is stale: rerun it and paste it"
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "infinitrain" / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
