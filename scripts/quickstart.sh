@@ -34,7 +34,7 @@ infinitrain prepare topics.jsonl --format classification --tokenizer tokenizer.j
 say "4/6 train the tiny-classify recipe for $STEPS steps (0.13 M parameters, DeepSpeed ZeRO-3 on the CPU)"
 rm -rf "$OUT/run"               # a fresh run each time
 infinitrain train --recipe tiny-classify --data "$OUT/data" --run-dir "$OUT/run" --resume none \
-  schedule.steps="$STEPS" schedule.warmup=$((STEPS / 10)) log.progress=true
+  schedule.steps="$STEPS"
 trained=$(date +%s)
 
 say "5/6 held-out accuracy: the memory on, then the same model with --no-memory"
