@@ -1,5 +1,6 @@
-"""The model's chunked loss (``InfiniLM.forward(..., targets=)``) against its naive twin ``token_loss_sum`` on full
-logits: same value, per-token loss and gradients, and what autograd keeps no longer grows with T·V."""
+"""The model's chunked loss (``InfiniLM.forward(..., targets=)``: the fused head + cross-entropy, or the checkpointed
+chunks of a class head) against its naive twin ``token_loss_sum`` on full logits: same value, per-token loss and
+gradients, and what autograd keeps no longer grows with T·V."""
 
 from __future__ import annotations
 
@@ -58,11 +59,11 @@ def test_chunked_loss_and_grads_equal_the_naive_twin(labels, chunk, T):
 
 def test_saved_bytes_do_not_scale_with_tokens_times_vocab():
     """What a forward leaves for its backward (autograd's saved tensors, parameters excluded) with a large
-    vocabulary: the naive loss keeps the fp32 log-softmax (4·T·V) and more; the chunked loss keeps what the
-    blocks keep plus the final hidden states, targets and mask (4·D + 9 bytes per token, fp32), and in backward
-    the head runs on one segment at a time, whatever T."""
+    vocabulary: the naive loss keeps the fp32 log-softmax (4·T·V) and more; the fused loss keeps what the blocks
+    keep plus the final norm's input, scale and output and the hidden states' gradient (3·4·D + 4 bytes per token,
+    fp32) and the head's gradient (4·V·D, whatever T). The head runs once, in forward: backward recomputes nothing."""
     torch.manual_seed(0)
-    V, S = 4096, 16
+    V, S, D = 4096, 16, CFG["d_model"]
     model = InfiniLM(ModelConfig(**{**CFG, "vocab_size": V, "segment_len": S, "n_layers": 1}))
     found = {}
     for T in (2 * S, 8 * S):
@@ -71,21 +72,76 @@ def test_saved_bytes_do_not_scale_with_tokens_times_vocab():
         found["naive", T] = saved_bytes(lambda: token_loss_sum(model(ids, doc_start=doc).logits, ids,
                                                                torch.ones_like(doc)), model.parameters())
         tgt = ids.roll(-1, 1)
-        found["chunked", T] = saved_bytes(lambda: model(ids, doc_start=doc, targets=tgt), model.parameters())
+        found["fused", T] = saved_bytes(lambda: model(ids, doc_start=doc, targets=tgt), model.parameters())
         assert found["naive", T] >= 4 * T * V
+
         def body():
             x = model.embed(ids)
             for layer in model.layers:
                 x = layer(x, None, doc_start=doc)[0]
 
         found["body", T] = saved_bytes(body, model.parameters())
-        assert found["chunked", T] - found["body", T] == (4 * CFG["d_model"] + 9) * T, found
-        sizes = []  # logits the head produces, in forward and in the checkpoint's recompute during backward
-        hook = model.lm_head.register_forward_hook(lambda m, i, o: sizes.append((torch.is_grad_enabled(), o.numel())))
+        assert found["fused", T] - found["body", T] == (12 * D + 4) * T + 4 * V * D, found
+        calls = []
+        hook = model.lm_head.register_forward_hook(lambda m, i, o: calls.append(torch.is_grad_enabled()))
         try:
             model(ids, doc_start=doc, targets=ids).loss_sum.backward()
         finally:
             hook.remove()
-        assert len(sizes) == 2 * T // S and {n for _, n in sizes} == {S * V}  # one segment's logits at a time
+        assert calls == [True]  # one call, in forward
     print({k: v / 1e6 for k, v in found.items()})
     assert found["naive", 8 * S] - found["naive", 2 * S] >= 4 * 6 * S * V
+
+
+@pytest.mark.parametrize("need", ["both", "x", "weight"])
+def test_fused_linear_cross_entropy_equals_the_naive_twin(need):
+    """The op alone, float64 hidden states and head, odd sizes (13 tokens, chunks of 4 rows across the batch), a
+    masked-out target and an ignored one (-100): per-token loss bitwise the naive twin's, gradients of x and W to
+    1e-10 (upstream gradient 1; 1e-6 of the largest under 0.37: the cross-entropy is fp32 in both, scaled before
+    or after); only the tensors that ask for a gradient get one."""
+    from infinitrain.ops.loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    B, T, D, V = 2, 13, 6, 11
+    x = torch.randn(B, T, D, dtype=torch.float64, requires_grad=need in ("both", "x"))
+    w = torch.randn(V, D, dtype=torch.float64, requires_grad=need in ("both", "weight"))
+    targets = torch.randint(0, V, (B, T))
+    targets[1, 3] = -100
+    mask = torch.rand(B, T) < 0.7
+    want, want_ce = token_loss_sum(torch.nn.functional.linear(x, w), targets, mask)
+    leaves = [t for t in (x, w) if t.requires_grad]
+    got, got_ce = linear_cross_entropy(x, w, targets, mask, chunk=4)
+    assert not got_ce.requires_grad and got_ce[1, 3] == 0
+    torch.testing.assert_close(got_ce, want_ce, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    for scale in (1.0, 0.37):  # the fused op scales its fp32-made gradient afterwards, in x's dtype: fp32 rounding
+        want_g = torch.autograd.grad(want * scale, leaves, retain_graph=True)
+        for g, wg in zip(torch.autograd.grad(got * scale, leaves, retain_graph=True), want_g):
+            if scale == 1.0:
+                torch.testing.assert_close(g, wg, rtol=1e-10, atol=1e-14)
+            else:
+                assert float((g - wg).abs().max()) <= 1e-6 * float(wg.abs().max())
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(x, w, targets, mask, chunk=5)[1], want_ce, rtol=0, atol=0)
+
+
+def test_fused_linear_cross_entropy_in_bf16_is_within_stated_tolerances():
+    """bf16 hidden states and head (the matmuls in bf16, log-softmax in fp32, the head's gradient summed over chunks
+    in fp32) against the naive twin on the same bf16 tensors: loss within 1e-3 relative, gradients within 2e-2 of
+    their largest entry; the gradients come back in bf16."""
+    from infinitrain.ops.loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    B, T, D, V = 2, 64, 32, 300
+    x = torch.randn(B, T, D).bfloat16().requires_grad_()
+    w = (torch.randn(V, D) * 0.2).bfloat16().requires_grad_()
+    targets = torch.randint(0, V, (B, T))
+    mask = torch.rand(B, T) < 0.8
+    want, _ = token_loss_sum(torch.nn.functional.linear(x, w), targets, mask)
+    want_g = torch.autograd.grad(want, (x, w))
+    got, _ = linear_cross_entropy(x, w, targets, mask, chunk=48)
+    got_g = torch.autograd.grad(got, (x, w))
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=0)
+    for g, wg in zip(got_g, want_g):
+        assert g.dtype == torch.bfloat16
+        assert float((g.float() - wg.float()).abs().max()) <= 2e-2 * float(wg.float().abs().max())

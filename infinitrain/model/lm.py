@@ -4,7 +4,9 @@ Mixture-of-Depths routed, or MEGALODON), norm, LM head.
 ``out = model(input_ids, state)`` returns logits, the state to pass back to continue the stream,
 and the Mixture-of-Depths auxiliary loss; any number of tokens per call (generation feeds one).
 With ``targets`` (training) it returns the summed token cross-entropy instead of the logits, computed chunk by
-chunk under activation checkpointing so that only the hidden states are kept, never the (B, T, V) logits.
+chunk so that the (B, T, V) logits are never all kept: fused with the LM head (``ops/loss.py``: its gradients
+made in the forward pass, no recompute), or, for a class head or an adapter-wrapped head, under activation
+checkpointing.
 Shape legend: B batch, T tokens, D model dim, V vocabulary.
 """
 
@@ -22,6 +24,7 @@ from infinitrain.errors import ConfigError
 from infinitrain.model.config import ModelConfig
 from infinitrain.model.layers import Block, MoDBlock, RMSNorm
 from infinitrain.model.megalodon import MegalodonBlock, MegalodonState
+from infinitrain.ops.loss import linear_cross_entropy
 from infinitrain.ops.memory import AttnState, documents_inside
 
 
@@ -102,6 +105,17 @@ class LMOutput(NamedTuple):
     token_loss: Tensor | None = None  # (B, T) that cross-entropy per token, detached (0 where masked out)
 
 
+class LMHead(nn.Linear):
+    """The output layer (bias-free Linear D -> V). Given targets it returns the fused loss in place of the logits
+    (``linear_cross_entropy``): called as a module either way, so that ZeRO-3's hooks gather its weight for it."""
+
+    def forward(self, x: Tensor, targets: Tensor | None = None, mask: Tensor | None = None,
+                chunk: int = 512) -> Tensor | tuple[Tensor, Tensor]:
+        if targets is None:
+            return super().forward(x)
+        return linear_cross_entropy(x, self.weight, targets, mask, chunk)
+
+
 class InfiniLM(nn.Module):
     """Causal LM of Infini-attention blocks. Gate parameters (``betas``) are exposed by ``gate_parameters()``."""
 
@@ -114,7 +128,7 @@ class InfiniLM(nn.Module):
         if config.labels is not None:  # a classifier: class logits (B, T, C) in place of next-token logits
             self.score = nn.Linear(config.d_model, len(config.labels), bias=False)
         else:
-            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+            self.lm_head = LMHead(config.d_model, config.vocab_size, bias=False)
             if config.tie_embeddings:
                 self.lm_head.weight = self.embed.weight
         self.reset_parameters()
@@ -175,6 +189,9 @@ class InfiniLM(nn.Module):
             return LMOutput(self.head(x), state, aux)
         mask = torch.ones_like(targets, dtype=torch.bool) if loss_mask is None else loss_mask
         chunk = loss_chunk or self.config.segment_len
+        if isinstance(getattr(self, "lm_head", None), LMHead):  # not a classifier, not wrapped by an adapter
+            loss_sum, ce = self.lm_head(self.norm(x), targets=targets, mask=mask, chunk=chunk * x.shape[0])
+            return LMOutput(None, state, aux, loss_sum, ce)
         ce = []
         for a in range(0, x.shape[1], chunk):
             args = (x[:, a:a + chunk], targets[:, a:a + chunk], mask[:, a:a + chunk])
