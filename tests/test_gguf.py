@@ -166,6 +166,42 @@ def test_unknown_pre_tokenizer_is_refused(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_tiny_gguf_init_from_derives_the_model_and_trains(tiny, tmp_path):
+    """`train --recipe debug --init-from tiny.gguf`: the model section comes from the file (the debug preset has
+    other widths, θ and vocabulary), every tensor loads, the step runs."""
+    from click.testing import CliRunner
+
+    from infinitrain.cli import cli as click_cli
+
+    hf, path = tiny
+    run = tmp_path / "run"
+    res = CliRunner().invoke(click_cli, [
+        "train", "--recipe", "debug", "--data", str(TEXT), "--init-from", str(path), "--run-dir", str(run),
+        "model.segment_len=16", "data.segments_per_sample=2", "data.micro_batch_size=2", "data.val_samples=2",
+        "schedule.steps=1", "schedule.warmup=0", "log.progress=false", "log.tensorboard=false", "run.zero_stage=3",
+        "run.precision=fp32"])
+    assert res.exit_code == 0, (res.output, res.exception)
+    report = json.loads((run / "init_from.json").read_text())
+    assert report["kind"] == "GGUF" and len(report["loaded"]) == 21 and report["unused"] == []
+    assert report["derived"]["rope_theta"] == {"recipe": 10000.0, "source": THETA}
+    assert report["derived"]["vocab_size"]["source"] == hf.config.vocab_size
+
+
+def test_no_validation_is_said_not_nan(monkeypatch, tmp_path):
+    """A run without validation data (the summary's val_loss None) ends with a line that says so."""
+    from click.testing import CliRunner
+
+    import infinitrain.train.loop as loop
+    from infinitrain.cli import cli as click_cli
+
+    monkeypatch.setattr(loop, "train", lambda *a, **k: {"step": 1, "loss": 2.5, "val_loss": None,
+                                                        "skipped_total": 0, "checkpoint": None})
+    res = CliRunner().invoke(click_cli, ["train", "--recipe", "debug", "--data", str(TEXT), "--run-dir",
+                                         str(tmp_path / "run")])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert "val_loss none (the data has no validation split" in res.output and "nan" not in res.output
+
+
 # --- hostile files -------------------------------------------------------------------------------------
 def _s(text: str | bytes) -> bytes:
     b = text.encode() if isinstance(text, str) else text

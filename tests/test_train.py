@@ -4,6 +4,7 @@ Resume, kills, signals, non-finite steps and damaged checkpoints are the fault s
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
 import os
@@ -122,13 +123,17 @@ def test_zero_init_builds_partitioned_and_initialised():
         assert abs(float(w.detach().std()) - cfg.model.init_std) < 0.003
         assert beta.tolist() == [2.25, -1.75, 2.25, -1.75]  # gate_init ± gate_split, even heads +
         torch.testing.assert_close(tau.detach().exp(), torch.full((cfg.model.n_kv_heads,), 3.0))
-    # the temperatures train at the main lr without weight decay; the gates keep their own group
+    # the temperatures train in their own group without weight decay, at optim.tau_lr (null: the main lr); the
+    # gates keep their own group, last (the metrics' gate_lr reads the last group)
     from infinitrain.train.engine import param_groups
     groups = {g["name"]: g for g in param_groups(model, cfg)}
+    assert list(groups)[-1] == "gates"
     assert {id(p) for p in groups["gates"]["params"]} == {id(p) for p in model.gate_parameters()}
-    assert {id(p) for p in model.tau_parameters()} <= {id(p) for p in groups["no_decay"]["params"]}
-    assert groups["no_decay"]["lr"] == cfg.optim.lr and groups["no_decay"]["weight_decay"] == 0.0
+    assert {id(p) for p in groups["memory_tau"]["params"]} == {id(p) for p in model.tau_parameters()}
+    assert groups["memory_tau"]["lr"] == cfg.optim.lr and groups["memory_tau"]["weight_decay"] == 0.0
     assert len(model.tau_parameters()) == 2
+    tau_cfg = cfg.replace(optim=dataclasses.replace(cfg.optim, tau_lr=0.05))
+    assert {g["name"]: g["lr"] for g in param_groups(model, tau_cfg)}["memory_tau"] == 0.05
 
 
 def test_train_benchmark_smoke(tmp_path):

@@ -104,6 +104,7 @@ def ppl_cmd(model, data, split, no_memory, out_dir, batch_size, max_documents, d
                         max_documents=max_documents)
     m, _ = _load(model, None, device, dtype, threads, need_tokenizer=False, memory_tau_scale=memory_tau_scale)
     report = ppl.run_ppl(m, cfg, model_name=model, progress=progress)
+    report.dtype = str(next(m.parameters()).dtype).replace("torch.", "")
     click.echo(ppl.format_table(report))
     _wrote(*ppl.write_outputs(report, out_dir))
 

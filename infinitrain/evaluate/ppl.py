@@ -145,6 +145,7 @@ class PplReport:
     segments: list[dict[str, Any]] = field(default_factory=list)  # {"segment", "tokens", "documents", "loss", "ppl"}
     seconds: float = 0.0
     schema: int = 1
+    dtype: str = ""  # the weights' dtype as evaluated (a bf16 run loads as bf16 unless --dtype): compare like with like
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -323,5 +323,6 @@ def describe(model: InfiniLM, codec: Codec | None, memory_tau_scale: float = 1.0
     n = sum(p.numel() for p in model.parameters())
     tau = f", memory τ x{memory_tau_scale:g}" if memory_tau_scale != 1 else ""
     family = f"{c.update} memory{tau}" if c.arch == "infini" else f"MEGALODON (CEMA dims {c.ema_dim})"
-    return (f"model: {n / 1e6:.2f} M params, {c.n_layers} layers, d {c.d_model}, segment {c.segment_len}, "
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")  # stated: a bf16 run's model is bf16 (--dtype)
+    return (f"model: {n / 1e6:.2f} M params, {dtype}, {c.n_layers} layers, d {c.d_model}, segment {c.segment_len}, "
             f"{family}; tokenizer: {codec.source if codec else 'none'}")

@@ -42,7 +42,10 @@ def train_cmd(recipe: str, overrides: tuple[str, ...], stage: str | None, data: 
         click.echo(f"stage {stage}: run dir {run_dir}", err=True)
     summary = train(cfg, run_dir, resume, local_rank=local_rank, allow_fallback=allow_fallback)
     if os.environ.get("RANK", "0") == "0":
-        click.echo(f"done: step {summary['step']}  loss {summary['loss']:.4f}  val_loss {summary['val_loss']:.4f}  "
+        val = summary["val_loss"]  # None: no validation ran
+        val = "none (the data has no validation split: data.val_fraction, or prepare --val-fraction)" \
+            if val is None else f"{val:.4f}"
+        click.echo(f"done: step {summary['step']}  loss {summary['loss']:.4f}  val_loss {val}  "
                    f"skipped {summary['skipped_total']}  checkpoint {summary['checkpoint']}")
         import torch
 

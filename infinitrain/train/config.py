@@ -8,7 +8,7 @@ Recipe schema (every key optional except ``model``; see ``infinitrain/recipes/de
                # path: a prepared shard dir or text, or a weighted mixture of them, either form:
                #   {data/pg19: 0.5, data/arxiv: 0.5}  or  {pg19: {path: data/pg19, weight: 0.5}, ...}
                # (infinitrain/data_tools/mixture.py: sampling, resume; per-dataset tokens/loss in metrics)
-    optim:     {lr, gate_lr, weight_decay, beta1, beta2, eps, grad_clip}
+    optim:     {lr, gate_lr, tau_lr, weight_decay, beta1, beta2, eps, grad_clip}
     schedule:  {steps, warmup, min_lr_ratio}
     tbptt:     {window, checkpointing: none|layer|segment, mod_aux_weight}
     checkpoint:{save_every, keep_last}
@@ -127,6 +127,9 @@ class DataConfig:
 class OptimConfig:
     lr: float = 3e-4
     gate_lr: float = 1e-2  # the per-head gates β (HF's reproduction: β barely moves at the global lr)
+    # the memory temperatures log τ (model.memory_tau), no weight decay; null: lr. A run that freezes the
+    # pretrained weights (lr 3e-5) needs its own: there τ barely moved (1.0 -> 1.00008 in 3 steps)
+    tau_lr: float | None = None
     weight_decay: float = 0.1  # not applied to gates, norms and biases
     beta1: float = 0.9
     beta2: float = 0.95
@@ -136,6 +139,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _number("optim.lr", self.lr, 0.0, lo_open=True)
         _number("optim.gate_lr", self.gate_lr, 0.0)
+        if self.tau_lr is not None:
+            _number("optim.tau_lr", self.tau_lr, 0.0)
         _number("optim.weight_decay", self.weight_decay, 0.0)
         _number("optim.beta1", self.beta1, 0.0, 1.0)
         _number("optim.beta2", self.beta2, 0.0, 1.0)

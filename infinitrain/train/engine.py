@@ -176,14 +176,18 @@ def lr_lambda(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
 
 
 def param_groups(model: InfiniLM, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """Three groups: matrices (weight decay), norms/biases/embedding-free vectors (no decay), gates β (own lr)."""
-    gate_ids = {id(p) for p in model.gate_parameters()}  # the memory temperatures (1-D) land in no_decay
-    decay, no_decay, gates = [], [], []
+    """Up to four groups: matrices (weight decay), norms/biases/embedding-free vectors (no decay), memory
+    temperatures log τ (no decay, ``optim.tau_lr``: null = lr), gates β (no decay, ``optim.gate_lr``; last)."""
+    gate_ids = {id(p) for p in model.gate_parameters()}
+    tau_ids = {id(p) for p in model.tau_parameters()}
+    decay, no_decay, taus, gates = [], [], [], []
     for p in model.parameters():
         if not p.requires_grad:  # frozen by the recipe's finetune section
             continue
         if id(p) in gate_ids:
             gates.append(p)
+        elif id(p) in tau_ids:
+            taus.append(p)
         elif getattr(p, "ds_shape", p.shape).__len__() >= 2:
             decay.append(p)
         else:
@@ -191,6 +195,7 @@ def param_groups(model: InfiniLM, cfg: TrainConfig) -> list[dict[str, Any]]:
     o = cfg.optim
     groups = [{"params": decay, "weight_decay": o.weight_decay, "lr": o.lr, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "lr": o.lr, "name": "no_decay"},
+              {"params": taus, "weight_decay": 0.0, "lr": o.lr if o.tau_lr is None else o.tau_lr, "name": "memory_tau"},
               {"params": gates, "weight_decay": 0.0, "lr": o.gate_lr, "name": "gates"}]
     return [g for g in groups if g["params"]]
 

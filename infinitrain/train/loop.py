@@ -303,6 +303,9 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: i
         state = TrainState(**ckpt.load(engine, resume_from)["train_state"])
         sampler.load_state_dict(state.data)
     val = Validation(val_src, cfg.data.val_samples, cfg.data.micro_batch_size, rank, world)
+    if not val and rank == 0:
+        print("note: the data has no validation split: no val_loss (data.val_fraction, or prepare --val-fraction)",
+              file=sys.stderr)
     per_dataset = DatasetMetrics(train_src, sampler)  # mixtures: tokens and loss per dataset
 
     S, W = cfg.model.segment_len, cfg.window
@@ -389,7 +392,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: i
             metrics.write({"step": state.step, "val_loss": last_val, **per_val})
         done = ckpt.committed(run_dir / "checkpoints")
         path = done[-1] if last_saved == state.step and done else save()
-        return {"step": state.step, "tokens": state.tokens, "loss": loss, "val_loss": last_val,
+        return {"step": state.step, "tokens": state.tokens, "loss": loss, "val_loss": last_val if val else None,
                 "skipped_total": state.skipped_total, "checkpoint": str(path) if path else None}
     finally:
         metrics.close()
