@@ -10,9 +10,10 @@ parameter there); this is the paper's equation, which spans the same family of f
 
 Fast path (``cema``): no loop over tokens. Tokens are cut into blocks of C; inside a block the output is a causal
 convolution with the real kernel K_j[τ] = Re Σ_k η p q^τ (one C×C Toeplitz matmul per channel); every block's
-own end state is one matmul with q^{C−1−s}; the states entering the blocks come from a log-depth scan over
-blocks (powers q^C, q^{2C}, ..., never inverse powers, so it is stable); their contribution to the outputs is
-Re Σ_k η q^{τ+1} H. Document starts (``doc_start``) clear the state for their row exactly as the naive twin.
+own end state is one matmul with q^{C−1−s}; the states entering the blocks come from a scan over the T/C blocks
+(H_n = q^C H_{n−1} + own_n: powers of q only, never inverse powers, so it is stable); their contribution to the
+outputs is Re Σ_k η q^{τ+1} H. Every product is a real batched matmul over the channels. Document starts
+(``doc_start``) clear the state for their row exactly as the naive twin.
 
 Shape legend: B batch, T tokens, D channels (model dim), E EMA dims per channel (the paper's h), N blocks,
 C block length. The state h is (B, D, E) complex; math runs in complex64 for bf16/fp32 and complex128 for fp64.
@@ -58,17 +59,17 @@ def zero_cema_state(batch: int, channels: int, dims: int, dtype: torch.dtype, de
                        device=device)
 
 
-def _block_scan(S: Tensor, a: Tensor, live: Tensor) -> Tensor:
-    """Inclusive scan S_n ← a·live_n·S_{n−1} + S_n over dim 2 of S (B, D, M, E), a (D, E) complex, live (B, M)
-    real (0 where a document starts inside block n), in log2(M) steps of doubling windows (Hillis-Steele)."""
-    M = S.shape[2]
-    o, ao, L = 1, a, live
-    while o < M:
-        carry = (ao[None, :, None] * L[:, None, o:, None]) * S[:, :, :-o]
-        S = torch.cat((S[:, :, :o], S[:, :, o:] + carry), 2)
-        L = torch.cat((L[:, :o], L[:, o:] * L[:, :-o]), 1)  # product of live over the window now summed
-        ao, o = ao * ao, o * 2
-    return S
+def _block_scan(h0: Tensor, own: Tensor, a: Tensor, live: Tensor) -> tuple[Tensor, Tensor]:
+    """States entering each block and after the last: H_n = a·live_n·H_{n−1} + own_n from H_{−1} = h0.
+
+    h0 (D, B, E), own (D, B, N, E) complex, a = q^C (D, E), live (B, N) real (0 where a document starts inside
+    block n). A loop over the N = T/C blocks (not over tokens) of (D, B, E) multiply-adds: cheaper on a CPU than a
+    log-depth scan, which rewrites all N states log2(N) times. Returns (before (D, B, N, E), final (D, B, E))."""
+    h, before = h0, []
+    for own_n, live_n in zip(own.unbind(2), live.unbind(1)):  # unbind: one backward op, not N scatters
+        before.append(h)
+        h = torch.addcmul(own_n, a[:, None], h * live_n[None, :, None])
+    return torch.stack(before, 2), h
 
 
 def _toeplitz(kern: Tensor) -> Tensor:
@@ -79,45 +80,52 @@ def _toeplitz(kern: Tensor) -> Tensor:
     return kern[:, lag.clamp(min=0)] * (lag >= 0).to(kern.dtype)
 
 
+def _reim(z: Tensor, dim: int) -> Tensor:
+    """Complex z -> [Re z | Im z] along dim (real), so that a complex product is one real matmul."""
+    return torch.cat((z.real, z.imag), dim)
+
+
 def _cema_blocks(x: Tensor, p: Tensor, log_q: Tensor, eta: Tensor, h0: Tensor, C: int,
                  doc_start: Tensor | None, doc_inside: bool | None = None) -> tuple[Tensor, Tensor]:
-    """``cema`` on T = N·C tokens: x (B, T, D) real, p/log_q/eta (D, E) complex, h0 (B, D, E) -> (y (B, T, D), h)."""
+    """``cema`` on T = N·C tokens: x (B, T, D) real, p/log_q/eta (D, E) complex, h0 (B, D, E) -> (y (B, T, D), h).
+
+    Every product is one real batched matmul over the channels, on x laid out (D, B·N, C)."""
     B, T, D = x.shape
-    N = T // C
-    xb = x.transpose(1, 2).reshape(B, D, N, C)  # (B, D, N, C)
-    qpow = torch.exp(log_q[..., None] * torch.arange(C + 1, dtype=x.dtype, device=x.device))  # (D, E, C+1): q^τ
+    N, E = T // C, p.shape[-1]
+    xd = x.permute(2, 0, 1).reshape(D, B * N, C).contiguous()  # (D, B·N, C), one copy: bmm wants it dense
+    tau = torch.arange(C + 1, dtype=x.dtype, device=x.device)
+    qpow = torch.polar(torch.exp(log_q.real[..., None] * tau), log_q.imag[..., None] * tau)  # (D, E, C+1): q^τ
     toe = _toeplitz(((eta * p)[..., None] * qpow[..., :C]).sum(1).real)  # (D, C, C): Re Σ_k η p q^{t−s}
-    y = xb @ toe.transpose(-1, -2)  # (B, D, N, C) the in-block convolution
+    y = torch.bmm(xd, toe.transpose(1, 2))  # (D, B·N, C) the in-block convolution
     reads = writes = None
     live = torch.ones(B, N, dtype=x.dtype, device=x.device)
     if doc_start is not None:
         doc, reads, writes, reset = document_masks(doc_start, C)
         live = (~reset).to(x.dtype)
         if doc_inside is not False:  # False: every start is on a block boundary, so no block needs its mask
-            y = _mask_blocks_with_starts(y, xb, toe, doc.view(B, N, C), doc_start.view(B, N, C))
-        writes = writes.view(B, 1, N, C).to(x.dtype)
-    xw = xb if writes is None else xb * writes  # a block's end state holds only its last document
-    own = xw.to(p.dtype) @ (p[..., None] * qpow[..., :C].flip(-1)).transpose(-1, -2)  # (B, D, N, E)
-    S = _block_scan(torch.cat((h0[:, :, None], own), 2), qpow[..., C],
-                    torch.cat((torch.ones(B, 1, dtype=x.dtype, device=x.device), live), 1))
-    before, final = S[:, :, :N], S[:, :, N]  # the state entering each block, and the state after the last
-    carry = (before @ (eta[..., None] * qpow[..., 1:])).real  # (B, D, N, C): Re Σ_k η q^{τ+1} H_{n−1}
+            y = _mask_blocks_with_starts(y, xd, toe, doc.reshape(B * N, C), doc_start.reshape(B * N, C))
+        writes = writes.reshape(1, B * N, C).to(x.dtype)
+    xw = xd if writes is None else xd * writes  # a block's end state holds only its last document
+    own = torch.bmm(xw, _reim(p[..., None] * qpow[..., :C].flip(-1), 1).transpose(1, 2))  # (D, B·N, 2E): Σ_s p q^{C−1−s} x_s
+    own = torch.complex(own[..., :E], own[..., E:]).view(D, B, N, E)
+    before, final = _block_scan(h0.transpose(0, 1), own, qpow[..., C], live)  # (D, B, N, E), (D, B, E)
+    wc = eta[..., None] * qpow[..., 1:]  # (D, E, C): η q^{τ+1}
+    carry = torch.bmm(_reim(before, -1).reshape(D, B * N, 2 * E), torch.cat((wc.real, -wc.imag), 1))  # Re(H·wc)
     if reads is not None:
-        carry = carry * reads.view(B, 1, N, C).to(x.dtype)  # a token of a document begun in its block reads none
-    return (y + carry).reshape(B, D, T).transpose(1, 2), final
+        carry = carry * reads.reshape(1, B * N, C).to(x.dtype)  # a token of a document begun in its block reads none
+    return (y + carry).view(D, B, T).permute(1, 2, 0), final.transpose(0, 1)
 
 
-def _mask_blocks_with_starts(y: Tensor, xb: Tensor, toe: Tensor, doc: Tensor, starts: Tensor) -> Tensor:
+def _mask_blocks_with_starts(y: Tensor, xd: Tensor, toe: Tensor, doc: Tensor, starts: Tensor) -> Tensor:
     """Recompute the in-block convolution of the few blocks where a document starts after their first token, with
-    the Toeplitz masked to same-document pairs. y, xb (B, D, N, C); doc, starts (B, N, C)."""
-    bi, ni = starts[..., 1:].any(-1).nonzero(as_tuple=True)
-    if not len(bi):
+    the Toeplitz masked to same-document pairs. y, xd (D, B·N, C); doc, starts (B·N, C)."""
+    (j,) = starts[:, 1:].any(-1).nonzero(as_tuple=True)
+    if not len(j):
         return y
-    d = doc[bi, ni]  # (R, C)
+    d = doc[j]  # (R, C)
     same = (d[:, :, None] == d[:, None, :]).to(toe.dtype)  # (R, C, C)
-    xs = xb[bi, :, ni]  # (R, D, C)
-    ys = ((toe[None] * same[:, None]) @ xs[..., None]).squeeze(-1)  # (R, D, C)
-    return y.transpose(1, 2).index_put((bi, ni), ys).transpose(1, 2)
+    ys = ((toe[:, None] * same[None]) @ xd[:, j, :, None]).squeeze(-1)  # (D, R, C)
+    return y.transpose(0, 1).index_put((j,), ys.transpose(0, 1)).transpose(0, 1)
 
 
 def cema(x: Tensor, alpha: Tensor, delta: Tensor, omega: Tensor, beta: Tensor, eta: Tensor, h0: Tensor | None = None,
