@@ -113,7 +113,21 @@ def _cema_blocks(x: Tensor, p: Tensor, log_q: Tensor, eta: Tensor, h0: Tensor, C
     carry = torch.bmm(_reim(before, -1).reshape(D, B * N, 2 * E), torch.cat((wc.real, -wc.imag), 1))  # Re(H·wc)
     if reads is not None:
         carry = carry * reads.reshape(1, B * N, C).to(x.dtype)  # a token of a document begun in its block reads none
-    return (y + carry).view(D, B, T).permute(1, 2, 0), final.transpose(0, 1)
+    return _TokensMajor.apply(y + carry, B), final.transpose(0, 1)
+
+
+class _TokensMajor(torch.autograd.Function):
+    """(D, B·N, C) -> (B, T, D) contiguous, and the gradient back to (D, B·N, C) contiguous: a plain permute would
+    hand the bmm backward a strided gradient, which it copies one (channel) matrix at a time."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, batch: int) -> Tensor:
+        ctx.shape = z.shape
+        return z.reshape(z.shape[0], batch, -1).permute(1, 2, 0).contiguous()
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None]:
+        return g.permute(2, 0, 1).contiguous().view(ctx.shape), None
 
 
 def _mask_blocks_with_starts(y: Tensor, xd: Tensor, toe: Tensor, doc: Tensor, starts: Tensor) -> Tensor:
