@@ -45,7 +45,8 @@ class MegalodonState(NamedTuple):
     def row(self, b: int) -> "MegalodonState":
         """Row b of the batch, (1, ...) in every tensor."""
         n, c = self.norm, self.cache
-        return MegalodonState(NormState(*(t[b:b + 1] for t in n)), self.ema[b:b + 1], ChunkCache(*(t[b:b + 1] for t in c)))
+        return MegalodonState(NormState(*(t[b:b + 1] for t in n)), self.ema[b:b + 1],
+                              ChunkCache(*(t[b:b + 1] for t in c)))
 
     @staticmethod
     def cat(states: "list[MegalodonState | None]") -> "MegalodonState":
@@ -56,7 +57,8 @@ class MegalodonState(NamedTuple):
                                ChunkCache(*(t[:1].new_zeros(t[:1].shape) for t in ref.cache)))
         rows = [fresh if s is None else s for s in states]
         return MegalodonState(NormState(*(torch.cat(ts) for ts in zip(*(s.norm for s in rows)))),
-                              torch.cat([s.ema for s in rows]), ChunkCache(*(torch.cat(ts) for ts in zip(*(s.cache for s in rows)))))
+                              torch.cat([s.ema for s in rows]),
+                              ChunkCache(*(torch.cat(ts) for ts in zip(*(s.cache for s in rows)))))
 
 
 class MegalodonAttention(nn.Module):

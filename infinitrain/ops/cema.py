@@ -106,7 +106,8 @@ def _cema_blocks(x: Tensor, p: Tensor, log_q: Tensor, eta: Tensor, h0: Tensor, C
             y = _mask_blocks_with_starts(y, xd, toe, doc.reshape(B * N, C), doc_start.reshape(B * N, C))
         writes = writes.reshape(1, B * N, C).to(x.dtype)
     xw = xd if writes is None else xd * writes  # a block's end state holds only its last document
-    own = torch.bmm(xw, _reim(p[..., None] * qpow[..., :C].flip(-1), 1).transpose(1, 2))  # (D, B·N, 2E): Σ_s p q^{C−1−s} x_s
+    wp = p[..., None] * qpow[..., :C].flip(-1)  # (D, E, C): p q^{C−1−s}
+    own = torch.bmm(xw, _reim(wp, 1).transpose(1, 2))  # (D, B·N, 2E): each block's own end state, Re | Im
     own = torch.complex(own[..., :E], own[..., E:]).view(D, B, N, E)
     before, final = _block_scan(h0.transpose(0, 1), own, qpow[..., C], live)  # (D, B, N, E), (D, B, E)
     wc = eta[..., None] * qpow[..., 1:]  # (D, E, C): η q^{τ+1}
