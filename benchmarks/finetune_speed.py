@@ -60,7 +60,7 @@ def child(a: argparse.Namespace) -> dict:
     init_distributed()
     over = [f"model.segment_len={a.segment}", f"data.segments_per_sample={a.segments}", "data.micro_batch_size=1",
             f"run.precision={a.precision}", "run.zero_stage=3", f"tbptt.checkpointing={a.checkpointing}",
-            "tbptt.window=0", "model.memory_tau=1.0", f"run.init_from={a.model}", *MODES[a.child]]
+            "tbptt.window=0", "model.memory_tau=1.0", f"run.init_from={a.model}", *MODES[a.child], *a.set]
     cfg = load_recipe("debug", over)
     cfg = cfg.replace(model=derive_model(cfg.model, open_source(a.model, cfg.model).config)[0])
     engine, model = build_engine(cfg, deepspeed_config(cfg, 1))
@@ -80,13 +80,15 @@ def child(a: argparse.Namespace) -> dict:
 
     load0 = load()
     warm = step()
-    cpu0, wall = time.process_time(), []
+    cpu0, wall, cpus = time.process_time(), [], []
     for _ in range(a.steps):
+        c = time.process_time()
         wall.append(step())
+        cpus.append(time.process_time() - c)
     cpu = time.process_time() - cpu0
     tokens = a.steps * T
     return {"mode": a.child, "tokens_per_s": tokens / sum(wall), "tokens_per_cpu_s": tokens / cpu,
-            "warmup_s": warm, "step_s": wall, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "warmup_s": warm, "step_s": wall, "step_cpu_s": cpus, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "trainable": trainable, "load_before": load0, "load_after": load()}
 
 
@@ -100,6 +102,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--checkpointing", default="segment", choices=["none", "layer", "segment"])
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra recipe override for every mode (repeatable)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
