@@ -1,4 +1,5 @@
-"""``infinitrain export``: a committed training checkpoint -> a model directory (safetensors, config.json, tokenizer.json).
+"""``infinitrain export``: a committed training checkpoint -> a model directory (safetensors, config.json,
+tokenizer.json).
 
     RUN_DIR/checkpoints/step-N  --verify manifest sha256-->  gather ZeRO partitions (fp32)  -->  OUT/
         model.safetensors (or model-0000i-of-0000n.safetensors + model.safetensors.index.json above --max-shard-size)
@@ -20,9 +21,7 @@ the checkpoint's manifest.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import os
 import re
 import shutil
@@ -30,11 +29,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from infinitrain.errors import CheckpointError, ConfigError
+from infinitrain.atomic import fsync_dir, fsync_tree, sha256_file
+from infinitrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from infinitrain.infer.loading import RunPath
 
 DTYPES = ("bf16", "fp32")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -68,82 +71,6 @@ class ExportResult:
     sources: tuple[Path, ...] = ()  # every checkpoint averaged (``checkpoint`` is the first), or just ``checkpoint``
 
 
-def find_checkpoint(path: Path, step: int | None) -> Path:
-    """The committed checkpoint to export: PATH itself if it is one, else the newest (or step N) of a run dir."""
-    from infinitrain.train.checkpoint import (
-        MANIFEST,
-        STEP_DIR,
-        committed,
-        step_dir_name,
-    )
-
-    if (path / MANIFEST).is_file():
-        m = STEP_DIR.match(path.name)
-        if step is not None and (m is None or int(m.group(1)) != step):
-            raise CheckpointError(f"{path}: is the checkpoint of another step than --step {step}")
-        return path
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such run directory")
-    if not (path / "config.yaml").is_file():
-        raise CheckpointError(f"{path}: not a run directory (no config.yaml) nor a committed checkpoint "
-                              f"(no {MANIFEST})")
-    found = committed(path / "checkpoints")
-    if not found:
-        raise CheckpointError(f"{path / 'checkpoints'}: no committed checkpoint (step-N with a {MANIFEST})")
-    if step is None:
-        return found[-1]
-    want = path / "checkpoints" / step_dir_name(step)
-    if want not in found:
-        steps = ", ".join(str(int(STEP_DIR.match(p.name).group(1))) for p in found)
-        raise CheckpointError(f"{want}: no committed checkpoint for step {step} (committed steps: {steps})")
-    return want
-
-
-def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
-    """Every file of the checkpoint against its manifest (size and sha256), several files at once with a
-    progress bar on stderr for big checkpoints; returns the manifest."""
-    from infinitrain.train.checkpoint import read_manifest, verify
-
-    manifest = read_manifest(ckpt)
-    verify(ckpt, manifest, progress=True)
-    return manifest
-
-
-@contextlib.contextmanager
-def weights_only_loads():
-    """Inside, every ``torch.load`` runs with ``weights_only=True`` whatever the caller asked (DeepSpeed's
-    zero_to_fp32 asks for False). Beyond tensors and containers, only the three DeepSpeed classes its ZeRO
-    optimizer files hold (stages 1-3, fp32 and bf16, DeepSpeed 0.19) may be rebuilt: an enum, two records."""
-    import torch
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    real = torch.load
-
-    def load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        return real(*args, **kwargs)
-
-    torch.load = load
-    try:
-        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
-            yield
-    finally:
-        torch.load = real
-
-
-def _fsync_tree(root: Path) -> None:
-    for p in sorted(root.iterdir()):
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _publish(tmp: Path, out: Path, force: bool) -> None:
     """Rename the finished ``tmp`` to ``out`` (replacing an existing ``out`` only with ``force``)."""
     old = out.with_name(f".{out.name}.old")
@@ -151,22 +78,12 @@ def _publish(tmp: Path, out: Path, force: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
         os.rename(out, old)
     os.rename(tmp, out)
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(out.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _run_precision(run_dir: Path) -> str:
-    import yaml
-
-    try:
-        raw = yaml.safe_load((run_dir / "config.yaml").read_text())
-        precision = raw["run"]["precision"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
-        return "fp32"
+def _run_precision(run: RunPath) -> str:
+    precision = (run.config.get("run") or {}).get("precision")
     return precision if precision in DTYPES else "fp32"
 
 
@@ -179,42 +96,17 @@ def export(path: str | os.PathLike | list | tuple, out: str | os.PathLike, *, st
     ``path`` a list of several: their weights averaged (the configs and tokenizers must agree; ``step`` applies
     to each run directory; ``dtype`` None: the first run's precision). ``memory_tau_scale``: every memory
     temperature of the export multiplied by it (``scale_memory_tau``; recorded in ``exported_from``)."""
-    from infinitrain.model.io import (
-        CONFIG_NAME,
-        INDEX_NAME,
-        WEIGHTS_NAME,
-        save_pretrained,
-    )
-    from infinitrain.model.lm import check_memory_tau_scale, scale_memory_tau
+    from infinitrain.model.lm import scale_memory_tau
 
     t0 = time.time()
-    paths = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
-    if not paths:
-        raise ConfigError("export: no run directory or checkpoint given")
     out = Path(out)
-    import torch
-
-    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"  # as the trainer does: spares DeepSpeed's "Setting accelerator" warning
-    if dtype is not None and dtype not in DTYPES:
-        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    check_memory_tau_scale(memory_tau_scale)  # before any checkpoint is read
-    shard_bytes = parse_size(max_shard_size)
-    ckpts = [find_checkpoint(p, step) for p in paths]
-    if len({c.resolve() for c in ckpts}) != len(ckpts):
-        raise ConfigError(f"{ckpts[0]}: the same checkpoint given twice to average")
-    if out.exists() and not force:
-        raise ConfigError(f"{out}: already exists; choose another --out or pass --force to replace it")
-    for ckpt in ckpts:
-        if out.resolve() == ckpt.resolve() or ckpt.resolve() in out.resolve().parents:
-            raise ConfigError(f"{out}: must not be inside the checkpoint {ckpt}")
-    if len(ckpts) > 1:
-        _check_same_model(ckpts)  # before any weights are read
-    ckpt, run_dir = ckpts[0], ckpts[0].parent.parent
-    dtype = dtype or _run_precision(run_dir)
-    model, codec, manifest, provenance = _load_verified(ckpt, tokenizer, log)
-    if len(ckpts) > 1:
-        sources = [provenance, *_add_weights(model, codec, ckpt, ckpts[1:], tokenizer, log)]
+    runs, shard_bytes = _checked_sources(path, out, step=step, dtype=dtype, max_shard_size=max_shard_size,
+                                         force=force, memory_tau_scale=memory_tau_scale)
+    ckpt = runs[0].checkpoint
+    dtype = dtype or _run_precision(runs[0])
+    model, codec, manifest, provenance = _load_verified(runs[0], tokenizer, log)
+    if len(runs) > 1:
+        sources = [provenance, *_add_weights(model, codec, ckpt, runs[1:], tokenizer, log)]
         provenance = {"average_of": sources, "step": manifest["step"], "world_size": manifest["world_size"]}
     if memory_tau_scale != 1:
         scale_memory_tau(model, memory_tau_scale, where=str(ckpt))
@@ -222,16 +114,60 @@ def export(path: str | os.PathLike | list | tuple, out: str | os.PathLike, *, st
     if codec is None:
         log("note: no tokenizer found beside the run or its data; the export has none (pass --tokenizer FILE|bytes)")
     tok = None if codec is None else "bytes" if codec.source == "bytes" else "tokenizer.json"
+    tokenizer_file = codec.source if tok == "tokenizer.json" else None
+    bos = {"bos_at_doc_start": codec.bos_id is not None} if tok == "tokenizer.json" else {}
+    files, size = _write_model(model, out, dtype=dtype, shard_bytes=shard_bytes, tokenizer_file=tokenizer_file,
+                               extra={"tokenizer": tok, **bos, "exported_from": provenance}, force=force, log=log)
+    return ExportResult(out, ckpt, int(manifest["step"]), dtype, files, size, tok, time.time() - t0,
+                        tuple(r.checkpoint for r in runs))
+
+
+def _checked_sources(path: str | os.PathLike | list | tuple, out: Path, *, step: int | None, dtype: str | None,
+                     max_shard_size: str | int, force: bool, memory_tau_scale: float) -> tuple[list[RunPath], int]:
+    """The checkpoints to export, resolved and checked against the arguments before any weights are read; and
+    the shard size in bytes."""
+    import torch
+
+    from infinitrain.infer.loading import resolve
+    from infinitrain.model.lm import check_memory_tau_scale
+
+    paths = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
+    if not paths:
+        raise ConfigError("export: no run directory or checkpoint given")
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"  # as the trainer does: spares DeepSpeed's "Setting accelerator" warning
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    check_memory_tau_scale(memory_tau_scale)  # before any checkpoint is read
+    shard_bytes = parse_size(max_shard_size)
+    runs = [resolve(p, step, exports=False) for p in paths]
+    ckpts = [r.checkpoint for r in runs]
+    if len({c.resolve() for c in ckpts}) != len(ckpts):
+        raise ConfigError(f"{ckpts[0]}: the same checkpoint given twice to average")
+    if out.exists() and not force:
+        raise ConfigError(f"{out}: already exists; choose another --out or pass --force to replace it")
+    for ckpt in ckpts:
+        if out.resolve() == ckpt.resolve() or ckpt.resolve() in out.resolve().parents:
+            raise ConfigError(f"{out}: must not be inside the checkpoint {ckpt}")
+    if len(runs) > 1:
+        _check_same_model(runs)
+    return runs, shard_bytes
+
+
+def _write_model(model, out: Path, *, dtype: str, shard_bytes: int, extra: dict[str, Any],
+                 tokenizer_file: str | None, force: bool, log: Callable[[str], None]) -> tuple[tuple[str, ...], int]:
+    """Write the model directory under ``.OUT.partial``, fsync it and rename it to ``out``; returns the weight files
+    and their bytes."""
+    from infinitrain.model.io import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, save_pretrained
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)  # left by an export that was killed
     try:
-        bos = {"bos_at_doc_start": codec.bos_id is not None} if tok == "tokenizer.json" else {}
-        save_pretrained(model, tmp, dtype=dtype, max_shard_bytes=shard_bytes,
-                        extra={"tokenizer": tok, **bos, "exported_from": provenance})
-        if tok == "tokenizer.json":
-            shutil.copyfile(codec.source, tmp / "tokenizer.json")
-        _fsync_tree(tmp)
+        save_pretrained(model, tmp, dtype=dtype, max_shard_bytes=shard_bytes, extra=extra)
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+        fsync_tree(tmp)
         files = tuple(sorted(p.name for p in tmp.glob("*.safetensors")))
         size = sum((tmp / f).stat().st_size for f in files)
         _publish(tmp, out, force)
@@ -240,44 +176,36 @@ def export(path: str | os.PathLike | list | tuple, out: str | os.PathLike, *, st
         raise
     written = [*files, INDEX_NAME] if len(files) > 1 else [WEIGHTS_NAME]
     log(f"wrote {out}: {', '.join(written[:3])}{' ...' if len(written) > 3 else ''}, {CONFIG_NAME}"
-        f"{', tokenizer.json' if tok == 'tokenizer.json' else ''}")
-    return ExportResult(out, ckpt, int(manifest["step"]), dtype, files, size, tok, time.time() - t0, tuple(ckpts))
+        f"{', tokenizer.json' if tokenizer_file is not None else ''}")
+    return files, size
 
 
-def _load_verified(ckpt: Path, tokenizer: str | None, log: Callable[[str], None]):
+def _load_verified(run: RunPath, tokenizer: str | None, log: Callable[[str], None]):
     """(fp32 model, codec or None, manifest, provenance) of one committed checkpoint, its files verified first."""
-    from infinitrain.infer.loading import load_for_inference
-    from infinitrain.train.checkpoint import MANIFEST
+    from infinitrain.infer.loading import MANIFEST, load_run, verify_checkpoint
 
+    ckpt = run.checkpoint
     manifest = verify_checkpoint(ckpt)
     log(f"verified {len(manifest['files'])} files of {ckpt} against {MANIFEST} (sha256)")
-    with weights_only_loads():
-        model, codec = load_for_inference(ckpt, tokenizer=tokenizer, need_tokenizer=False)
+    model, codec = load_run(run, tokenizer=tokenizer, need_tokenizer=False)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"gathered {n_params / 1e6:.2f} M parameters (fp32) from step {manifest['step']} "
         f"({manifest['world_size']} rank{'s' if manifest['world_size'] != 1 else ''})")
     provenance = {"run_dir": str(ckpt.parent.parent.resolve()), "checkpoint": ckpt.name, "step": manifest["step"],
                   "world_size": manifest["world_size"],
-                  "manifest_sha256": hashlib.sha256((ckpt / MANIFEST).read_bytes()).hexdigest()}
+                  "manifest_sha256": sha256_file(ckpt / MANIFEST)}
     return model, codec, manifest, provenance
 
 
-def _check_same_model(ckpts: list[Path]) -> None:
+def _check_same_model(runs: list[RunPath]) -> None:
     """ConfigError unless every checkpoint's run trained the same ModelConfig (read from its config.yaml)."""
-    from infinitrain.infer.loading import _run_config
-    from infinitrain.model.config import ModelConfig
-
-    def config(ckpt: Path) -> ModelConfig:
-        run_dir = ckpt.parent.parent
-        return ModelConfig.from_dict(_run_config(run_dir)["model"], where=f"{run_dir}/config.yaml: model")
-
-    first = config(ckpts[0])
-    for ckpt in ckpts[1:]:
-        other = config(ckpt)
+    first = runs[0].model_config
+    for run in runs[1:]:
+        other = run.model_config
         if other != first:
             diff = [f.name for f in dataclasses.fields(first) if getattr(first, f.name) != getattr(other, f.name)]
-            raise ConfigError(f"{ckpt}: its model differs from {ckpts[0]}'s ({', '.join(diff)}); only checkpoints "
-                              f"of one model can be averaged")
+            raise ConfigError(f"{run.checkpoint}: its model differs from {runs[0].checkpoint}'s ({', '.join(diff)}); "
+                              f"only checkpoints of one model can be averaged")
 
 
 def _same_tokenizer(a, b) -> bool:
@@ -286,7 +214,7 @@ def _same_tokenizer(a, b) -> bool:
     return Path(a.source).read_bytes() == Path(b.source).read_bytes()
 
 
-def _add_weights(model, codec, first: Path, others: list[Path], tokenizer: str | None,
+def _add_weights(model, codec, first: Path, others: list[RunPath], tokenizer: str | None,
                  log: Callable[[str], None]) -> list[dict[str, Any]]:
     """Replace every tensor of ``model`` (loaded from ``first``) by its mean with the ``others``' (float64, one
     extra model in memory at a time); returns the others' provenance."""
@@ -295,8 +223,9 @@ def _add_weights(model, codec, first: Path, others: list[Path], tokenizer: str |
     own = model.state_dict()
     sums = {k: v.detach().to(torch.float64) for k, v in own.items()}
     sources = []
-    for ckpt in others:
-        other, other_codec, _, prov = _load_verified(ckpt, tokenizer, log)  # configs: _check_same_model
+    for run in others:
+        ckpt = run.checkpoint
+        other, other_codec, _, prov = _load_verified(run, tokenizer, log)  # configs: _check_same_model
         if not _same_tokenizer(codec, other_codec):
             raise ConfigError(f"{ckpt}: its tokenizer differs from {first}'s; pass --tokenizer to ship one")
         state = other.state_dict()

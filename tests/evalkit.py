@@ -47,7 +47,7 @@ def make_model(directory: Path, tokenizer: Path | None, *, gate: float = 2.0, se
 
 
 def codec_of(tokenizer: Path):
-    from infinitrain.infer.loading import Codec
+    from infinitrain.infer.codec import Codec
 
     tok, info = load_tokenizer(tokenizer)
     return Codec(tok, info.eos_id, str(tokenizer))

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from infinitrain import atomic
 from infinitrain.errors import CheckpointError
 from infinitrain.train import checkpoint as ckpt
 
@@ -29,7 +30,7 @@ def test_hash_files_equals_hashlib_and_shows_a_bar_for_big_checkpoints(tmp_path,
     want = {rel: {"bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()} for rel, d in blobs.items()}
     assert ckpt.hash_files(tmp_path, blobs, progress=True) == want
     assert "hashing" not in capsys.readouterr().err  # small: no bar
-    monkeypatch.setattr(ckpt, "PROGRESS_BYTES", 0)
+    monkeypatch.setattr(atomic, "PROGRESS_BYTES", 0)
     assert ckpt.hash_files(tmp_path, blobs, progress=True, desc="hashing test") == want
     assert "hashing test" in capsys.readouterr().err
 

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from evalkit import codec_of, make_model, make_tokenizer, run_main, tiny_config
 
 from infinitrain.cli import cli
-from infinitrain.infer.loading import Codec, load_for_inference
+from infinitrain.infer.codec import Codec
+from infinitrain.infer.loading import load_for_inference
 from infinitrain.infer.generate import Sampling, TextStream, advance, generate, prefill
 from infinitrain.model import InfiniLM
 

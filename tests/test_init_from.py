@@ -120,7 +120,7 @@ def test_bad_sources_are_refused(tmp_path, llama_dir):
         report_for(cfg, hf_bin)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("model: {}\n")
-    with pytest.raises(ConfigError, match="without a committed checkpoint"):
+    with pytest.raises(ConfigError, match="init_from .*no committed checkpoint"):
         report_for(cfg, tmp_path / "run")
 
 

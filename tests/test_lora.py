@@ -102,7 +102,7 @@ def _params(model_or_state) -> dict[str, torch.Tensor]:
 def test_lora_under_zero3_trains_only_adapters_and_gates_and_exports_merged(tmp_path):
     """The real trainer (ZeRO-3, 1 rank): the loss falls, the base weights stay bitwise equal to a plain run's
     initialisation, and the export (merged) gives the unmerged model's logits."""
-    from infinitrain.infer.loading import _gathered_state_dict
+    from infinitrain.infer.loading import gathered_state_dict
     from infinitrain.train import train
     from infinitrain.train.checkpoint import committed
     from infinitrain.train.config import load_recipe
@@ -118,7 +118,7 @@ def test_lora_under_zero3_trains_only_adapters_and_gates_and_exports_merged(tmp_
     losses = [r["loss"] for r in _rows(tmp_path / "run")]
     assert losses[-1] < losses[0] - 0.2, losses
     ckpt = committed(tmp_path / "run" / "checkpoints")[-1]
-    raw = _gathered_state_dict(ckpt)
+    raw = gathered_state_dict(ckpt)
     adapters = {k for k in raw if ".lora_" in k}
     assert len(adapters) == 2 * 2 * 7
     changed = {k for k in init if not torch.equal(raw[k], init[k])}

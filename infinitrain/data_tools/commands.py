@@ -168,7 +168,8 @@ def data_passkey_cmd(out, tokenizer, length, depths, count, seed) -> None:
     """Write the paper's passkey-retrieval samples as JSONL (fields text, prompt, context, question, answer,
     pass_key, depth, ...); `prepare --format qa --question-separator "" --answer-separator ""` trains on the answer."""
     from infinitrain.data_tools.passkey import parse_depths, passkey_records
-    from infinitrain.data_tools.tokenizer import load_tokenizer, write_atomic
+    from infinitrain.atomic import write_atomic
+    from infinitrain.data_tools.tokenizer import load_tokenizer
 
     tok, _ = load_tokenizer(tokenizer)
     records = passkey_records(tok, length=length, depths=parse_depths(depths), count=count, seed=seed)
@@ -190,7 +191,7 @@ def data_topics_cmd(out, count, words, evidence_words, filler, seed) -> None:
     sits in the first words, the rest is neutral filler; `prepare --format classification` prepares it."""
     from collections import Counter
 
-    from infinitrain.data_tools.tokenizer import write_atomic
+    from infinitrain.atomic import write_atomic
     from infinitrain.data_tools.topics import topic_records
 
     records = topic_records(count=count, words=words, evidence_words=evidence_words, filler=filler, seed=seed)

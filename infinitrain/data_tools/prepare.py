@@ -29,12 +29,13 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
+from infinitrain.atomic import write_atomic
 from infinitrain.data_tools.inputs import (FORMATS, Document, Issue, ReadOptions, ReadProgress, expand_inputs,
                                            input_fingerprint, read_documents)
 from infinitrain.data_tools.pack import StreamPacker, answer_sample
 from infinitrain.data_tools.shards import (FORMAT_VERSION, INDEX_NAME, LABEL_FORMAT_VERSION, SHARD_SUFFIX, ShardWriter,
                                            make_index, write_index)
-from infinitrain.data_tools.tokenizer import TokenizerInfo, encoder, load_tokenizer, write_atomic
+from infinitrain.data_tools.tokenizer import TokenizerInfo, encoder, load_tokenizer
 
 TOKENIZER_NAME = "tokenizer.json"  # a copy of --tokenizer, byte for byte
 from infinitrain.errors import ConfigError, DataError, InfinitrainError

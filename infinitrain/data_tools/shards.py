@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
+from infinitrain.atomic import sha256_file, write_atomic
 from infinitrain.errors import DataError, ShardCorruptError
 
 FORMAT_VERSION = 1  # written unless the samples carry labels
@@ -26,7 +27,6 @@ MAGIC = b"INFSHRD1"
 TRAILER = struct.Struct("<QQ8s")  # footer offset, footer size, magic
 COUNTS = np.dtype([("tokens", "<u4"), ("spans", "<u4"), ("doc_starts", "<u4"), ("doc_ids", "<u4")])
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
-HASH_CHUNK = 8 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,14 +184,6 @@ class ShardWriter:
 # --- reader ---------------------------------------------------------------------------------------
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class ShardFile:
     """An open, checked shard. Opening compares size and sha256 with the index entry (when given) and parses the
     footer; :meth:`read_frame` decompresses one frame (zstd verifies its content checksum)."""
@@ -203,7 +195,7 @@ class ShardFile:
         except FileNotFoundError:
             raise ShardCorruptError(f"{self.path}: shard listed in the index is missing") from None
         if entry is not None:
-            actual = file_sha256(self.path)
+            actual = sha256_file(self.path)
             if size != entry["bytes"] or actual != entry["sha256"]:
                 raise ShardCorruptError(f"{self.path}: sha256 expected {entry['sha256']} got {actual} "
                                         f"(size expected {entry['bytes']} got {size})")
@@ -311,8 +303,6 @@ def make_index(*, tokenizer: dict, dtype: np.dtype, segment_len: int, sample_seg
 
 def write_index(directory: Path, index: dict) -> None:
     """Write index.json atomically: it is the last file prepare writes, so its presence means complete."""
-    from infinitrain.data_tools.tokenizer import write_atomic
-
     write_atomic(Path(directory) / INDEX_NAME, (json.dumps(index, indent=1, sort_keys=True) + "\n").encode())
 
 

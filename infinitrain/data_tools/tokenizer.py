@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from infinitrain.atomic import write_atomic
 from infinitrain.errors import ConfigError
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -95,26 +95,6 @@ def byte_tokenizer() -> Tokenizer:
 def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> None:
     """Write ``tokenizer.json`` atomically (temp file in the same folder, then rename)."""
     write_atomic(Path(path), tok.to_str().encode())
-
-
-def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
-    """Write bytes to ``path`` through a temp file, fsync and rename, so readers never see a partial file.
-    ``durable=False`` skips the fsync: for scratch files whose content is checked when read back."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def resolve_tokenizer_path(path: str | os.PathLike) -> Path:

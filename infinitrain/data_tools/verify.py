@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from infinitrain.data_tools.dataset import ShardDataset
-from infinitrain.data_tools.shards import DTYPES, ShardFile, decompress_stream, file_sha256, read_index
+from infinitrain.atomic import sha256_file
+from infinitrain.data_tools.shards import DTYPES, ShardFile, decompress_stream, read_index
 from infinitrain.errors import DataError, ShardCorruptError
 
 
@@ -42,14 +43,14 @@ def verify_dir(directory: str | Path) -> VerifyReport:
     tok = directory / "tokenizer.json"  # written by prepare since 0.1 (older folders have none: not a problem)
     if tok.exists():
         report.files_checked += 1
-        actual = file_sha256(tok)
+        actual = sha256_file(tok)
         if actual != index["tokenizer"]["sha256"]:
             report.problems.append(f"{tok}: sha256 expected {index['tokenizer']['sha256']} got {actual}")
     docs = index["documents"]
     report.files_checked += 1
     path = directory / docs["name"]
     try:
-        actual = file_sha256(path)
+        actual = sha256_file(path)
         if actual != docs["sha256"]:
             report.problems.append(f"{path}: sha256 expected {docs['sha256']} got {actual}")
         else:

@@ -23,7 +23,7 @@ from infinitrain.errors import ConfigError
 from infinitrain.evaluate import plots
 from infinitrain.evaluate.switches import memory_read_off
 from infinitrain.infer.generate import Sampling, generate
-from infinitrain.infer.loading import Codec
+from infinitrain.infer.codec import Codec
 
 UNITS = {"": 1, "k": 1024, "m": 1024**2}
 

@@ -20,8 +20,8 @@ import torch
 
 from infinitrain.data_tools.prepare import PrepareConfig
 from infinitrain.errors import ConfigError, DataError
+from infinitrain.infer.codec import Codec
 from infinitrain.infer.generate import Sampling, generate
-from infinitrain.infer.loading import Codec
 from infinitrain.infer.textgen import sampling_generator
 
 SEPARATOR = PrepareConfig.separator  # "\n\nSummary:\n", as prepared for training

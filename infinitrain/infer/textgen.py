@@ -1,4 +1,5 @@
-"""Text in, text out for `infinitrain generate`: encode prompts, batch them, stream one row's text, time prefill and decode."""
+"""Text in, text out for `infinitrain generate`: encode prompts, batch them, stream one row's text, time prefill and
+decode."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from infinitrain.errors import ConfigError
 from infinitrain.infer.generate import Sampling, TextStream, generate
-from infinitrain.infer.loading import Codec
+from infinitrain.infer.codec import Codec
 
 
 @dataclass

@@ -9,7 +9,7 @@ Layout of ``run_dir/checkpoints/step-00001000/``::
     manifest.json            {"version", "step", "world_size", "files": {relpath: {"bytes", "sha256"}}}
 
 A file belongs to the rank its name carries (``rank00003``, ``zero_pp_rank_3_``), every other file to rank 0.
-Commit protocol (RELIABILITY.md §6.2): everything is written under ``step-N.tmp/``; each rank writes its files
+Commit protocol: everything is written under ``step-N.tmp/``; each rank writes its files
 and done marker, then hashes and fsyncs its own files (in parallel over ranks, and over files within a rank);
 the digests are gathered with a collective; every disk's leader writes the same ``manifest.json`` (tmp + fsync
 + replace) and renames the directory to ``step-N`` (rank 0 last: its rename is the commit), fsyncing the parent.
@@ -21,98 +21,33 @@ stage 3 works (below it every rank loads rank 0's model file): other stages are 
 
 A ``.tmp`` directory is never loaded (the next start removes it). A corrupt ``step-N`` (bad hash, missing file,
 garbage or missing manifest) is an error naming the file, unless ``--allow-fallback`` lets the resume take the
-previous one. Files are unpickled weights-only (``export.weights_only_loads``): a checkpoint cannot run code.
+previous one. Files are unpickled weights-only (``weights_only_loads``): a checkpoint cannot run code. The
+layout's names, the manifest reader, ``verify`` and the ZeRO gather are ``infinitrain.infer.loading``'s.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
 import random
-import re
 import resource
 import secrets
 import shutil
-import sys
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from infinitrain import faults
+from infinitrain.atomic import fsync_dir, hash_files, write_atomic
 from infinitrain.errors import CheckpointError, ConfigError
-
-MANIFEST = "manifest.json"
-TAG = "ds"  # DeepSpeed's tag directory inside a checkpoint
-STEP_DIR = re.compile(r"^step-(\d{8})$")
-RANK_IN_NAME = re.compile(r"zero_pp_rank_(\d+)_|rank(\d{5})(?!\d)")
-HASH_THREADS = 8  # files hashed at once by one rank (hashlib releases the GIL on large reads)
-PROGRESS_BYTES = 1 << 28  # a bar for hashing only above this much (256 MiB)
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def owner(rel: str) -> int:
-    """The rank that writes, hashes and verifies ``rel``: the rank in its file name, else rank 0."""
-    m = RANK_IN_NAME.search(Path(rel).name)
-    return int(m.group(1) or m.group(2)) if m else 0
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _sha256(path: Path, fsync: bool = False, advance=None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-            if advance is not None:
-                advance(len(block))
-        if fsync:
-            os.fsync(f.fileno())
-    return h.hexdigest()
-
-
-def hash_files(root: Path, rels: Iterable[str], *, fsync: bool = False, progress: bool = False,
-               desc: str = "sha256") -> dict[str, dict[str, Any]]:
-    """{rel: {"bytes", "sha256"}} of files under ``root``, several at once, with a tqdm bar on stderr (bytes)
-    when ``progress`` and there is more than PROGRESS_BYTES to read. A missing file raises OSError."""
-    from tqdm import tqdm
-
-    rels = sorted(rels)
-    sizes = {r: (root / r).stat().st_size for r in rels}
-    bar = tqdm(total=sum(sizes.values()), desc=desc, unit="B", unit_scale=True, file=sys.stderr, leave=False,
-               disable=not progress or sum(sizes.values()) < PROGRESS_BYTES, dynamic_ncols=True)
-    try:
-        with ThreadPoolExecutor(max_workers=max(1, min(HASH_THREADS, len(rels)))) as pool:
-            digests = list(pool.map(lambda r: _sha256(root / r, fsync, bar.update), rels))
-    finally:
-        bar.close()
-    return {r: {"bytes": sizes[r], "sha256": d} for r, d in zip(rels, digests)}
-
+from infinitrain.infer.loading import (MANIFEST, STEP_DIR, TAG, committed, owner, read_manifest, step_dir_name, verify,
+                                       weights_only_loads)
 
 def rng_state() -> dict[str, Any]:
     """This process's RNG: python, numpy, torch, and the CUDA generator of this process's device only (a resume
@@ -221,7 +156,7 @@ def save(engine, root: Path, step: int, trainer_state: dict[str, Any], keep_last
         engine.save_checkpoint(str(tmp), tag=TAG, client_state={}, save_latest=False)
         torch.save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
         if rank == 0:
-            _write_atomic(tmp / "trainer_state.json", json.dumps({**trainer_state, "world_size": world}, indent=1))
+            write_atomic(tmp / "trainer_state.json", json.dumps({**trainer_state, "world_size": world}, indent=1))
         faults.point("after_shards", step)
         (tmp / f"done.rank{rank:05d}").write_text("done\n")
         mine = hash_files(tmp, _own_files(tmp, rank), fsync=True, progress=rank == 0, desc="hashing checkpoint")
@@ -264,8 +199,8 @@ def _gather_manifest(mine: dict[str, dict[str, Any]], step: int, world: int, tmp
 def _write_manifest(tmp: Path, manifest: dict[str, Any]) -> None:
     dirs = {tmp / Path(rel).parent for rel in manifest["files"] if (tmp / rel).exists()} | {tmp}
     for d in dirs:
-        _fsync_dir(d)
-    _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        fsync_dir(d)
+    write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def _commit(tmp: Path, final: Path, step: int, disks: Disks) -> None:
@@ -289,7 +224,7 @@ def _rename(tmp: Path, final: Path) -> str | None:
         if final.exists():  # a run resumed from an older checkpoint reaches this step again
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     except OSError as err:
         return _write_error(err, tmp)
     return None
@@ -319,14 +254,6 @@ def _raise_if_any(error: str | None, tmp: Path, disks: Disks | None) -> None:
         if disks is None or disks.leader:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"{first}; checkpoint {tmp.name} not committed, the previous one is intact")
-
-
-def committed(root: Path) -> list[Path]:
-    """Committed checkpoints under ``root``, oldest first (named step-N with a manifest)."""
-    if not root.is_dir():
-        return []
-    dirs = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / MANIFEST).is_file()]
-    return sorted(dirs, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
 def clean_partial(root: Path) -> list[Path]:
@@ -361,46 +288,11 @@ def _keep_only(root: Path, names: list[str]) -> None:
 # --- resume -------------------------------------------------------------------------------------------------
 
 
-def read_manifest(ckpt: Path) -> dict[str, Any]:
-    path = ckpt / MANIFEST
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing; {ckpt} is not a committed checkpoint")
-    try:
-        m = json.loads(path.read_text())
-        ok = (isinstance(m, dict) and isinstance(m.get("files"), dict) and isinstance(m.get("world_size"), int)
-              and isinstance(m.get("step"), int))
-        ok = ok and all(isinstance(v, dict) and isinstance(v.get("sha256"), str) and isinstance(v.get("bytes"), int)
-                        and not Path(k).is_absolute() and ".." not in Path(k).parts for k, v in m["files"].items())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: unreadable manifest ({err.__class__.__name__}: {err})") from None
-    if not ok:
-        raise CheckpointError(f"{path}: not a checkpoint manifest (expected step, world_size and files: "
-                              "{relative path: {bytes, sha256}})")
-    return m
-
-
 def agree(error: str | None) -> str | None:
     """Collective: the first rank's error, on every rank."""
     errors: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
     return next((e for e in errors if e), None)
-
-
-def verify(ckpt: Path, manifest: dict[str, Any], rank: int | None = None, progress: bool = False) -> None:
-    """The manifest's files (those ``rank`` owns; None: all of them, as ``export`` checks a whole checkpoint)
-    against their recorded size and sha256, several at once. Raises CheckpointError naming the first bad file
-    with the expected and actual hash."""
-    files = {rel: meta for rel, meta in manifest["files"].items() if rank is None or owner(rel) == rank}
-    for rel, meta in sorted(files.items()):
-        if not (ckpt / rel).is_file():
-            raise CheckpointError(f"{ckpt / rel}: missing (sha256 expected {meta['sha256']}, listed in "
-                                  f"{ckpt / MANIFEST})")
-    actual = hash_files(ckpt, files, progress=progress, desc="verifying checkpoint")
-    for rel, meta in sorted(files.items()):
-        got = actual[rel]
-        if got["sha256"] != meta["sha256"] or got["bytes"] != meta["bytes"]:
-            raise CheckpointError(f"{ckpt / rel}: corrupt (sha256 expected {meta['sha256']}, got {got['sha256']}; "
-                                  f"{got['bytes']} of {meta['bytes']} bytes)")
 
 
 def check(ckpt: Path) -> dict[str, Any]:
@@ -467,8 +359,6 @@ def load(engine, ckpt: Path) -> dict[str, Any]:
     """Load a checkpoint that ``choose`` checked into the engine (weights-only unpickling) and restore this
     rank's RNG. Returns the trainer state saved with it (rank 0's file, sent to every rank: on node-local disks
     the others do not have it)."""
-    from infinitrain.export import weights_only_loads
-
     rank = dist.get_rank()
     try:
         with weights_only_loads():

@@ -6,8 +6,7 @@ DIR may be
   * an exported infinitrain model (``config.json`` with ``format: infinitrain`` + safetensors);
   * a run directory of ``infinitrain train`` (its newest committed checkpoint) or one committed checkpoint
     ``RUN/checkpoints/step-N`` (the previous stage of a recipe): DeepSpeed's own files, gathered by
-    ``infer.loading.checkpoint_state_dict`` with every ``torch.load`` forced to ``weights_only=True``
-    (``export.weights_only_loads``).
+    ``infer.loading.checkpoint_state_dict`` with every ``torch.load`` forced to ``weights_only=True``.
 Safetensors only for outside weights: a directory holding only ``*.bin``/``*.pt`` files is refused.
 
 or a llama.cpp ``FILE.gguf`` (``infinitrain.model.gguf``: dequantised on rank 0 as each tensor is copied).
@@ -167,29 +166,17 @@ def _export_source(path: Path) -> Source:
 
 
 def _run_source(path: Path) -> Source:
-    import yaml
+    from infinitrain.errors import CheckpointError
+    from infinitrain.infer.loading import resolve
 
-    from infinitrain.train.checkpoint import MANIFEST, committed
-
-    if (path / MANIFEST).is_file():
-        ckpt, run_dir = path, path.parent.parent
-    else:
-        found = committed(path / "checkpoints")
-        if not found:
-            raise ConfigError(f"init_from {path}: run directory without a committed checkpoint "
-                              f"(no {path / 'checkpoints'}/step-N with a {MANIFEST}); has the run finished a save?")
-        ckpt, run_dir = found[-1], path
-    cfg_path = run_dir / "config.yaml"
     try:
-        raw = yaml.safe_load(cfg_path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{cfg_path}: unreadable run config ({str(err).splitlines()[0]})") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
-        raise ConfigError(f"{cfg_path}: no resolved 'model' mapping")
-    config = ModelConfig.from_dict(raw["model"], where=f"{cfg_path}: model")
+        run = resolve(path, exports=False)
+    except CheckpointError as err:
+        raise ConfigError(f"init_from {path}: {err}") from None
+    config = run.model_config
     with torch.device("meta"):
         shapes = {n: tuple(p.shape) for n, p in InfiniLM(config).named_parameters()}
-    return Source("run checkpoint", path, ckpt, config, shapes, _by_name(shapes))
+    return Source("run checkpoint", path, run.checkpoint, config, shapes, _by_name(shapes))
 
 
 def open_source(directory: str | Path, model: ModelConfig) -> Source:
@@ -278,10 +265,8 @@ def _reader(source: Source, active: bool) -> Iterator[Callable[[str], torch.Tens
         return
     if source.files is None:
         from infinitrain.infer.loading import checkpoint_state_dict
-        from infinitrain.export import weights_only_loads
 
-        with weights_only_loads():  # DeepSpeed's files: tensors and three DeepSpeed records, nothing else
-            state = checkpoint_state_dict(source.origin)
+        state = checkpoint_state_dict(source.origin)  # weights-only: tensors and three DeepSpeed records
         yield state.__getitem__
         return
     from safetensors import safe_open
