@@ -17,7 +17,8 @@ def cli() -> None:
 @cli.command("presets")
 def presets_cmd() -> None:
     """List the model presets with their parameter counts."""
-    from infinitrain.model.config import PRESETS, count_parameters, format_count
+    from infinitrain.model.config import PRESETS, format_count
+    from infinitrain.model.lm import count_parameters
 
     for name, cfg in PRESETS.items():
         family = (f"update={cfg.update}" if cfg.arch == "infini" else
@@ -73,6 +74,23 @@ def main() -> None:
             err.message = f"{err.message.rstrip('.')}: an override has no dashes, write {typed.lstrip('-')}"
         err.show()
         raise SystemExit(err.exit_code) from None
+
+
+def train_main(argv: list[str] | None = None) -> None:
+    """Entry for ``python -m infinitrain.train`` / ``deepspeed --module infinitrain.train``: ``infinitrain train``
+    with the launcher's ``--local_rank=N`` taken wherever it stands (a Click group would refuse it)."""
+    import os
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest = []
+    for a in argv:
+        if a.startswith("--local_rank=") or a.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+        else:
+            rest.append(a)
+    sys.argv = [sys.argv[0], "train", *rest]
+    main()
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from infinitrain.errors import ConfigError
 if TYPE_CHECKING:
     from infinitrain.infer.loading import RunPath
 
-DTYPES = ("bf16", "fp32")
+PRECISIONS = ("bf16", "fp32")  # the training precisions (train.config.PRECISIONS)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -84,7 +84,7 @@ def _publish(tmp: Path, out: Path, force: bool) -> None:
 
 def _run_precision(run: RunPath) -> str:
     precision = (run.config.get("run") or {}).get("precision")
-    return precision if precision in DTYPES else "fp32"
+    return precision if precision in PRECISIONS else "fp32"
 
 
 def export(path: str | os.PathLike | list | tuple, out: str | os.PathLike, *, step: int | None = None,
@@ -136,8 +136,8 @@ def _checked_sources(path: str | os.PathLike | list | tuple, out: Path, *, step:
         raise ConfigError("export: no run directory or checkpoint given")
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"  # as the trainer does: spares DeepSpeed's "Setting accelerator" warning
-    if dtype is not None and dtype not in DTYPES:
-        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype is not None and dtype not in PRECISIONS:
+        raise ConfigError(f"--dtype must be one of {', '.join(PRECISIONS)}, got {dtype!r}")
     check_memory_tau_scale(memory_tau_scale)  # before any checkpoint is read
     shard_bytes = parse_size(max_shard_size)
     runs = [resolve(p, step, exports=False) for p in paths]
@@ -247,7 +247,7 @@ def _add_weights(model, codec, first: Path, others: list[RunPath], tokenizer: st
 @click.option("--out", required=True, help="Model directory to write (must not exist, unless --force).")
 @click.option("--step", type=click.IntRange(min=0), default=None,
               help="Export this step's committed checkpoint [default: the newest].")
-@click.option("--dtype", type=click.Choice(DTYPES), default=None,
+@click.option("--dtype", type=click.Choice(PRECISIONS), default=None,
               help="Weight dtype in the export [default: the run's training precision].")
 @click.option("--max-shard-size", default="5GB", show_default=True,
               help="Shard model.safetensors above this size (5GB = 5e9 bytes, 5GiB = 5*2^30).")

@@ -19,7 +19,7 @@ def test_presets_lists_every_preset_with_its_size():
     lines = {line.split()[0]: line for line in result.output.splitlines()}
     assert set(lines) == {"debug", "1b", "1b-mod", "8b", "8b-mod", "megalodon-debug", "megalodon-7b"}
     assert "8.030 B" in lines["8b"] and "1.236 B" in lines["1b"]
-    from infinitrain.model.config import PRESETS, count_parameters
+    from infinitrain.model import PRESETS, count_parameters
 
     n = count_parameters(PRESETS["debug"])
     assert 1e3 < n < 1e6 and f"{n / 1e3:.3f} K" in lines["debug"]  # was "0.000 B"

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from infinitrain.cli import cli
 from infinitrain.errors import ConfigError
-from infinitrain.model.config import count_parameters
+from infinitrain.model import count_parameters
 from infinitrain.model.lm import InfiniLM
 from infinitrain.train.config import (RECIPE_DIR, TrainConfig, load_recipe, load_yaml, recipe_stages,
                                       resolve_stage_ref, shipped_recipes)

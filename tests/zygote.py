@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 import infinitrain.cli  # noqa: E402, F401
 import infinitrain.train.loop  # noqa: E402, F401
-from infinitrain.train.commands import main  # noqa: E402
+from infinitrain.cli import train_main as main  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from infinitrain.data_tools.shards import DTYPES, PackedSample, ShardFile, read_index
+from infinitrain.data_tools.shards import TOKEN_DTYPES, PackedSample, ShardFile, read_index
 from infinitrain.errors import ConfigError, DataError
 
 SAMPLER_STATE_VERSION = 1
@@ -76,7 +76,7 @@ class ShardDataset:
         self.split = split
         info = self.index["splits"][split]
         self.shards: list[dict] = info["shards"]
-        self.dtype = DTYPES[self.index["dtype"]]
+        self.dtype = TOKEN_DTYPES[self.index["dtype"]]
         self.segment_len: int = self.index["segment_len"]
         self.sample_segments: int = self.index["sample_segments"]
         self.pad_id: int = self.index["tokenizer"]["pad_id"]

@@ -26,7 +26,7 @@ SHARD_SUFFIX = ".shard"
 MAGIC = b"INFSHRD1"
 TRAILER = struct.Struct("<QQ8s")  # footer offset, footer size, magic
 COUNTS = np.dtype([("tokens", "<u4"), ("spans", "<u4"), ("doc_starts", "<u4"), ("doc_ids", "<u4")])
-DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+TOKEN_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}  # how token ids are stored (index "dtype")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +46,7 @@ class PackedSample:
 
 
 def dtype_name(dtype: np.dtype) -> str:
-    return {v: k for k, v in DTYPES.items()}[np.dtype(dtype).newbyteorder("<")]
+    return {v: k for k, v in TOKEN_DTYPES.items()}[np.dtype(dtype).newbyteorder("<")]
 
 
 # --- frames ---------------------------------------------------------------------------------------
@@ -319,6 +319,6 @@ def read_index(directory: str | os.PathLike) -> dict:
     if index.get("version") not in READ_VERSIONS:
         raise DataError(f"{path}: index version {index.get('version')}, this reader reads versions "
                         f"{', '.join(map(str, READ_VERSIONS))}")
-    if index.get("dtype") not in DTYPES:
+    if index.get("dtype") not in TOKEN_DTYPES:
         raise ShardCorruptError(f"{path}: unknown dtype {index.get('dtype')!r}")
     return index

@@ -12,7 +12,7 @@ import numpy as np
 
 from infinitrain.data_tools.dataset import ShardDataset
 from infinitrain.atomic import sha256_file
-from infinitrain.data_tools.shards import DTYPES, ShardFile, decompress_stream, read_index
+from infinitrain.data_tools.shards import TOKEN_DTYPES, ShardFile, decompress_stream, read_index
 from infinitrain.errors import DataError, ShardCorruptError
 
 
@@ -27,7 +27,7 @@ def verify_dir(directory: str | Path) -> VerifyReport:
     """Check the index, every shard (size, sha256, footer, every frame's checksum and contents) and the documents file."""
     directory = Path(directory)
     index = read_index(directory)
-    dtype = DTYPES[index["dtype"]]
+    dtype = TOKEN_DTYPES[index["dtype"]]
     report = VerifyReport()
     for split, info in index["splits"].items():
         totals = Counter()

@@ -23,7 +23,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from infinitrain.errors import ConfigError, DataError
 from infinitrain.evaluate import plots
@@ -95,12 +94,10 @@ def segment_losses(model, docs: list[Document], segment_len: int) -> tuple[np.nd
         if not bool(alive.all()):
             rows, state = rows[alive], _select_rows(state, alive.nonzero().flatten())
         sl = slice(k * S, (k + 1) * S)
-        out = model(ids[rows, sl].to(device), state)
-        state = out.state
-        nll = F.cross_entropy(out.logits.float().flatten(0, 1), tgt[rows, sl].to(device).flatten(),
-                              reduction="none").view(len(rows), S)
         m = mask[rows, sl].to(device)
-        loss_sum[k] = float((nll * m).sum())
+        out = model(ids[rows, sl].to(device), state, targets=tgt[rows, sl].to(device), loss_mask=m)  # the model's loss
+        state = out.state
+        loss_sum[k] = float(out.loss_sum)
         count[k] = int(m.sum())
     return loss_sum, count
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from infinitrain.errors import ConfigError
-from infinitrain.model.lm import ModelState
+from infinitrain.model.state import ModelState
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,18 +74,9 @@ def sample_next(logits: Tensor, sampling: Sampling, generator: torch.Generator |
 
 @torch.no_grad()
 def advance(model, input_ids: Tensor, state=None):
-    """``model(input_ids, state).state`` without the norm and LM head: prefill keeps only the state, so a chunk
-    never materialises (B, T, V) logits (a 2K-token chunk of a 128K vocabulary is 1 GB in fp32).
-
-    Mirrors ``InfiniLM.forward`` (embed, then each block with its state); a test checks the two states agree.
-    """
-    x = model.embed(input_ids)  # (B, T, D)
-    layer_states = [None] * len(model.layers) if state is None else list(state.layers)
-    new_states = []
-    for layer, s in zip(model.layers, layer_states):
-        x, s, _ = layer(x, s)
-        new_states.append(s)
-    return ModelState(tuple(new_states))
+    """``model(input_ids, state).state`` without the norm and LM head (``InfiniLM.hidden``): prefill keeps only the
+    state, so a chunk never materialises (B, T, V) logits (a 2K-token chunk of a 128K vocabulary is 1 GB in fp32)."""
+    return model.hidden(input_ids, state)[1]
 
 
 @torch.no_grad()

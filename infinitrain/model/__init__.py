@@ -2,10 +2,10 @@
 
 The seed-compatible building blocks live in ``infinitrain.compat``."""
 
-from infinitrain.model.config import ACTIVATIONS, PRESETS, ModelConfig, count_parameters, get_preset
+from infinitrain.model.config import ACTIVATIONS, PRESETS, ModelConfig, get_preset
 from infinitrain.model.layers import MLP, Block, InfiniAttention, MoDBlock, RMSNorm
 from infinitrain.model.llama import LoadReport, load_llama
-from infinitrain.model.lm import InfiniLM, LMOutput, ModelState
+from infinitrain.model.lm import InfiniLM, LMOutput, ModelState, count_parameters
 
 __all__ = [
     "ACTIVATIONS", "MLP", "PRESETS", "Block", "InfiniAttention", "InfiniLM", "LMOutput", "MoDBlock", "ModelConfig",

@@ -269,17 +269,6 @@ def get_preset(name: str) -> ModelConfig:
     return PRESETS[name]
 
 
-def count_parameters(config: ModelConfig) -> int:
-    """Parameter count of ``InfiniLM(config)``, built on the meta device (no memory allocated)."""
-    import torch
-
-    from infinitrain.model.lm import InfiniLM
-
-    with torch.device("meta"):
-        model = InfiniLM(config)
-    return sum(p.numel() for p in model.parameters())
-
-
 def format_count(n: int) -> str:
     """A parameter count in the unit that shows it: ``8.030 B``, ``164.168 K`` (the debug preset is not ``0.000 B``)."""
     scale, unit = next(((s, u) for s, u in ((1e9, "B"), (1e6, "M")) if n >= s), (1e3, "K"))

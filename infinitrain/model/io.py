@@ -12,13 +12,15 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from infinitrain.errors import CheckpointError
 from infinitrain.model.config import ModelConfig
-from infinitrain.model.lm import InfiniLM
+
+if TYPE_CHECKING:
+    from infinitrain.model.lm import InfiniLM
 
 FORMAT = "infinitrain"
 FORMAT_VERSION = 1
@@ -131,14 +133,12 @@ def _weight_files(directory: Path) -> dict[str, Path]:
     raise CheckpointError(f"{directory}: no {WEIGHTS_NAME} or {INDEX_NAME} (weights are read from safetensors only)")
 
 
-def from_pretrained(directory: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
-                    device: str | torch.device = "cpu") -> InfiniLM:
-    """Load a model saved by ``save_pretrained`` (or ``infinitrain export``); returned in eval mode."""
-    directory = Path(directory)
-    config, meta = read_config(directory)
+def load_weights(model: InfiniLM, directory: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
+                 device: str | torch.device = "cpu") -> InfiniLM:
+    """Fill ``model`` (built on the meta device from ``read_config(directory)``) with the directory's safetensors
+    weights, checked name by name and shape by shape; returned in eval mode (``InfiniLM.from_pretrained``)."""
+    directory, config = Path(directory), model.config
     files = _weight_files(directory)
-    with torch.device("meta"):
-        model = InfiniLM(config)
     expected = {k for k in model.state_dict() if not (config.tie_embeddings and k == "lm_head.weight")}
     missing = sorted(expected - set(files))
     if missing:

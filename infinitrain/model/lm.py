@@ -23,9 +23,10 @@ from torch.utils.checkpoint import checkpoint
 from infinitrain.errors import ConfigError
 from infinitrain.model.config import ModelConfig
 from infinitrain.model.layers import Block, MoDBlock, RMSNorm
-from infinitrain.model.megalodon import MegalodonBlock, MegalodonState
+from infinitrain.model.megalodon import MegalodonBlock
+from infinitrain.model.state import ModelState
 from infinitrain.ops.loss import linear_cross_entropy
-from infinitrain.ops.memory import AttnState, documents_inside
+from infinitrain.ops.memory import documents_inside
 
 
 def build_block(config: ModelConfig, layer: int) -> nn.Module:
@@ -33,68 +34,6 @@ def build_block(config: ModelConfig, layer: int) -> nn.Module:
     if config.arch == "megalodon":
         return MegalodonBlock(config)
     return MoDBlock(config) if config.is_routed(layer) else Block(config)
-
-
-def _detach_attn(s: AttnState) -> AttnState:
-    return AttnState(type(s.mem)(s.mem.M.detach(), s.mem.z.detach()), s.k.detach(), s.v.detach(),
-                     None if s.keep is None else s.keep, last=None if s.last is None else s.last.detach())
-
-
-class ModelState(NamedTuple):
-    """Per-layer streaming state. Infini: each layer's memory (M, z), the keys/values of the unfinished segment and
-    (with ``token_shift``) the layer's last input token. MEGALODON: norm statistics, CEMA state, chunk cache."""
-
-    layers: tuple[AttnState | MegalodonState, ...]
-
-    def detach(self) -> "ModelState":
-        """Cut the gradient at a truncated-BPTT window boundary (the values are kept)."""
-        return ModelState(tuple(s.detach() if isinstance(s, MegalodonState) else _detach_attn(s) for s in self.layers))
-
-    @property
-    def tokens_in_segment(self) -> int:
-        return self.layers[0].k.shape[2]
-
-    def row(self, b: int) -> "ModelState":
-        """Row b of the batch, (1, ...) in every tensor (views; the segment buffer is left behind, so that the row
-        copies before it appends)."""
-        if isinstance(self.layers[0], MegalodonState):
-            return ModelState(tuple(s.row(b) for s in self.layers))
-
-        def pick(t):
-            return None if t is None else t[b:b + 1]
-
-        return ModelState(tuple(AttnState(type(s.mem)(pick(s.mem.M), pick(s.mem.z)), pick(s.k), pick(s.v),
-                                          pick(s.keep), pick(s.k_rot), None, pick(s.last)) for s in self.layers))
-
-    @staticmethod
-    def cat(states: "list[ModelState | None]") -> "ModelState":
-        """Rows of several states, one batch (each holding the same number of tokens of its unfinished segment).
-        None is a stream not started (zeros shaped like another row: only with no unfinished tokens). A row without
-        a keep mask keeps every token; the rotated-key cache is kept only if every row has it."""
-        ref = next(s for s in states if s is not None)
-        if isinstance(ref.layers[0], MegalodonState):
-            return ModelState(tuple(MegalodonState.cat([None if s is None else s.layers[i] for s in states])
-                                    for i in range(len(ref.layers))))
-        states = [s if s is not None else ModelState(tuple(AttnState(
-            type(r.mem)(torch.zeros_like(r.mem.M), torch.zeros_like(r.mem.z)), r.k.new_zeros(r.k.shape),
-            r.v.new_zeros(r.v.shape), None, last=None if r.last is None else torch.zeros_like(r.last))
-            for r in ref.layers))
-            for s in states]
-
-        def join(ts: list, fill=None):
-            if all(t is None for t in ts) or (fill is None and any(t is None for t in ts)):
-                return None
-            return torch.cat([fill(like) if t is None else t for t, like in zip(ts, rows_k)])
-
-        layers = []
-        for per_row in zip(*(st.layers for st in states)):
-            rows_k = [s.k for s in per_row]
-            layers.append(AttnState(
-                type(per_row[0].mem)(torch.cat([s.mem.M for s in per_row]), torch.cat([s.mem.z for s in per_row])),
-                torch.cat(rows_k), torch.cat([s.v for s in per_row]),
-                join([s.keep for s in per_row], lambda k: torch.ones(1, k.shape[2], dtype=torch.bool, device=k.device)),
-                join([s.k_rot for s in per_row]), None, join([s.last for s in per_row])))
-        return ModelState(tuple(layers))
 
 
 class LMOutput(NamedTuple):
@@ -170,21 +109,7 @@ class InfiniLM(nn.Module):
         trainer passes it from its host copy, so the layer loop never waits for the device).
         targets (B, T) (with loss_mask (B, T), default all) returns the loss in place of the logits, computed
         ``loss_chunk`` tokens at a time (default: one segment)."""
-        x = self.embed(input_ids)  # (B, T, D)
-        layer_states = [None] * len(self.layers) if state is None else list(state.layers)
-        aux = x.new_zeros((), dtype=torch.float32)
-        docs = {}
-        if doc_start is not None:
-            inside = doc_inside
-            if inside is None and doc_start.shape[1] % self.config.segment_len == 0:  # else the layers refuse it
-                inside = documents_inside(doc_start, self.config.segment_len)
-            docs = dict(doc_start=doc_start, doc_inside=inside)
-        new_states = []
-        for layer, s in zip(self.layers, layer_states):
-            x, s, a = layer(x, s, **docs)
-            new_states.append(s)
-            aux = aux + a
-        state = ModelState(tuple(new_states))
+        x, state, aux = self.hidden(input_ids, state, doc_start=doc_start, doc_inside=doc_inside)
         if targets is None:
             return LMOutput(self.head(x), state, aux)
         mask = torch.ones_like(targets, dtype=torch.bool) if loss_mask is None else loss_mask
@@ -200,6 +125,26 @@ class InfiniLM(nn.Module):
                       else self._chunk_loss(*args))
         loss_sum = sum(c.sum() for c in ce)
         return LMOutput(None, state, aux, loss_sum, torch.cat(ce, dim=1).detach())
+
+    def hidden(self, input_ids: Tensor, state: ModelState | None = None, *, doc_start: Tensor | None = None,
+               doc_inside: bool | None = None) -> tuple[Tensor, ModelState, Tensor]:
+        """Embeddings and every block, each with its state: (hidden (B, T, D) before the final norm, the new state,
+        the summed Mixture-of-Depths auxiliary loss). The one layer loop of training, evaluation and generation."""
+        x = self.embed(input_ids)  # (B, T, D)
+        layer_states = [None] * len(self.layers) if state is None else list(state.layers)
+        aux = x.new_zeros((), dtype=torch.float32)
+        docs = {}
+        if doc_start is not None:
+            inside = doc_inside
+            if inside is None and doc_start.shape[1] % self.config.segment_len == 0:  # else the layers refuse it
+                inside = documents_inside(doc_start, self.config.segment_len)
+            docs = dict(doc_start=doc_start, doc_inside=inside)
+        new_states = []
+        for layer, s in zip(self.layers, layer_states):
+            x, s, a = layer(x, s, **docs)
+            new_states.append(s)
+            aux = aux + a
+        return x, ModelState(tuple(new_states)), aux
 
     def head(self, x: Tensor) -> Tensor:
         """Final norm and the output head (LM head or class head ``score``): hidden (B, T, D) -> logits."""
@@ -219,10 +164,14 @@ class InfiniLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory, **kw) -> "InfiniLM":
-        """Load a saved or exported model directory (never unpickles); see ``infinitrain.model.io``."""
-        from infinitrain.model.io import from_pretrained
+        """Load a model saved by ``save_pretrained`` (or ``infinitrain export``), in eval mode; never unpickles
+        (``infinitrain.model.io``). Keywords: ``dtype`` ("fp32", "bf16", "fp16" or a torch dtype), ``device``."""
+        from infinitrain.model.io import load_weights, read_config
 
-        return from_pretrained(directory, **kw)
+        config, _ = read_config(directory)
+        with torch.device("meta"):
+            model = cls(config)
+        return load_weights(model, directory, **kw)
 
     def generate(self, prompts, *, max_new_tokens: int = 128, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos_id: int | None = None, generator: torch.Generator | None = None,
@@ -233,6 +182,13 @@ class InfiniLM(nn.Module):
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             eos_id=eos_id)
         return generate(self, prompts, sampling, generator=generator, **callbacks)
+
+
+def count_parameters(config: ModelConfig) -> int:
+    """Parameter count of ``InfiniLM(config)``, built on the meta device (no memory allocated)."""
+    with torch.device("meta"):
+        model = InfiniLM(config)
+    return sum(p.numel() for p in model.parameters())
 
 
 def check_memory_tau_scale(factor: float) -> float:

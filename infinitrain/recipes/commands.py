@@ -33,7 +33,7 @@ def _description(text: str, name: str) -> str:
 
 
 def recipe_info(path: Path) -> RecipeInfo:
-    from infinitrain.model.config import count_parameters
+    from infinitrain.model.lm import count_parameters
     from infinitrain.train.config import load_recipe, load_yaml, recipe_stages
 
     raw = load_yaml(path)

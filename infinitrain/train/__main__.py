@@ -1,5 +1,5 @@
 """``python -m infinitrain.train --recipe debug ...`` (and ``deepspeed --module infinitrain.train ...``)."""
 
-from infinitrain.train.commands import main
+from infinitrain.cli import train_main
 
-main()
+train_main()

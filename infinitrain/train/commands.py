@@ -1,9 +1,8 @@
-"""``infinitrain train``: parse, call ``train()``, report. Also ``python -m infinitrain.train`` for launchers."""
+"""``infinitrain train``: parse, call ``train()``, report (``python -m infinitrain.train``: ``cli.train_main``)."""
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import click
@@ -105,31 +104,11 @@ def prepare_init_from(cfg, run_dir: str, resume: str, stage: str | None, verbose
 
 
 def _saved_model(run_dir: Path):
-    """The model a run was started with (its config.yaml), which a resumed run keeps."""
-    import yaml
+    """The model a run was started with (its config.yaml, read by the run reader), which a resumed run keeps."""
+    from infinitrain.errors import CheckpointError, ConfigError
+    from infinitrain.infer.loading import RunPath, run_config
 
-    from infinitrain.errors import ConfigError
-    from infinitrain.model.config import ModelConfig
-
-    path = run_dir / "config.yaml"
     try:
-        raw = yaml.safe_load(path.read_text())
-        return ModelConfig.from_dict(raw["model"], where=f"{path}: model")
-    except (OSError, yaml.YAMLError, TypeError, KeyError) as err:
-        raise ConfigError(f"{path}: cannot read the run's model to resume it ({str(err).splitlines()[0]})") from None
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry for ``python -m infinitrain.train`` / ``deepspeed --module infinitrain.train``: the launcher puts
-    ``--local_rank=N`` first, which a Click group would refuse."""
-    from infinitrain.cli import main as cli_main
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    rest = []
-    for a in argv:
-        if a.startswith("--local_rank=") or a.startswith("--local-rank="):
-            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
-        else:
-            rest.append(a)
-    sys.argv = [sys.argv[0], "train", *rest]
-    cli_main()
+        return RunPath(run_dir, run_dir=run_dir, config=run_config(run_dir)).model_config
+    except CheckpointError as err:
+        raise ConfigError(f"{run_dir / 'config.yaml'}: cannot read the run's model to resume it ({err})") from None

@@ -11,7 +11,7 @@ Shape legend: B micro-batch, L = N·S sample tokens, W segments per window, S se
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -19,7 +19,9 @@ from torch import Tensor
 
 from infinitrain import faults
 from infinitrain.ops.memory import documents_inside
-from infinitrain.train.data import Batch
+
+if TYPE_CHECKING:
+    from infinitrain.train.data import Batch
 
 
 class StepStats(NamedTuple):
@@ -48,6 +50,19 @@ def global_target_count(micro_batches: list[Batch]) -> Tensor:
     return all_reduce(sum(mb.loss_mask.sum() for mb in micro_batches).to(torch.float64))
 
 
+def spans(length: int, span: int) -> list[tuple[int, int]]:
+    """The TBPTT windows [a, b) of a sample of ``length`` tokens, ``span`` tokens each (the last may be shorter)."""
+    return [(a, min(length, a + span)) for a in range(0, length, span)]
+
+
+def forward_window(engine, mb: Batch, a: int, b: int, state, segment_len: int):
+    """One window's model call with its targets, training and validation alike: the summed loss and the state."""
+    dev, doc_start = engine.device, mb.doc_start[:, a:b]
+    return engine(mb.input_ids[:, a:b].to(dev), state, doc_start=doc_start.to(dev),
+                  targets=mb.targets[:, a:b].to(dev), loss_mask=mb.loss_mask[:, a:b].to(dev),
+                  doc_inside=documents_inside(doc_start, segment_len))  # from the host copy: no sync
+
+
 def backward_windows(engine, micro_batches: list[Batch], *, segment_len: int, window: int, aux_weight: float,
                      step: int = -1) -> StepStats:
     """Forward and backward every window of every micro-batch of this rank; leaves the reduced gradient of
@@ -57,8 +72,7 @@ def backward_windows(engine, micro_batches: list[Batch], *, segment_len: int, wi
     scale = world / max(1.0, float(n_targets))  # × world because DeepSpeed averages gradients over ranks
     tokens_per_rank = sum(mb.input_ids.numel() for mb in micro_batches)
     B, L = micro_batches[0].input_ids.shape
-    N, span = L // segment_len, window * segment_len
-    windows = [(a, min(L, a + span)) for a in range(0, L, span)]
+    N, windows = L // segment_len, spans(L, window * segment_len)
     dev = engine.device
     # sums stay on the device until the step ends: a .cpu() per window would stall the host on every backward
     sums = dict(loss=(), aux=(), seg=(N,), nonfinite=(), sample=(len(micro_batches) * B,))
@@ -69,10 +83,7 @@ def backward_windows(engine, micro_batches: list[Batch], *, segment_len: int, wi
         for a, b in windows:
             n_backward += 1
             engine.set_gradient_accumulation_boundary(n_backward == total)
-            doc_start = mb.doc_start[:, a:b]
-            out = engine(mb.input_ids[:, a:b].to(dev), state, doc_start=doc_start.to(dev),
-                         targets=mb.targets[:, a:b].to(dev), loss_mask=mb.loss_mask[:, a:b].to(dev),
-                         doc_inside=documents_inside(doc_start, segment_len))  # from the host copy: no sync
+            out = forward_window(engine, mb, a, b, state, segment_len)
             loss_sum, ce = out.loss_sum, out.token_loss  # chunked: the window's logits are never all kept
             # the router loss is a per-token mean: weight windows by tokens (× world / world for the DS average)
             aux_share = (b - a) * B / tokens_per_rank
@@ -109,13 +120,9 @@ def evaluate(engine, batches: list[Batch], *, segment_len: int, window: int) -> 
     engine.module.eval()
     tot = torch.zeros(2, dtype=torch.float64)
     for mb in batches:
-        state, L = None, mb.input_ids.shape[1]
-        for a in range(0, L, window * segment_len):
-            b = min(L, a + window * segment_len)
-            dev = engine.device
-            out = engine(mb.input_ids[:, a:b].to(dev), state, doc_start=mb.doc_start[:, a:b].to(dev),
-                         targets=mb.targets[:, a:b].to(dev), loss_mask=mb.loss_mask[:, a:b].to(dev),
-                         doc_inside=documents_inside(mb.doc_start[:, a:b], segment_len))
+        state = None
+        for a, b in spans(mb.input_ids.shape[1], window * segment_len):
+            out = forward_window(engine, mb, a, b, state, segment_len)
             tot[0] += out.loss_sum.double().cpu()
             tot[1] += mb.loss_mask[:, a:b].sum()
             state = out.state
