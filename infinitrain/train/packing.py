@@ -21,6 +21,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from infinitrain.train.batch import Sample
+
 PACKED_MODES = ("summarization", "qa")  # one document per sample, no label: what packing keeps exact
 
 
@@ -90,9 +92,7 @@ class PackedSource:
         return (padding_fraction(self.real, len(self.real), self.sample_len),
                 padding_fraction(self.real, len(self.rows), self.sample_len))
 
-    def __getitem__(self, i: int):
-        from infinitrain.train.data import Sample
-
+    def __getitem__(self, i: int) -> Sample:
         L = self.sample_len
         ids = torch.full((L,), self.ds.pad_id, dtype=torch.long)
         tgt, mask, doc = ids.clone(), torch.zeros(L, dtype=torch.bool), torch.zeros(L, dtype=torch.bool)

@@ -11,7 +11,7 @@ Shape legend: B micro-batch, L = N·S sample tokens, W segments per window, S se
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -19,9 +19,7 @@ from torch import Tensor
 
 from infinitrain import faults
 from infinitrain.ops.memory import documents_inside
-
-if TYPE_CHECKING:
-    from infinitrain.train.data import Batch
+from infinitrain.train.batch import Batch
 
 
 class StepStats(NamedTuple):
