@@ -314,48 +314,65 @@ def run(args, argv: list[str] | None = None) -> dict:
     for T in sorted(args.T):
         if T % args.segment:
             raise SystemExit(f"T={T} is not a multiple of the segment length {args.segment}")
-        cells = []
-        for level in levels:
-            for impl in args.impls:
-                cell = Cell(level, impl, T, lambda: None, set(), note=_skip_reason(impl, T, args, level))
-                prev = [c for c in done if c.level == level and c.impl == impl and c.times]
-                if impl == "full-causal" and not cell.note and prev:  # quadratic: estimate from the last T
-                    p = max(prev, key=lambda c: c.T)
-                    est = min(p.times) * (T / p.T) ** 2
-                    if est > args.full_budget:
-                        cell.note = f"skipped: estimated {est:.0f} s per run > --full-budget {args.full_budget:g} s"
-                if not cell.note:
-                    cell = make_cell(level, impl, T, args, device, gen)
-                cells.append(cell)
-        live = [c for c in cells if not c.note]
-        rng.shuffle(live)
-        for cell in live:
-            measure_first(cell, device)
-            if cell.first > args.once_above:
-                cell.times.append(cell.first)
-                cell.note = f"measured once ({cell.first:.0f} s per run > --once-above {args.once_above:g} s)"
-            else:
-                cell.reps = max(1, min(20, round(args.min_time / max(cell.first, 1e-6))))
-        timed = [c for c in live if not c.times]
-        _log(f"T={T}: warm-up done ({time.perf_counter() - t_start:.0f} s); {args.rounds} rounds of {len(timed)} cells")
-        for _ in range(args.rounds):
-            rng.shuffle(timed)
-            for cell in timed:
-                time_cell(cell, device)
-        if args.profile and T == args.ratio_local_t:
-            for cell in sorted(live, key=lambda c: (c.level, c.impl)):
-                if cell.impl in ("infini-linear", "local-only"):
-                    profiles[f"{cell.level} {cell.impl} T={T}"] = profile_cell(cell, device, args.profile)
-        if args.rss and device.type == "cpu":
-            for cell in live:
-                cell.peak_bytes = rss_delta(cell.level, cell.impl, T, argv or [])
+        cells = _cells_at(T, levels, done, args, device, gen)
+        _measure(T, cells, args, device, rng, t_start, profiles, argv)
         for cell in cells:
             cell.step = None  # free the inputs of this T
         done += cells
         _log(f"T={T}: done ({time.perf_counter() - t_start:.0f} s)")
     elapsed = time.perf_counter() - t_start
-    load_after = _load()
+    env = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
+               cpu_count=os.cpu_count(), load_before=load_before, load_after=_load(), elapsed_s=elapsed, argv=sys.argv)
+    return _report(done, levels, args, device, env, profiles)
 
+
+def _cells_at(T: int, levels: tuple[str, ...], done: list[Cell], args, device, gen) -> list[Cell]:
+    """The cells of one T: skipped ones carry their reason (full causal attention estimated from the last T)."""
+    cells = []
+    for level in levels:
+        for impl in args.impls:
+            cell = Cell(level, impl, T, lambda: None, set(), note=_skip_reason(impl, T, args, level))
+            prev = [c for c in done if c.level == level and c.impl == impl and c.times]
+            if impl == "full-causal" and not cell.note and prev:  # quadratic: estimate from the last T
+                p = max(prev, key=lambda c: c.T)
+                est = min(p.times) * (T / p.T) ** 2
+                if est > args.full_budget:
+                    cell.note = f"skipped: estimated {est:.0f} s per run > --full-budget {args.full_budget:g} s"
+            if not cell.note:
+                cell = make_cell(level, impl, T, args, device, gen)
+            cells.append(cell)
+    return cells
+
+
+def _measure(T: int, cells: list[Cell], args, device, rng, t_start: float, profiles: dict[str, str],
+             argv: list[str] | None) -> None:
+    """Warm every live cell up once in random order, then time them in ``args.rounds`` shuffled rounds; profiles
+    and peak RSS where asked."""
+    live = [c for c in cells if not c.note]
+    rng.shuffle(live)
+    for cell in live:
+        measure_first(cell, device)
+        if cell.first > args.once_above:
+            cell.times.append(cell.first)
+            cell.note = f"measured once ({cell.first:.0f} s per run > --once-above {args.once_above:g} s)"
+        else:
+            cell.reps = max(1, min(20, round(args.min_time / max(cell.first, 1e-6))))
+    timed = [c for c in live if not c.times]
+    _log(f"T={T}: warm-up done ({time.perf_counter() - t_start:.0f} s); {args.rounds} rounds of {len(timed)} cells")
+    for _ in range(args.rounds):
+        rng.shuffle(timed)
+        for cell in timed:
+            time_cell(cell, device)
+    if args.profile and T == args.ratio_local_t:
+        for cell in sorted(live, key=lambda c: (c.level, c.impl)):
+            if cell.impl in ("infini-linear", "local-only"):
+                profiles[f"{cell.level} {cell.impl} T={T}"] = profile_cell(cell, device, args.profile)
+    if args.rss and device.type == "cpu":
+        for cell in live:
+            cell.peak_bytes = rss_delta(cell.level, cell.impl, T, argv or [])
+
+
+def _report(done: list[Cell], levels: tuple[str, ...], args, device, env: dict, profiles: dict[str, str]) -> dict:
     results = []
     for cell in sorted(done, key=lambda c: (levels.index(c.level), c.T, IMPLS.index(c.impl))):
         r = dict(level=cell.level, impl=cell.impl, T=cell.T, note=cell.note, runs=len(cell.times),
@@ -367,15 +384,14 @@ def run(args, argv: list[str] | None = None) -> dict:
             r["median_tok_s"] = tok / statistics.median(cell.times)
         results.append(r)
     peak = ("max_memory_allocated delta" if device.type == "cuda" else
-            "peak-RSS delta of one fwd+bwd in a fresh process after a warm-up" if args.rss else "not measured (use --rss)")
+            "peak-RSS delta of one fwd+bwd in a fresh process after a warm-up" if args.rss
+            else "not measured (use --rss)")
     return dict(
         config=dict(device=str(device), dtype=args.dtype, batch=args.batch, heads=args.heads,
                     kv_heads=args.kv_heads, head_dim=args.head_dim, segment=args.segment, T=args.T,
                     rope=not args.no_rope, threads=torch.get_num_threads(), rounds=args.rounds,
                     levels=list(levels), impls=list(args.impls), seed=args.seed, peak_memory=peak),
-        env=dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
-                 cpu_count=os.cpu_count(), load_before=load_before, load_after=load_after,
-                 elapsed_s=elapsed, argv=sys.argv),
+        env=env,
         results=results,
         ratios=ratios(results, args),
         profiles=profiles,

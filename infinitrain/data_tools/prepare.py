@@ -30,7 +30,7 @@ import numpy as np
 import zstandard
 
 from infinitrain.atomic import write_atomic
-from infinitrain.data_tools.inputs import (FORMATS, Document, Issue, ReadOptions, ReadProgress, expand_inputs,
+from infinitrain.data_tools.inputs import (FORMATS, Issue, ReadOptions, ReadProgress, expand_inputs,
                                            input_fingerprint, read_documents)
 from infinitrain.data_tools.pack import StreamPacker, answer_sample
 from infinitrain.data_tools.shards import (FORMAT_VERSION, INDEX_NAME, LABEL_FORMAT_VERSION, SHARD_SUFFIX, ShardWriter,
@@ -501,49 +501,97 @@ def record_middle(mode: str, separators: tuple[np.ndarray, np.ndarray], question
 
 def write_output(cfg: PrepareConfig, paths: list[Path], tok: TokenizerInfo, separators: tuple[np.ndarray, np.ndarray],
                  work: Path, n_units: int) -> dict:
-    from tqdm import tqdm
-
+    """Stage 2: pack every unit's documents into the shards of their split and write the documents file, the
+    report, the tokenizer copy and ``index.json`` (last); returns the index."""
     out = Path(cfg.out)
-    L = cfg.segment_len * cfg.sample_segments
-    mode = cfg.mode
-    labels = label_names(work, n_units, tok.dtype) if mode == "classification" else None
-    label_ids = {name: i for i, name in enumerate(labels or [])}
-    label_counts = {s: [0] * len(label_ids) for s in SPLITS}
-    writers = {s: ShardWriter(out, s, tok.dtype, shard_bytes=cfg.shard_bytes, frame_bytes=cfg.frame_bytes,
-                              level=cfg.zstd_level, labels=labels is not None) for s in SPLITS}
-    packers = {s: StreamPacker(sample_tokens=L, pad_id=tok.pad_id, dtype=tok.dtype) for s in SPLITS}
-    n_samples = dict.fromkeys(SPLITS, 0)
-    n_docs = dict.fromkeys(SPLITS, 0)
-    counts: Counter = Counter()
-    issues: list[dict] = []
-    shards_done = 0
-    val_split = ValSplit.plan(cfg, work, n_units, tok.dtype)
+    labels = label_names(work, n_units, tok.dtype) if cfg.mode == "classification" else None
+    packing = _Packing(cfg, paths, tok, separators, labels, ValSplit.plan(cfg, work, n_units, tok.dtype))
+    docs_sha = _write_documents(out, lambda docs_out: packing.pack(work, n_units, docs_out))
+    splits = {s: packing.writers[s].close() for s in SPLITS}
+    if packing.doc_id == 0:
+        raise DataError(f"{cfg.inputs[0]}: no usable documents in the input ({_summarize(packing.counts)})")
+    counts, issues = packing.counts, packing.issues
+    report = {"documents": {"kept": packing.doc_id, **{s: packing.n_docs[s] for s in SPLITS}},
+              "issue_counts": dict(sorted(counts.items())), "issues": issues, "issues_listed": len(issues)}
+    write_atomic(out / REPORT_NAME, (json.dumps(report, indent=1, sort_keys=True) + "\n").encode())
+    extra = {"labels": {"names": labels, "counts": packing.label_counts}} if labels is not None else {}
+    index = make_index(tokenizer=tok.to_dict(), dtype=tok.dtype, segment_len=cfg.segment_len,
+                       sample_segments=cfg.sample_segments, mode=cfg.mode, splits=splits, zstd_level=cfg.zstd_level,
+                       version=LABEL_FORMAT_VERSION if labels is not None else FORMAT_VERSION, **extra,
+                       documents={"name": DOCS_NAME, "bytes": (out / DOCS_NAME).stat().st_size,
+                                  "sha256": docs_sha, "num_documents": packing.doc_id},
+                       sources=[{"path": str(p), "bytes": p.stat().st_size} for p in paths],
+                       args=cfg.output_args(), report=dict(sorted(counts.items())),
+                       val_split=packing.val_split.describe())
+    for s in SPLITS:
+        index["splits"][s]["num_documents"] = packing.n_docs[s]
+    # The tokenizer travels with its data (train, export and generate find it here); its sha256 is in the index.
+    write_atomic(out / TOKENIZER_NAME, Path(tok.path).read_bytes())
+    write_index(out, index)
+    return index
 
-    def note(source, line, reason, detail="", kept=False):
-        counts[reason] += 1
-        if len(issues) < MAX_REPORTED_ISSUES:
-            issues.append({"file": str(paths[source]), "line": line, "reason": reason, "detail": detail, "kept": kept})
 
-    def emit(split, samples):
-        nonlocal shards_done
-        for s in samples:
-            writers[split].add(s)
-        n_samples[split] += len(samples)
-        if len(writers[split].entries) + len(writers["val" if split == "train" else "train"].entries) > shards_done:
-            shards_done += 1
-            _fault("prepare.shard", shards_done)
-
+def _write_documents(out: Path, fill) -> str:
+    """The documents file, written by ``fill(stream)`` as zstd through a temp file, fsynced and renamed into
+    place; returns its sha256."""
     docs_tmp = out / (DOCS_NAME + ".tmp")
     docs_sha = hashlib.sha256()
-    doc_id = 0
-    parts: list[np.ndarray] = []
     docs_file = open(docs_tmp, "wb")
     with zstandard.ZstdCompressor(level=3, write_checksum=True).stream_writer(
             _HashingWriter(docs_file, docs_sha), closefd=False) as docs_out:
+        fill(docs_out)
+    with docs_file:
+        docs_file.flush()
+        os.fsync(docs_file.fileno())
+    os.replace(docs_tmp, out / DOCS_NAME)
+    return docs_sha.hexdigest()
+
+
+class _Packing:
+    """Stage 2's running state: the shard writer and packer of each split, the sample, document and label
+    counts, and the issues noted (the first ``MAX_REPORTED_ISSUES`` listed, all counted)."""
+
+    def __init__(self, cfg: PrepareConfig, paths: list[Path], tok: TokenizerInfo,
+                 separators: tuple[np.ndarray, np.ndarray], labels: list[str] | None, val_split: ValSplit):
+        self.cfg, self.paths, self.tok, self.separators, self.val_split = cfg, paths, tok, separators, val_split
+        self.L = cfg.segment_len * cfg.sample_segments
+        self.label_ids = {name: i for i, name in enumerate(labels or [])}
+        self.label_counts = {s: [0] * len(self.label_ids) for s in SPLITS} if labels is not None else None
+        self.writers = {s: ShardWriter(Path(cfg.out), s, tok.dtype, shard_bytes=cfg.shard_bytes,
+                                       frame_bytes=cfg.frame_bytes, level=cfg.zstd_level, labels=labels is not None)
+                        for s in SPLITS}
+        self.packers = {s: StreamPacker(sample_tokens=self.L, pad_id=tok.pad_id, dtype=tok.dtype) for s in SPLITS}
+        self.n_samples = dict.fromkeys(SPLITS, 0)
+        self.n_docs = dict.fromkeys(SPLITS, 0)
+        self.counts: Counter = Counter()
+        self.issues: list[dict] = []
+        self.shards_done = self.doc_id = 0
+
+    def note(self, source, line, reason, detail="", kept=False) -> None:
+        self.counts[reason] += 1
+        if len(self.issues) < MAX_REPORTED_ISSUES:
+            self.issues.append({"file": str(self.paths[source]), "line": line, "reason": reason, "detail": detail,
+                                "kept": kept})
+
+    def emit(self, split: str, samples) -> None:
+        for s in samples:
+            self.writers[split].add(s)
+        self.n_samples[split] += len(samples)
+        if sum(len(w.entries) for w in self.writers.values()) > self.shards_done:
+            self.shards_done += 1
+            _fault("prepare.shard", self.shards_done)
+
+    def pack(self, work: Path, n_units: int, docs_out) -> None:
+        """Every unit of stage 1 in order (a long document cut into parts across units is joined first); each
+        kept document's row goes to ``docs_out``."""
+        from tqdm import tqdm
+
+        parts: list[np.ndarray] = []
+        cfg = self.cfg
         for k in tqdm(range(n_units), desc="pack", unit="unit", disable=not cfg.progress or None, dynamic_ncols=True):
-            meta, doc_tokens, questions, answers = read_unit(work / f"unit-{k:06d}.bin", tok.dtype)
+            meta, doc_tokens, questions, answers = read_unit(work / f"unit-{k:06d}.bin", self.tok.dtype)
             for issue in meta["issues"]:
-                note(*issue)
+                self.note(*issue)
             for (source, line, key, more, label), toks, question, answer in zip(meta["docs"], doc_tokens, questions,
                                                                                 answers):
                 if more or parts:  # a long document cut into parts across entries (and units)
@@ -551,58 +599,45 @@ def write_output(cfg: PrepareConfig, paths: list[Path], tok: TokenizerInfo, sepa
                     if more:
                         continue
                     toks, parts = np.concatenate(parts), []
-                if len(toks) < max(cfg.min_doc_tokens, 1):
-                    note(source, line, "too_short", f"{len(toks)} tokens")
-                    continue
-                if tok.bos_at_doc_start:  # the tokenizer's template starts every text with its BOS (Llama 3)
-                    toks = np.concatenate([np.array([tok.bos_id], tok.dtype), toks])
-                for split, toks in val_split.assign(key, toks):  # two parts where the val tail starts inside it
-                    row = {"id": doc_id, "split": split, "source": source, "line": line, "tokens": len(toks)}
-                    if mode == "pretrain":
-                        sample, position = divmod(packers[split].total, L)
-                        emit(split, packers[split].add(doc_id, np.append(toks, np.array([tok.eos_id], tok.dtype))))
-                    else:
-                        middle = record_middle(mode, separators, question)
-                        if mode == "qa" and len(middle) + min(len(answer), L // 2 - 1) >= L:
-                            note(source, line, "too_long", f"question and separators take {len(middle)} of {L} tokens")
-                            continue
-                        sample, position = n_samples[split], 0
-                        emit(split, [answer_sample(doc_id, toks, middle, answer, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                                                   segment_len=cfg.segment_len, sample_segments=cfg.sample_segments,
-                                                   dtype=tok.dtype, label=label_ids.get(label))])
-                        if labels is not None:
-                            label_counts[split][label_ids[label]] += 1
-                            row["label"] = label_ids[label]
-                    docs_out.write((json.dumps({**row, "sample": sample, "position": position},
-                                               separators=(",", ":")) + "\n").encode())
-                    n_docs[split] += 1
-                    doc_id += 1
+                for row in self.add(source, line, key, label, toks, question, answer):
+                    docs_out.write((json.dumps(row, separators=(",", ":")) + "\n").encode())
         for split in SPLITS:
-            emit(split, packers[split].finish())
-    with docs_file:
-        docs_file.flush()
-        os.fsync(docs_file.fileno())
-    os.replace(docs_tmp, out / DOCS_NAME)
-    splits = {s: writers[s].close() for s in SPLITS}
-    if doc_id == 0:
-        raise DataError(f"{cfg.inputs[0]}: no usable documents in the input ({_summarize(counts)})")
-    report = {"documents": {"kept": doc_id, **{s: n_docs[s] for s in SPLITS}}, "issue_counts": dict(sorted(counts.items())),
-              "issues": issues, "issues_listed": len(issues)}
-    write_atomic(out / REPORT_NAME, (json.dumps(report, indent=1, sort_keys=True) + "\n").encode())
-    extra = {"labels": {"names": labels, "counts": label_counts}} if labels is not None else {}
-    index = make_index(tokenizer=tok.to_dict(), dtype=tok.dtype, segment_len=cfg.segment_len,
-                       sample_segments=cfg.sample_segments, mode=mode, splits=splits, zstd_level=cfg.zstd_level,
-                       version=LABEL_FORMAT_VERSION if labels is not None else FORMAT_VERSION, **extra,
-                       documents={"name": DOCS_NAME, "bytes": (out / DOCS_NAME).stat().st_size,
-                                  "sha256": docs_sha.hexdigest(), "num_documents": doc_id},
-                       sources=[{"path": str(p), "bytes": p.stat().st_size} for p in paths],
-                       args=cfg.output_args(), report=dict(sorted(counts.items())), val_split=val_split.describe())
-    for s in SPLITS:
-        index["splits"][s]["num_documents"] = n_docs[s]
-    # The tokenizer travels with its data (train, export and generate find it here); its sha256 is in the index.
-    write_atomic(out / TOKENIZER_NAME, Path(tok.path).read_bytes())
-    write_index(out, index)
-    return index
+            self.emit(split, self.packers[split].finish())
+
+    def add(self, source, line, key, label, toks: np.ndarray, question: np.ndarray, answer: np.ndarray) -> list[dict]:
+        """Pack one whole document into its split (two parts where the val tail starts inside it); the
+        documents-file rows of what was kept (a document too short, or a part too long, is noted instead)."""
+        if len(toks) < max(self.cfg.min_doc_tokens, 1):
+            self.note(source, line, "too_short", f"{len(toks)} tokens")
+            return []
+        if self.tok.bos_at_doc_start:  # the tokenizer's template starts every text with its BOS (Llama 3)
+            toks = np.concatenate([np.array([self.tok.bos_id], self.tok.dtype), toks])
+        rows = (self._add_part(split, source, line, label, part, question, answer)
+                for split, part in self.val_split.assign(key, toks))
+        return [row for row in rows if row is not None]
+
+    def _add_part(self, split: str, source, line, label, toks: np.ndarray, question: np.ndarray,
+                  answer: np.ndarray) -> dict | None:
+        cfg, tok, L, mode = self.cfg, self.tok, self.L, self.cfg.mode
+        row = {"id": self.doc_id, "split": split, "source": source, "line": line, "tokens": len(toks)}
+        if mode == "pretrain":
+            sample, position = divmod(self.packers[split].total, L)
+            self.emit(split, self.packers[split].add(self.doc_id, np.append(toks, np.array([tok.eos_id], tok.dtype))))
+        else:
+            middle = record_middle(mode, self.separators, question)
+            if mode == "qa" and len(middle) + min(len(answer), L // 2 - 1) >= L:
+                self.note(source, line, "too_long", f"question and separators take {len(middle)} of {L} tokens")
+                return None
+            sample, position = self.n_samples[split], 0
+            self.emit(split, [answer_sample(self.doc_id, toks, middle, answer, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                                            segment_len=cfg.segment_len, sample_segments=cfg.sample_segments,
+                                            dtype=tok.dtype, label=self.label_ids.get(label))])
+            if self.label_counts is not None:
+                self.label_counts[split][self.label_ids[label]] += 1
+                row["label"] = self.label_ids[label]
+        self.n_docs[split] += 1
+        self.doc_id += 1
+        return {**row, "sample": sample, "position": position}
 
 
 def _summarize(counts: Counter) -> str:

@@ -98,18 +98,7 @@ class ModelConfig:
             raise ConfigError(f"model.activation must be one of {', '.join(ACTIVATIONS)}; got {self.activation!r}")
         if self.update not in UPDATES:
             raise ConfigError(f"model.update must be one of {', '.join(UPDATES)}; got {self.update!r}")
-        if self.pos_emb not in POS_EMBS:
-            raise ConfigError(f"model.pos_emb must be one of {', '.join(POS_EMBS)}; got {self.pos_emb!r}")
-        if not 0.0 < self.rope_pct <= 1.0 or self.rot_dim == 0 and self.pos_emb != "none":
-            raise ConfigError(f"model.rope_pct must be in (0, 1] and rotate at least 2 dims; got {self.rope_pct}")
-        if self.rope_theta <= 1.0:
-            raise ConfigError(f"model.rope_theta must be > 1, got {self.rope_theta}")
-        if self.yarn_scale < 1.0 or (self.pos_emb != "yarn" and self.yarn_scale != 1.0):
-            raise ConfigError(f"model.yarn_scale must be >= 1 and only set with pos_emb: yarn; got {self.yarn_scale}")
-        if not 0.0 < self.yarn_alpha < self.yarn_beta:
-            raise ConfigError(f"model.yarn_alpha/yarn_beta need 0 < alpha < beta; got {self.yarn_alpha}, {self.yarn_beta}")
-        if self.yarn_mscale is not None and not self.yarn_mscale > 0:
-            raise ConfigError(f"model.yarn_mscale must be > 0 or null, got {self.yarn_mscale}")
+        self._check_positions()
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         for name in ("norm_eps", "memory_eps", "init_std"):
@@ -140,6 +129,22 @@ class ModelConfig:
             object.__setattr__(self, "labels", labels)
         if self.arch == "megalodon":
             self._check_megalodon()
+
+    def _check_positions(self) -> None:
+        """RoPE / YaRN fields."""
+        if self.pos_emb not in POS_EMBS:
+            raise ConfigError(f"model.pos_emb must be one of {', '.join(POS_EMBS)}; got {self.pos_emb!r}")
+        if not 0.0 < self.rope_pct <= 1.0 or self.rot_dim == 0 and self.pos_emb != "none":
+            raise ConfigError(f"model.rope_pct must be in (0, 1] and rotate at least 2 dims; got {self.rope_pct}")
+        if self.rope_theta <= 1.0:
+            raise ConfigError(f"model.rope_theta must be > 1, got {self.rope_theta}")
+        if self.yarn_scale < 1.0 or (self.pos_emb != "yarn" and self.yarn_scale != 1.0):
+            raise ConfigError(f"model.yarn_scale must be >= 1 and only set with pos_emb: yarn; got {self.yarn_scale}")
+        if not 0.0 < self.yarn_alpha < self.yarn_beta:
+            raise ConfigError(f"model.yarn_alpha/yarn_beta need 0 < alpha < beta; got {self.yarn_alpha}, "
+                              f"{self.yarn_beta}")
+        if self.yarn_mscale is not None and not self.yarn_mscale > 0:
+            raise ConfigError(f"model.yarn_mscale must be > 0 or null, got {self.yarn_mscale}")
 
     def _megalodon_defaults(self) -> None:
         """head_dim (Z per head) defaults to d_model / (4·n_heads) as the paper's 7B (z_dim 1024 of d 4096)."""

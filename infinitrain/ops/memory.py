@@ -308,6 +308,15 @@ def memory_states_delta(sk: Tensor, v: Tensor, mem: MemoryState, eps: float, res
     return MemoryState(torch.stack(before, 2), z_before), MemoryState(M, z_final)
 
 
+def _memory_before_segments(sk: Tensor, vf: Tensor, mem: MemoryState, update: Update, eps: float,
+                            reset: Tensor | None) -> tuple[Tensor, MemoryState]:
+    """[M | z] before each segment (B, G, N, K, V + 1) and the final memory, by the linear or the delta rule."""
+    if update == "linear":
+        return _memory_states_linear_joint(sk, vf, mem, reset)
+    before, final = memory_states_delta(sk, vf, mem, eps, reset)
+    return torch.cat((before.M, before.z[..., None]), -1), final
+
+
 def infini_attention(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: MemoryState | None = None, *,
                      segment_len: int, update: Update = "linear", causal: bool = True,
                      rotary: RotarySpec | None = None, pos: Tensor | None = None, keep: Tensor | None = None,
@@ -346,12 +355,7 @@ def infini_attention(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: MemoryS
             doc = None  # documents start on segment boundaries only: local attention needs no mask (fused kernel)
     if write is not None:
         sk = sk * write.view(B, 1, N, S, 1)
-    vf = acc(v).view(B, G, N, S, Vd)
-    if update == "linear":
-        Mz, final = _memory_states_linear_joint(sk, vf, mem, reset)
-    else:
-        before, final = memory_states_delta(sk, vf, mem, eps, reset)
-        Mz = torch.cat((before.M, before.z[..., None]), -1)
+    Mz, final = _memory_before_segments(sk, acc(v).view(B, G, N, S, Vd), mem, update, eps, reset)
     # Eq. 7 for all segments: numerator and normaliser in one matmul, z being Mz's last value column.
     numz = (_group(sq, G) @ Mz[:, :, None]).view(B, H, N, S, Vd + 1)
     num, den = numz.split((Vd, 1), -1)
@@ -456,18 +460,25 @@ def infini_attention_naive(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: M
             seg_out.append(gh * a_mem + (1 - gh) * a_dot)  # Eq. 10
         outs.append(torch.stack(seg_out, 1))
         for g in range(G):  # retrieval above used M_{s-1}; now write segment s
-            live = (~new_doc).to(M[g].dtype)
-            M[g], z[g] = M[g] * live[:, None, None], z[g] * live[:, None]
             t = 1.0 if tau is None else tau[g]
-            sk = (F.elu(acc(k[:, g, sl]) * t) + 1) * writer[:, :, None]
-            vs = acc(v[:, g, sl])
-            if update == "linear":
-                M[g] = M[g] + sk.transpose(-1, -2) @ vs  # Eq. 8
-            else:
-                M[g] = M[g] + sk.transpose(-1, -2) @ (vs - (sk @ M[g]) / (sk @ z[g][:, :, None] + eps))  # Eq. 9
-            z[g] = z[g] + sk.sum(1)
+            M[g], z[g] = _naive_write(M[g], z[g], k[:, g, sl], v[:, g, sl], writer, new_doc, t, update, eps)
     out = torch.cat(outs, 2).to(v.dtype)
     return out, MemoryState(torch.stack(M, 1), torch.stack(z, 1))
+
+
+def _naive_write(M: Tensor, z: Tensor, k: Tensor, v: Tensor, writer: Tensor, new_doc: Tensor, t, update: Update,
+                 eps: float) -> tuple[Tensor, Tensor]:
+    """One segment's write into one KV head's memory M (B, K, V), z (B, K) from its keys k (B, L, K) and values
+    v (B, L, V) at the ``writer`` positions (B, L); emptied first where a document started inside the segment."""
+    live = (~new_doc).to(M.dtype)
+    M, z = M * live[:, None, None], z * live[:, None]
+    sk = (F.elu(acc(k) * t) + 1) * writer[:, :, None]
+    vs = acc(v)
+    if update == "linear":
+        M = M + sk.transpose(-1, -2) @ vs  # Eq. 8
+    else:
+        M = M + sk.transpose(-1, -2) @ (vs - (sk @ M) / (sk @ z[:, :, None] + eps))  # Eq. 9
+    return M, z + sk.sum(1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import resource
 import signal
 import sys
@@ -282,6 +281,25 @@ def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, rank: int, ds_config: dict
 def _train_locked(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: int, world: int,
                   allow_fallback: bool, ds_config: dict[str, Any]) -> dict[str, Any]:
     disks = _prepare_run_dir(cfg, run_dir, rank, ds_config, resume)
+    train_src, val_src = _checked_sources(cfg, sources)
+    resume_from, fallbacks = ckpt.choose(run_dir, resume, allow_fallback)  # checked before the engine is built
+    engine, model = build_engine(cfg, ds_config)
+    run = _Run(cfg, run_dir, engine, model, (train_src, val_src), rank, world, disks, resume_from, fallbacks)
+    try:
+        while run.state.step < cfg.schedule.steps:
+            stats, skipped = run.attempt()
+            if not skipped:
+                run.log_if_due(stats)
+                run.validate_if_due()
+                run.save_if_due()
+            run.stop_if_signalled()
+        return run.finish()
+    finally:
+        run.close()
+
+
+def _checked_sources(cfg: TrainConfig, sources) -> tuple[SampleSource, SampleSource | None]:
+    """The (train, validation) sources of the run, checked against the recipe's sample length and vocabulary."""
     if sources is None:
         if cfg.data.path is None:
             raise ConfigError("no training data: pass --data DIR or set data.path in the recipe")
@@ -293,107 +311,150 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: i
                         f"{cfg.data.segments_per_sample} x {cfg.model.segment_len} = {cfg.sample_len}")
     if train_src.vocab_size > cfg.model.vocab_size:
         raise DataError(f"data vocabulary ({train_src.vocab_size}) exceeds model.vocab_size ({cfg.model.vocab_size})")
+    return train_src, val_src
 
-    resume_from, fallbacks = ckpt.choose(run_dir, resume, allow_fallback)  # checked before the engine is built
-    engine, model = build_engine(cfg, ds_config)
-    sampler = make_sampler(train_src, micro_batch=cfg.data.micro_batch_size, grad_accum=cfg.data.grad_accum,
-                           rank=rank, world=world, seed=cfg.data.seed)
-    state = TrainState()
-    if resume_from is not None:
-        state = TrainState(**ckpt.load(engine, resume_from)["train_state"])
-        sampler.load_state_dict(state.data)
-    val = Validation(val_src, cfg.data.val_samples, cfg.data.micro_batch_size, rank, world)
-    if not val and rank == 0:
-        print("note: the data has no validation split: no val_loss (data.val_fraction, or prepare --val-fraction)",
-              file=sys.stderr)
-    per_dataset = DatasetMetrics(train_src, sampler)  # mixtures: tokens and loss per dataset
 
-    S, W = cfg.model.segment_len, cfg.window
-    tokens_per_step = sampler.global_batch_size * cfg.sample_len
-    stop = _StopFlag()
-    router = RouterAccuracy(model)
-    metrics = Metrics(run_dir, cfg, state.step, enabled=rank == 0)
-    if resume_from is not None and rank == 0:
-        for skipped_error in fallbacks:
-            print(f"warning: skipped a damaged checkpoint (--allow-fallback): {skipped_error}", file=sys.stderr)
-        print(f"resuming from {resume_from} (step {state.step})", file=sys.stderr)
-        metrics.write({"step": state.step, "resumed_from": str(resume_from), "fallbacks": fallbacks})
-    last_saved, last_val, loss, window_start, window_tokens = state.step, math.nan, math.nan, time.time(), 0
+class _Run:
+    """One training run's parts and policies, each a short method the loop in ``_train`` calls in order: one
+    step attempt with its skip accounting, the metrics row, the validation and save schedules, the stop on a
+    signal, and the end (final validation and save)."""
 
-    def save() -> Path:
-        state.data = sampler.state_dict()
-        return ckpt.save(engine, run_dir / "checkpoints", state.step, {"train_state": dataclasses.asdict(state)},
-                         cfg.checkpoint.keep_last, disks)
+    def __init__(self, cfg: TrainConfig, run_dir: Path, engine, model, sources, rank: int, world: int,
+                 disks: ckpt.Disks, resume_from: Path | None, fallbacks: list[str]):
+        (train_src, val_src), self.train_src = sources, sources[0]
+        self.cfg, self.run_dir, self.engine, self.model, self.rank = cfg, run_dir, engine, model, rank
+        self.disks = disks
+        self.sampler = make_sampler(train_src, micro_batch=cfg.data.micro_batch_size, grad_accum=cfg.data.grad_accum,
+                                    rank=rank, world=world, seed=cfg.data.seed)
+        self.state = TrainState()
+        if resume_from is not None:  # engine, RNG, train state and data cursor of the checkpoint ckpt.choose picked
+            self.state = TrainState(**ckpt.load(engine, resume_from)["train_state"])
+            self.sampler.load_state_dict(self.state.data)
+        self.val = Validation(val_src, cfg.data.val_samples, cfg.data.micro_batch_size, rank, world)
+        if not self.val and rank == 0:
+            print("note: the data has no validation split: no val_loss (data.val_fraction, or prepare --val-fraction)",
+                  file=sys.stderr)
+        self.per_dataset = DatasetMetrics(train_src, self.sampler)  # mixtures: tokens and loss per dataset
+        self.tokens_per_step = self.sampler.global_batch_size * cfg.sample_len
+        self.plain_fp32 = cfg.run.zero_stage == 0 and cfg.run.precision == "fp32"  # no skip check of its own
+        self.stop, self.router = _StopFlag(), RouterAccuracy(model)
+        self.metrics = Metrics(run_dir, cfg, self.state.step, enabled=rank == 0)
+        if resume_from is not None and rank == 0:
+            for skipped_error in fallbacks:
+                print(f"warning: skipped a damaged checkpoint (--allow-fallback): {skipped_error}", file=sys.stderr)
+            print(f"resuming from {resume_from} (step {self.state.step})", file=sys.stderr)
+            self.metrics.write({"step": self.state.step, "resumed_from": str(resume_from), "fallbacks": fallbacks})
+        self.last_saved, self.last_val, self.loss = self.state.step, math.nan, math.nan
+        self.window_start, self.window_tokens = time.time(), 0
 
-    try:
-        while state.step < cfg.schedule.steps:
-            attempt = state.step + state.skipped_total + 1  # step attempts, skipped ones included (fault hooks)
-            faults.point("step_start", attempt)
-            indices = next_micro_batches(sampler, cfg.data.micro_batch_size)
-            micro = [collate([train_src[i] for i in idx]) for idx in indices]
-            stats = backward_windows(engine, micro, segment_len=S, window=W, aux_weight=cfg.tbptt.mod_aux_weight,
-                                     step=attempt)
-            stats = reduce_stats(stats)
-            bad_loss = bool(stats.nonfinite > 0)
-            skipped = optimizer_step(engine, bad_loss, cfg.run.zero_stage == 0 and cfg.run.precision == "fp32")
-            faults.point("after_step", attempt)
-            faults.trace({"attempt": attempt, "step": state.step + (not skipped), "skipped": skipped,
-                          "ids": [int(i) for mb in micro for i in mb.sample_ids]},
-                         module=engine.module if faults.tracing() else None)
-            if skipped:
-                state.skipped_total += 1
-                state.skipped_in_row += 1
-                metrics.write({"step": state.step + 1, "skipped": True, "skipped_total": state.skipped_total,
-                               "skipped_in_row": state.skipped_in_row,
-                               "reason": "non-finite loss" if bad_loss else "non-finite gradient"})
-                if state.skipped_in_row >= cfg.run.max_nonfinite:
-                    raise TrainingAborted(f"{state.skipped_in_row} steps in a row had a non-finite loss or gradient "
-                                          f"(run.max_nonfinite={cfg.run.max_nonfinite}); stopped at step {state.step}")
-            else:
-                state.skipped_in_row = 0
-                state.step += 1
-                state.tokens += tokens_per_step
-                window_tokens += tokens_per_step
-                loss = float(stats.loss_sum / stats.targets)
-                per_dataset.add(indices, micro, stats.sample_loss)
-                metrics.progress(1, loss=f"{loss:.4f}",
-                                 tok_s=f"{window_tokens / max(1e-9, time.time() - window_start):.0f}")
+    def attempt(self):
+        """One step attempt: this rank's micro-batches forward and backward, the optimizer step (skipped on a
+        non-finite loss or gradient), then the accounting. Returns (reduced stats, skipped)."""
+        cfg, state = self.cfg, self.state
+        attempt = state.step + state.skipped_total + 1  # step attempts, skipped ones included (fault hooks)
+        faults.point("step_start", attempt)
+        indices = next_micro_batches(self.sampler, cfg.data.micro_batch_size)
+        micro = [collate([self.train_src[i] for i in idx]) for idx in indices]
+        stats = reduce_stats(backward_windows(self.engine, micro, segment_len=cfg.model.segment_len,
+                                              window=cfg.window, aux_weight=cfg.tbptt.mod_aux_weight, step=attempt))
+        bad_loss = bool(stats.nonfinite > 0)
+        skipped = optimizer_step(self.engine, bad_loss, self.plain_fp32)
+        faults.point("after_step", attempt)
+        faults.trace({"attempt": attempt, "step": state.step + (not skipped), "skipped": skipped,
+                      "ids": [int(i) for mb in micro for i in mb.sample_ids]},
+                     module=self.engine.module if faults.tracing() else None)
+        if skipped:
+            self._skip(bad_loss)
+        else:
+            self._apply(stats, indices, micro)
+        return stats, skipped
 
-            step = state.step
-            if not skipped and (step % cfg.log.every == 0 or step == cfg.schedule.steps):
-                gates = gate_values(model)
-                elapsed = max(1e-9, time.time() - window_start)
-                metrics.write({
-                    "step": step, "tokens": state.tokens, "loss": loss,
-                    "loss_per_segment": (stats.seg_loss / stats.seg_targets.clamp(min=1)).tolist(),
-                    "lr": engine.lr_scheduler.get_last_lr()[0], "gate_lr": engine.lr_scheduler.get_last_lr()[-1],
-                    "grad_norm": _float_or_none(engine.get_global_grad_norm()), "tokens_per_s": window_tokens / elapsed,
-                    "peak_mem_mb": peak_memory_mb(), "mod_aux_loss": float(stats.aux),
-                    "mod_router_acc": router.take(), "gates": gates,
-                    **({"memory_tau": gate_values(model, model.tau_parameters(), torch.exp)}
-                       if model.tau_parameters() else {}),
-                    "skipped_total": state.skipped_total, **per_dataset.row()})
-                window_start, window_tokens = time.time(), 0
-            if not skipped and cfg.log.eval_every and step % cfg.log.eval_every == 0 and val:
-                last_val, per_val = val.run(lambda batches: evaluate(engine, batches, segment_len=S, window=W))
-                metrics.write({"step": step, "val_loss": last_val, **per_val})
-            if not skipped and cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0:
-                save()
-                last_saved = step
-            faults.signal_after(state.step)
-            signum = stop.agreed()
-            if signum:
-                done = ckpt.committed(run_dir / "checkpoints")
-                path = done[-1] if last_saved == state.step and done else save()
-                raise Preempted(signum, path)
+    def _skip(self, bad_loss: bool) -> None:
+        state = self.state
+        state.skipped_total += 1
+        state.skipped_in_row += 1
+        self.metrics.write({"step": state.step + 1, "skipped": True, "skipped_total": state.skipped_total,
+                            "skipped_in_row": state.skipped_in_row,
+                            "reason": "non-finite loss" if bad_loss else "non-finite gradient"})
+        if state.skipped_in_row >= self.cfg.run.max_nonfinite:
+            raise TrainingAborted(f"{state.skipped_in_row} steps in a row had a non-finite loss or gradient "
+                                  f"(run.max_nonfinite={self.cfg.run.max_nonfinite}); stopped at step {state.step}")
 
-        if val and not (cfg.log.eval_every and state.step % cfg.log.eval_every == 0):
-            last_val, per_val = val.run(lambda batches: evaluate(engine, batches, segment_len=S, window=W))
-            metrics.write({"step": state.step, "val_loss": last_val, **per_val})
-        done = ckpt.committed(run_dir / "checkpoints")
-        path = done[-1] if last_saved == state.step and done else save()
-        return {"step": state.step, "tokens": state.tokens, "loss": loss, "val_loss": last_val if val else None,
-                "skipped_total": state.skipped_total, "checkpoint": str(path) if path else None}
-    finally:
-        metrics.close()
-        stop.restore()
+    def _apply(self, stats, indices: list[list[int]], micro) -> None:
+        state = self.state
+        state.skipped_in_row = 0
+        state.step += 1
+        state.tokens += self.tokens_per_step
+        self.window_tokens += self.tokens_per_step
+        self.loss = float(stats.loss_sum / stats.targets)
+        self.per_dataset.add(indices, micro, stats.sample_loss)
+        tok_s = self.window_tokens / max(1e-9, time.time() - self.window_start)
+        self.metrics.progress(1, loss=f"{self.loss:.4f}", tok_s=f"{tok_s:.0f}")
+
+    def log_if_due(self, stats) -> None:
+        """The metrics row, every ``log.every`` steps and at the last one (collective: gathers the gates)."""
+        step, model, engine = self.state.step, self.model, self.engine
+        if step % self.cfg.log.every and step != self.cfg.schedule.steps:
+            return
+        gates = gate_values(model)
+        elapsed = max(1e-9, time.time() - self.window_start)
+        self.metrics.write({
+            "step": step, "tokens": self.state.tokens, "loss": self.loss,
+            "loss_per_segment": (stats.seg_loss / stats.seg_targets.clamp(min=1)).tolist(),
+            "lr": engine.lr_scheduler.get_last_lr()[0], "gate_lr": engine.lr_scheduler.get_last_lr()[-1],
+            "grad_norm": _float_or_none(engine.get_global_grad_norm()), "tokens_per_s": self.window_tokens / elapsed,
+            "peak_mem_mb": peak_memory_mb(), "mod_aux_loss": float(stats.aux),
+            "mod_router_acc": self.router.take(), "gates": gates,
+            **({"memory_tau": gate_values(model, model.tau_parameters(), torch.exp)}
+               if model.tau_parameters() else {}),
+            "skipped_total": self.state.skipped_total, **self.per_dataset.row()})
+        self.window_start, self.window_tokens = time.time(), 0
+
+    def should_validate(self, step: int) -> bool:
+        return bool(self.val) and bool(self.cfg.log.eval_every) and step % self.cfg.log.eval_every == 0
+
+    def validate(self) -> None:
+        S, W = self.cfg.model.segment_len, self.cfg.window
+        self.last_val, per_val = self.val.run(lambda batches: evaluate(self.engine, batches, segment_len=S, window=W))
+        self.metrics.write({"step": self.state.step, "val_loss": self.last_val, **per_val})
+
+    def validate_if_due(self) -> None:
+        if self.should_validate(self.state.step):
+            self.validate()
+
+    def save(self) -> Path:
+        self.state.data = self.sampler.state_dict()
+        path = ckpt.save(self.engine, self.run_dir / "checkpoints", self.state.step,
+                         {"train_state": dataclasses.asdict(self.state)}, self.cfg.checkpoint.keep_last, self.disks)
+        self.last_saved = self.state.step
+        return path
+
+    def save_if_due(self) -> None:
+        every = self.cfg.checkpoint.save_every
+        if every and self.state.step % every == 0:
+            self.save()
+
+    def latest_or_save(self) -> Path:
+        """The committed checkpoint of this step, saved now unless it already is."""
+        done = ckpt.committed(self.run_dir / "checkpoints")
+        return done[-1] if self.last_saved == self.state.step and done else self.save()
+
+    def stop_if_signalled(self) -> None:
+        """SIGTERM/SIGINT on any rank: save (unless this step is saved) and raise Preempted on every rank."""
+        faults.signal_after(self.state.step)
+        signum = self.stop.agreed()
+        if signum:
+            raise Preempted(signum, self.latest_or_save())
+
+    def finish(self) -> dict[str, Any]:
+        """Validate the last step (unless the schedule just did), save it, and summarise the run."""
+        if self.val and not self.should_validate(self.state.step):
+            self.validate()
+        path = self.latest_or_save()
+        s = self.state
+        return {"step": s.step, "tokens": s.tokens, "loss": self.loss, "val_loss": self.last_val if self.val else None,
+                "skipped_total": s.skipped_total, "checkpoint": str(path) if path else None}
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.stop.restore()
