@@ -1,4 +1,5 @@
-"""Forward+backward tokens/s and saved-for-backward memory of one Infini attention layer vs local-only, full causal SDPA, the naive loop and the MEGALODON layer.
+"""Forward+backward tokens/s and saved-for-backward memory of one Infini attention layer vs local-only, full causal
+SDPA, the naive loop and the MEGALODON layer.
 
 Reproduce (default: ``--level both``, T = 2K, 8K, 32K, 5 rounds; 263 s on 2 quiet cores, about 10 minutes when
 the machine is loaded; ``--quick`` is a smoke run up to T=8K with 2 rounds; ``--profile 30`` adds op tables):
@@ -478,7 +479,8 @@ def format_table(report: dict) -> str:
 
 def _fmt_load(load):
     avg = "n/a" if load["loadavg"] is None else " ".join(f"{x:.2f}" for x in load["loadavg"])
-    psi = "" if load["cpu_pressure"] is None else " (cpu pressure %s%%)" % "/".join(f"{x:.0f}" for x in load["cpu_pressure"])
+    pressure = load["cpu_pressure"]
+    psi = "" if pressure is None else " (cpu pressure %s%%)" % "/".join(f"{x:.0f}" for x in pressure)
     return avg + psi
 
 

@@ -87,8 +87,9 @@ def child(a: argparse.Namespace) -> dict:
         cpus.append(time.process_time() - c)
     cpu = time.process_time() - cpu0
     tokens = a.steps * T
+    peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return {"mode": a.child, "tokens_per_s": tokens / sum(wall), "tokens_per_cpu_s": tokens / cpu,
-            "warmup_s": warm, "step_s": wall, "step_cpu_s": cpus, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "warmup_s": warm, "step_s": wall, "step_cpu_s": cpus, "peak_rss_gb": peak_rss_gb,
             "trainable": trainable, "load_before": load0, "load_after": load()}
 
 

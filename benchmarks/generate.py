@@ -1,4 +1,5 @@
-"""Per-token decode latency and peak memory of `generate` at 1K..1M tokens of context, vs a full-attention KV-cache decoder.
+"""Per-token decode latency and peak memory of `generate` at 1K..1M tokens of context, vs a full-attention KV-cache
+decoder.
 
 Reproduce (about 5 minutes on 2 loaded CPU cores; ``--quick`` is a smoke run):
 
@@ -202,7 +203,8 @@ def measure_latency(args) -> list[dict]:
         per_step = [min(steps) for steps in zip(*rounds[key])]  # step i's best over the rounds
         lat = sorted(per_step)
         out.append({k: v for k, v in cell.items() if k != "run"} | {
-            "decode_ms_median": 1e3 * statistics.median(per_step), "decode_ms_p90": 1e3 * lat[int(0.9 * (len(lat) - 1))],
+            "decode_ms_median": 1e3 * statistics.median(per_step),
+            "decode_ms_p90": 1e3 * lat[int(0.9 * (len(lat) - 1))],
             "decode_ms_raw_median": 1e3 * statistics.median([x for r in rounds[key] for x in r]),
             "decode_ms_round_medians": [1e3 * statistics.median(r) for r in rounds[key]], "decode_tokens": len(lat)})
     return out

@@ -20,7 +20,8 @@ bf16 (bf16 model, fp32 master weights and optimizer), what ``run.precision: bf16
 contender is built, stepped once to warm up, then timed over ``--rounds`` rounds, one step each in a fresh random
 order. Reported: best and median tok/s, the kernel's share of the step's CPU time (sys / (user + sys)), and MFU =
 model FLOP/s over the matmul peak of the step's precision, measured in the same run (best 2048³ matmul of each
-round, ``--peak-n``). Model FLOPs per token: 6 × matmul parameters (the head included, the embedding not) + 6 × layers × heads ×
+round, ``--peak-n``). Model FLOPs per token: 6 × matmul parameters (the head included, the embedding not) + 6 × layers ×
+heads ×
 head dim × (T for full causal attention, S for Infini's local attention) + 12 × layers × heads × head dim² (the
 memory). ``hf`` is skipped where its predicted step time exceeds ``--max-step-s`` (extrapolated from the shorter
 lengths, quadratic when only one is known) or its predicted memory (logits and activations) exceeds the available
@@ -160,7 +161,8 @@ def trainer_step(shape: Shape, precision: str, T: int, window: int):
     cfg = TrainConfig.from_dict({
         "model": model_config(shape).to_dict(),
         "data": {"segments_per_sample": T // shape.segment, "micro_batch_size": 1},
-        "tbptt": {"window": min(window, T // shape.segment), "checkpointing": "none"}, "run": {"precision": precision, "zero_stage": 3}})
+        "tbptt": {"window": min(window, T // shape.segment), "checkpointing": "none"},
+        "run": {"precision": precision, "zero_stage": 3}})
     engine, _ = build_engine(cfg, deepspeed_config(cfg, 1))
     ones = torch.ones(1, T, dtype=torch.bool)
 

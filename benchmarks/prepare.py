@@ -168,7 +168,8 @@ def run(args, argv: list[str]) -> dict:
                     best[what, w] = cell
             _log(f"round {r + 1}/{args.rounds} done (load {_load()})")
         a, b = (outputs[w] for w in WORKERS)
-        report["outputs_identical"] = sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir()) and all(
+        same_names = sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+        report["outputs_identical"] = same_names and all(
             f.read_bytes() == (b / f.name).read_bytes() for f in a.iterdir() if f.is_file())
     if len(tokens) != 1:
         raise RuntimeError(f"whole documents and pieces encode to different token counts: {sorted(tokens)}")
@@ -214,7 +215,8 @@ def format_table(report: dict) -> str:
               f"prepare CPU seconds, 2 workers / 1 worker: {s['prepare_cpu_ratio']:.2f}x (the parallel overhead: "
               f"spawn start-up, IPC, per-process caches; 2 idle cores give at most 2 / this)",
               f"outputs of 1 and 2 workers byte-identical: {report['outputs_identical']}",
-              f"best of {report['rounds']} interleaved rounds; load average {report['load_start']} -> {report['load_end']}",
+              f"best of {report['rounds']} interleaved rounds; load average {report['load_start']} -> "
+              f"{report['load_end']}",
               f"reproduce: {report['command']}"]
     return "\n".join(lines)
 

@@ -1,4 +1,6 @@
-"""Test-only failure injection and tracing (RELIABILITY.md §6): ``INFINITRAIN_FAULT=<kind>:...``, ``INFINITRAIN_TRACE``.
+"""The fault-injection point of the trainer (for the failure tests in tests/faults/): ``INFINITRAIN_FAULT=<kind>:...``
+and ``INFINITRAIN_TRACE``. The loop and the checkpoint saves call its hooks at named points; with both variables
+unset (every real run) a hook costs a dictionary lookup or two and does nothing.
 
     nan:<steps>:<rank>          this rank's loss is NaN at those step attempts (1-based, skipped ones
                                 included; joined by '+')
@@ -12,7 +14,7 @@
 
 ``INFINITRAIN_TRACE=DIR``: every rank appends one JSON line per step attempt to ``DIR/rank<r>.jsonl``
 (pid, step, sample ids, skipped, a sha256 of this rank's parameter partition, points reached so far).
-Both are read from the environment only; unset, every hook is one dictionary lookup.
+Both are read from the environment only (a test sets them around an in-process run).
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def point(site: str, step: int) -> None:
     global _points
     assert site in SITES, site
     _points += 1
+    if not os.environ.get("INFINITRAIN_FAULT"):
+        return
     chaos = _spec("chaos")
     if matches("kill", step, site) or (chaos and int(chaos[0]) == _points and int(chaos[1]) == dist.get_rank()):
         os.kill(os.getpid(), signal.SIGKILL)

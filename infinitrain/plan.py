@@ -99,7 +99,7 @@ def layer_bytes_per_token(model, e: int, segment_len: int | None = None, rope_ta
     """A: bytes autograd keeps per token for one dense block (formula in the module docstring); the RoPE
     cos and sin (fp32, rot_dim each) are shared by q and k (``rope_tables=2``), or built for each of them
     when positions vary per row (Mixture-of-Depths, 4)."""
-    H, G, K, D, S = model.n_heads, model.n_kv_heads, model.head_dim, model.d_model, segment_len or model.segment_len
+    H, G, K, D = model.n_heads, model.n_kv_heads, model.head_dim, model.d_model  # segment_len: no term depends on S
     rotary = 4 * rope_tables * model.rot_dim if model.pos_emb != "none" else 0
     return ((8 + 5 * e) * H * K + 4 * H * (K + 1) + 12 * H + 12 * G * K + (8 + 4 * e) * D
             + ffn_bytes_per_token(model.activation, model.d_ff, e) + rotary + 10)
@@ -336,7 +336,8 @@ def advice(p: Plan) -> str:
 @click.argument("overrides", nargs=-1, metavar="[KEY.SUB=VALUE]...")
 @click.option("--stage", default=None, help="Plan this stage [default: every stage of a staged recipe].")
 @click.option("--gpus", type=click.IntRange(min=1), required=True, help="GPUs in total (the data-parallel size).")
-@click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True, help="Nodes they are spread over (shown; the memory per GPU does not depend on it).")
+@click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Nodes they are spread over (shown; the memory per GPU does not depend on it).")
 @click.option("--gpu-memory", default="80GB", show_default=True, help="Memory of one GPU (80GB = 80e9 bytes).")
 def plan_cmd(recipe: str, overrides: tuple[str, ...], stage: str | None, gpus: int, nodes: int,
              gpu_memory: str) -> None:

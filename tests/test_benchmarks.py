@@ -1,4 +1,5 @@
-"""Smoke tests of the benchmark scripts at tiny sizes: every cell reported with finite numbers (no timing assertions)."""
+"""Smoke tests of the benchmark scripts at tiny sizes: every cell reported with finite numbers (no timing
+assertions)."""
 
 from __future__ import annotations
 

@@ -135,7 +135,8 @@ def test_done_file_makes_reruns_noops_and_changes_rebuild(corpus, bpe_path, tmp_
     run_prepare([src], bpe_path, out)
     os.utime(src, ns=(time.time_ns(), time.time_ns() + 10**9))
     assert not run_prepare([src], bpe_path, out).up_to_date  # an input's mtime changed
-    assert first.index["splits"]["train"]["num_tokens"] == run_prepare([src], bpe_path, out).index["splits"]["train"]["num_tokens"]
+    again = run_prepare([src], bpe_path, out)
+    assert first.index["splits"]["train"]["num_tokens"] == again.index["splits"]["train"]["num_tokens"]
 
 
 def _killed_prepare(fault: str, corpus_dir: Path, tok: Path, out: Path) -> None:
@@ -262,7 +263,8 @@ def test_answer_formats_mask_exactly_the_answer_tokens_and_long_contexts_span_se
     docs = make_docs(40, seed=15)
     answers = [f"answer {i}: naïve 東京 café" for i in range(40)]
     if fmt == "qa":
-        recs = [{"context": t, "question": f"Where is item {i}?", "answer": a} for i, (t, a) in enumerate(zip(docs, answers))]
+        recs = [{"context": t, "question": f"Where is item {i}?", "answer": a}
+                for i, (t, a) in enumerate(zip(docs, answers))]
         recs.append({"context": "short", "question": "why " * 300, "answer": "never kept"})  # question > L tokens
     else:
         recs = [{"document": t, "summary": a} for t, a in zip(docs, answers)]
@@ -275,7 +277,8 @@ def test_answer_formats_mask_exactly_the_answer_tokens_and_long_contexts_span_se
         assert res.index["report"] == {"too_long": 1}
     tok, info = load_tokenizer(bpe_path)
     middle = {"summarization": lambda i: encode(tok, "\n\nSummary:\n"),
-              "qa": lambda i: encode(tok, "\n\nQuestion: ") + encode(tok, f"Where is item {i}?") + encode(tok, "\nAnswer:")}[fmt]
+              "qa": lambda i: encode(tok, "\n\nQuestion: ") + encode(tok, "Where is item "
+                                                                          f"{i}?") + encode(tok, "\nAnswer:")}[fmt]
     seen, widths, cut = set(), set(), 0
     for split in ("train", "val"):
         ds = ShardDataset(tmp_path / "out", split)

@@ -102,7 +102,8 @@ def test_every_bit_flip_and_truncation_is_detected_naming_the_shard(tmp_path):
             bit = rng.randrange(len(data) * 8)
             data[bit // 8] ^= 1 << (bit % 8)
         path.write_bytes(bytes(data))
-        with pytest.raises(ShardCorruptError, match=f"{entry['name']}: sha256 expected {entry['sha256']} got [0-9a-f]{{64}}"):
+        with pytest.raises(ShardCorruptError,
+                           match=f"{entry['name']}: sha256 expected {entry['sha256']} got [0-9a-f]{{64}}"):
             ShardFile(path, np.dtype("<u4"), entry=entry)
     path.write_bytes(good)
     ShardFile(path, np.dtype("<u4"), entry=entry)

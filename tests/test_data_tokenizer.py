@@ -95,7 +95,8 @@ def test_cli_tokenizer_train_in_process_and_as_subprocess(tmp_path):
         (corpus / f"{i:03d}.txt").write_text(doc, encoding="utf-8")
     res = invoke("tokenizer", "train", str(corpus), "--vocab-size", "400", "--out", str(tmp_path / "a.json"))
     assert res.exit_code == 0 and "vocab 400 from 50 file(s)" in res.output
-    proc = run_cli("tokenizer", "train", str(corpus / "*.txt"), "--vocab-size", "400", "--out", str(tmp_path / "b.json"))
+    proc = run_cli("tokenizer", "train", str(corpus / "*.txt"), "--vocab-size", "400", "--out",
+                   str(tmp_path / "b.json"))
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
     proc = run_cli("tokenizer", "train", str(corpus), "--vocab-size", "10", "--out", str(tmp_path / "c.json"))

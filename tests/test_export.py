@@ -133,7 +133,8 @@ def test_cli_refuses_a_corrupt_checkpoint_and_leaves_nothing(run, tmp_path, caps
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["m"]
 
 
-@pytest.mark.skipif(os.environ.get("INFINITRAIN_SLOW") != "1", reason="a 2-rank torchrun run (~30 s): INFINITRAIN_SLOW=1")
+@pytest.mark.skipif(os.environ.get("INFINITRAIN_SLOW") != "1",
+                    reason="a 2-rank torchrun run (~30 s): INFINITRAIN_SLOW=1")
 def test_export_of_a_two_rank_run(tmp_path):
     """Both ranks' ZeRO-3 partitions are gathered: the export equals what load_for_inference reads."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
@@ -151,7 +152,8 @@ def test_export_of_a_two_rank_run(tmp_path):
     assert json.loads((tmp_path / "m" / "config.json").read_text())["exported_from"]["world_size"] == 2
     reference, _ = load_for_inference(tmp_path / "run")
     torch.testing.assert_close(logits(InfiniLM.from_pretrained(out.out)), logits(reference), rtol=0, atol=0)
-    assert re.fullmatch(r"[0-9a-f]{64}", json.loads((out.out / "config.json").read_text())["exported_from"]["manifest_sha256"])
+    assert re.fullmatch(r"[0-9a-f]{64}",
+                        json.loads((out.out / "config.json").read_text())["exported_from"]["manifest_sha256"])
 
 
 def test_tokenizer_comes_from_the_prepared_data_or_the_flag(run, tmp_path):

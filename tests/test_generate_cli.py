@@ -1,4 +1,5 @@
-"""`infinitrain generate` and model loading: batched and streamed text equal the Python API, run dirs load, errors are one line."""
+"""`infinitrain generate` and model loading: batched and streamed text equal the Python API, run dirs load, errors are
+one line."""
 
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def greedy_text(model, codec, prompt: str, n: int) -> str:
 def test_batched_prompts_and_samples_match_the_python_api(saved):
     path, model, codec = saved
     r = CliRunner().invoke(cli, ["generate", str(path), "--prompt", "the grass is", "--prompt", "a long river " * 9,
-                                 "--num-samples", "2", "--temperature", "0", "--max-new-tokens", "12", "--threads", "1"])
+                                 "--num-samples", "2", "--temperature", "0", "--max-new-tokens", "12",
+                                 "--threads", "1"])
     assert r.exit_code == 0, r.output
     blocks = r.stdout.split("=== prompt ")[1:]
     assert [b.split(" ===")[0] for b in blocks] == ["1, sample 1", "1, sample 2", "2, sample 1", "2, sample 2"]
@@ -119,7 +121,8 @@ def fake_run_dir(root, model: InfiniLM, text_file) -> None:
     (ck / "manifest.json").write_text(json.dumps({"version": 1, "step": 7, "world_size": 1, "files": {
         "ds/mp_rank_00_model_states.pt": {"bytes": f.stat().st_size, "sha256": "x"}}}))
     (root / "checkpoints" / "step-00000009.tmp").mkdir()  # uncommitted: never loaded
-    (root / "config.yaml").write_text(yaml.safe_dump({"model": model.config.to_dict(), "data": {"path": str(text_file)}}))
+    (root / "config.yaml").write_text(yaml.safe_dump({"model": model.config.to_dict(),
+                                                      "data": {"path": str(text_file)}}))
 
 
 def test_run_directory_loads_the_newest_committed_checkpoint_with_a_byte_codec(tmp_path):
@@ -170,7 +173,8 @@ def test_generate_benchmark_pieces_at_tiny_sizes():
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("bench_generate", Path(__file__).parents[1] / "benchmarks" / "generate.py")
+    spec = importlib.util.spec_from_file_location("bench_generate",
+                                                  Path(__file__).parents[1] / "benchmarks" / "generate.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     args = bench.parse_args(["--quick", "--d-model", "32", "--d-ff", "64"])

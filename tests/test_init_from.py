@@ -140,7 +140,8 @@ def test_cli_bad_init_from_is_one_line(tmp_path, llama_dir, monkeypatch, capsys)
 
 def test_llama_weights_survive_zero3_init_and_one_step(llama_dir, tmp_path):
     """Partitioned at construction (zero.Init), loaded under GatheredParameters, one real step, then the
-    checkpoint and its export (the same tensors): embedding rows of ids the byte-level data never holds (256..511) get no gradient and no decay,
+    checkpoint and its export (the same tensors): embedding rows of ids the byte-level data never holds (256..511) get
+    no gradient and no decay,
     so they equal the source exactly; every other loaded tensor moved by at most one Adam step (lr)."""
     run = tmp_path / "run"
     res = train_cli(["--recipe", "debug", "--data", str(TEXT), "--init-from", str(llama_dir), "--run-dir", str(run),
@@ -177,7 +178,8 @@ def test_finetune_stage_starts_from_the_pretrain_run(tmp_path, monkeypatch):
         "run: {zero_stage: 3, precision: fp32}\n"
         "stages:\n"
         "  pretrain: {run: {seed: 1}}\n"
-        "  finetune: {run: {seed: 2, init_from: 'stage:pretrain'}, data: {segments_per_sample: 2}, tbptt: {window: 1}}\n")
+        "  finetune: "
+        "{run: {seed: 2, init_from: 'stage:pretrain'}, data: {segments_per_sample: 2}, tbptt: {window: 1}}\n")
     monkeypatch.chdir(tmp_path)
     res = train_cli(["--recipe", str(recipe), "--data", str(TEXT)])  # the first stage by default
     assert res.exit_code == 0, (res.output, res.exception)

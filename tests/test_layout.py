@@ -7,9 +7,12 @@ Run as a script for the figures: ``python tests/test_layout.py`` (the long funct
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_LINES = 60  # a function's lines from its ``def`` to its last line, docstring included
@@ -127,6 +130,31 @@ def test_one_set_of_dtype_names():
 
     choices = next(p.type.choices for p in generate_cmd.params if p.name == "dtype")
     assert list(choices) == list(DTYPES)
+
+
+def test_ruff_passes():
+    # CI runs `ruff check .` too (.ci/run); here the full suite shows a long line before CI does
+    ruff = Path(sys.executable).with_name("ruff")
+    if not ruff.exists():
+        pytest.skip("ruff is not installed (pip install -e '.[test]')")
+    res = subprocess.run([str(ruff), "check", "--quiet", "."], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-3000:]
+
+
+def test_no_machine_paths_nor_missing_references():
+    """No tracked script names one machine's folders; no comment in the package or the tests points at a document
+    the repository lacks."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    names = {Path(f).name for f in tracked}
+    for f in tracked:
+        if not f.endswith((".py", ".sh")) or f == "tests/test_layout.py":
+            continue
+        text = (REPO / f).read_text(encoding="utf-8", errors="replace")
+        for root in ("/work/", "/root/", "/home/"):
+            assert root not in text, f"{f}: names a machine path ({root})"
+        if f.startswith(("infinitrain/", "tests/")):
+            for ref in re.findall(r"\b([A-Za-z_][\w-]*\.md)\b", text):
+                assert ref in names, f"{f}: points at {ref}, which is not in the repository"
 
 
 def test_every_module_imports():

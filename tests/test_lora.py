@@ -71,7 +71,8 @@ def test_add_lora_then_merge_keeps_the_logits():
 def test_targets_and_patterns():
     model = _model()
     assert list(target_modules(model, ["q_proj"])) == ["layers.0.attn.q_proj", "layers.1.attn.q_proj"]
-    assert list(target_modules(model, ["layers.1.mlp.*"])) == [f"layers.1.mlp.{n}" for n in ("down_proj", "gate_proj", "up_proj")]
+    mlp = [f"layers.1.mlp.{n}" for n in ("down_proj", "gate_proj", "up_proj")]
+    assert list(target_modules(model, ["layers.1.mlp.*"])) == mlp
     with pytest.raises(ConfigError, match="'q_prj' matches no Linear"):
         target_modules(model, ["q_prj"])
     names = [n for n, _ in model.named_parameters()]

@@ -1,4 +1,5 @@
-"""The MEGALODON family through `eval ppl` (with and without --no-memory), `eval passkey` and `generate` from the CLI."""
+"""The MEGALODON family through `eval ppl` (with and without --no-memory), `eval passkey` and `generate` from the
+CLI."""
 
 from __future__ import annotations
 

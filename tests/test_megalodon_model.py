@@ -1,4 +1,5 @@
-"""The MEGALODON family (model.arch: megalodon): streaming equals one call, causality, documents, --no-memory, presets."""
+"""The MEGALODON family (model.arch: megalodon): streaming equals one call, causality, documents, --no-memory,
+presets."""
 
 from __future__ import annotations
 

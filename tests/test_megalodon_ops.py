@@ -1,4 +1,5 @@
-"""MEGALODON ops against their naive twins (outputs, carried states, every gradient), streaming, causality, documents."""
+"""MEGALODON ops against their naive twins (outputs, carried states, every gradient), streaming, causality,
+documents."""
 
 from __future__ import annotations
 

@@ -25,7 +25,8 @@ def test_both_recipe_forms_parse_and_bad_specs_are_one_line_config_errors():
         MixtureEntry("pg19", "data/pg19", 0.5), MixtureEntry("x", "data/arxiv", 2.0))
     for spec, needle in [({}, "non-empty"), ({"a": 0}, "positive"), ({"a": -1.0}, "positive"),
                          ({"a": True}, "positive"), ({"a": float("nan")}, "positive"),
-                         ({"a": {"path": "p"}}, "path: DIR, weight"), ({"a": {"path": "p", "weight": 1, "w": 2}}, "got keys"),
+                         ({"a": {"path": "p"}}, "path: DIR, weight"),
+                         ({"a": {"path": "p", "weight": 1, "w": 2}}, "got keys"),
                          ({"a": {"path": 3, "weight": 1}}, "path must be"), ({"d1/x": 1, "d2/x": 1}, "two datasets")]:
         with pytest.raises(ConfigError, match=needle):
             parse_mixture(spec)
@@ -75,7 +76,8 @@ def test_resume_mid_epoch_gives_the_same_sample_sequence_on_any_world_size():
     for _ in range(27):
         got.append(ranks[0].next_batch().tolist() + ranks[1].next_batch().tolist())
     assert got == expected
-    for bad in ([["a", "b"], [11, 29], [1.0, 2.0]], [["a", "c"], [11, 29], [1.0, 3.0]], [["a", "b"], [11, 30], [1.0, 3.0]]):
+    for bad in ([["a", "b"], [11, 29], [1.0, 2.0]], [["a", "c"], [11, 29], [1.0, 3.0]],
+                [["a", "b"], [11, 30], [1.0, 3.0]]):
         with pytest.raises(ConfigError, match="mixture"):
             MixtureSampler(*bad, global_batch_size=8, seed=5).load_state_dict(state)
     with pytest.raises(ConfigError, match="seed"):
@@ -100,7 +102,8 @@ def test_trainer_on_a_two_dataset_mixture_logs_per_dataset_tokens_and_loss_and_r
     docs = [" ".join(f"item {i} is {i * i % 97}." for i in range(k, k + 60)) for k in range(0, 1200, 20)]
     (tmp_path / "syn.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     prepare(PrepareConfig(inputs=(str(tmp_path / "syn.jsonl"),), tokenizer=str(tmp_path / "bytes.json"),
-                          out=str(tmp_path / "syn"), segment_len=32, sample_segments=4, val_fraction=0.2, progress=False))
+                          out=str(tmp_path / "syn"), segment_len=32, sample_segments=4, val_fraction=0.2,
+                          progress=False))
     mix = {"austen": {"path": str(TEXT), "weight": 3}, str(tmp_path / "syn"): 1}
     overrides = ["data.segments_per_sample=4", "data.micro_batch_size=4", "data.val_samples=8", "schedule.steps=5",
                  "schedule.warmup=1", "log.every=1", "log.eval_every=0", "log.progress=false", "tbptt.window=2",
@@ -112,7 +115,8 @@ def test_trainer_on_a_two_dataset_mixture_logs_per_dataset_tokens_and_loss_and_r
     assert out["step"] == 5
     log = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r]
-    shutil.copytree(tmp_path / "run" / "checkpoints" / "step-00000002", tmp_path / "again" / "checkpoints" / "step-00000002")
+    shutil.copytree(tmp_path / "run" / "checkpoints" / "step-00000002",
+                    tmp_path / "again" / "checkpoints" / "step-00000002")
     assert train(cfg, tmp_path / "again", "auto")["step"] == 5
     again = [json.loads(x) for x in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()]
     keys = ("step", "loss", "tokens", "tokens/austen", "tokens/syn", "loss/austen", "loss/syn")

@@ -1,4 +1,5 @@
-"""InfiniLM invariants: streaming equals one call, causality by gradient, Mixture-of-Depths routing, presets, configs."""
+"""InfiniLM invariants: streaming equals one call, causality by gradient, Mixture-of-Depths routing, presets,
+configs."""
 
 from __future__ import annotations
 

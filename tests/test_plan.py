@@ -53,7 +53,8 @@ SHAPES = [  # d_model, n_heads, n_kv_heads, d_ff, segment_len, then extras; the 
 @pytest.mark.parametrize("shape", SHAPES, ids=["hk-ne-d", "mha", "swiglu-mqa", "gelu-nope", "mod"])
 def test_layer_formula_is_what_autograd_keeps(shape, dtype):
     """A·T + A_seg·B·N against one block called as the trainer calls it (doc_start given, no document starting
-    inside a segment, so local attention takes the fused kernel): exact for dense blocks, within 4% for a Mixture-of-Depths block (index and routing bookkeeping not in the formula)."""
+    inside a segment, so local attention takes the fused kernel): exact for dense blocks, within 4% for a
+    Mixture-of-Depths block (index and routing bookkeeping not in the formula)."""
     D, H, G, F, S, extra = shape
     cfg = ModelConfig(vocab_size=256, n_layers=1, d_model=D, n_heads=H, n_kv_heads=G, d_ff=F, segment_len=S, **extra)
     e = 2 if dtype == torch.bfloat16 else 4
@@ -74,7 +75,8 @@ def test_checkpointing_formula_is_what_the_model_keeps(mode):
     from infinitrain.model import InfiniLM
     from infinitrain.train.engine import apply_activation_checkpointing
 
-    cfg = load_recipe("debug", ["model.d_model=96", "model.n_heads=6", "model.segment_len=40", "data.micro_batch_size=2",
+    cfg = load_recipe("debug",
+                      ["model.d_model=96", "model.n_heads=6", "model.segment_len=40", "data.micro_batch_size=2",
                                 "data.segments_per_sample=3", "tbptt.window=3", f"tbptt.checkpointing={mode}"])
     m, B = cfg.model, cfg.data.micro_batch_size
     T = B * cfg.window * m.segment_len
@@ -90,7 +92,8 @@ def test_checkpointing_formula_is_what_the_model_keeps(mode):
     got = saved_bytes(window, model.parameters())
     kept, _, _, _ = activation_bytes(cfg)
     A, A_seg = layer_bytes_per_token(m, 4), segment_bytes(m)
-    recomputed = {"none": 0, "layer": T * A + B * cfg.window * A_seg, "segment": B * m.segment_len * A + B * A_seg}[mode]
+    recomputed = {"none": 0, "layer": T * A + B * cfg.window * A_seg,
+                  "segment": B * m.segment_len * A + B * A_seg}[mode]
     unseen = m.n_layers * cfg.window * B * m.n_kv_heads * m.head_dim * (m.head_dim + 1) * 4 if mode == "segment" else 0
     want = kept - recomputed - unseen
     assert abs(want / got - 1) < 0.01, (want, got)
@@ -229,7 +232,8 @@ def test_documented_plan_outputs_are_current(capsys):
     import re
     import shlex
 
-    blocks = re.findall(r"```text\n\$ (infinitrain plan [^\n]*)\n(.*?)```", (REPO / "docs" / "plan.md").read_text(), re.DOTALL)
+    plan_md = (REPO / "docs" / "plan.md").read_text()
+    blocks = re.findall(r"```text\n\$ (infinitrain plan [^\n]*)\n(.*?)```", plan_md, re.DOTALL)
     assert len(blocks) >= 2
     for command, shown in blocks:
         code, out, err = run_main(shlex.split(command)[1:], capsys)

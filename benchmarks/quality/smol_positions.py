@@ -106,7 +106,8 @@ def main() -> None:
         arms[name], seconds[name] = (sums / len(ids)).tolist(), time.perf_counter() - t
         print(f"{name}: chunks 1+ {sum(arms[name][1:]) / (n_chunks - 1):.4f}  ({seconds[name]:.0f} s)", flush=True)
 
-    run(f"original, full attention over {a.window}", LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval())
+    original = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    run(f"original, full attention over {a.window}", original)
     for s in (int(x) for x in a.segments.split(",")):
         model, _ = load_llama(hf_dir, segment_len=s, gate_init=-100.0)  # memory closed: sigmoid(-100) = 0 in fp32
         run(f"infini, segment {s}, memory closed", model.float().eval())

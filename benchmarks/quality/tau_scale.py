@@ -28,7 +28,8 @@ def main() -> None:
     ap.add_argument("--depths", default="0,25,50,75,100")
     ap.add_argument("--factors", default="1,2,3")
     ap.add_argument("--samples", type=int, default=10)
-    ap.add_argument("--seed", type=int, default=0, help="the eval's prompt seed (0: its own prompts; others: other keys)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the eval's prompt seed (0: its own prompts; others: other keys)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

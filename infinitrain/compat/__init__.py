@@ -1,4 +1,5 @@
-"""Seed-compatible building blocks (the API of dingo-actual/infini-transformer), kept apart from ``infinitrain.model``."""
+"""Seed-compatible building blocks (the API of dingo-actual/infini-transformer), kept apart from
+``infinitrain.model``."""
 
 from infinitrain.compat.seed import (
     CompressiveMemory,

@@ -2,7 +2,7 @@
 
 Kept from the seed: class names, argument names and order, defaults, return values, and the parameter
 names of ``CompressiveMemory`` (``proj_q``, ``proj_k``, ``proj_v``, ``proj_out``, ``betas``, ``init_mem``,
-``init_z``) so its state dicts load. Not kept (its bugs, see PAPER_AND_PEERS.md §5.1):
+``init_z``) so its state dicts load. Not kept (its bugs):
 - heads are split with a transpose (the seed's ``view`` mixed time steps into heads and leaked the future);
 - ``betas`` is one scalar per head as in the paper (the seed had one per value channel; a seed state dict
   is converted on load, see ``seed_betas_to_scalar``);

@@ -1,4 +1,5 @@
-"""Click commands for the data tools (`tokenizer train`, `prepare`, `data verify|inspect|passkey|topics`): parse, call, report."""
+"""Click commands for the data tools (`tokenizer train`, `prepare`, `data verify|inspect|passkey|topics`): parse, call,
+report."""
 
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def _default_workers() -> int:
               help="Summarization: text between document and summary.")
 @click.option("--question-separator", default="\n\nQuestion: ", show_default=True,
               help="QA: text between context and question.")
-@click.option("--answer-separator", default="\nAnswer:", show_default=True, help="QA: text between question and answer.")
+@click.option("--answer-separator", default="\nAnswer:", show_default=True,
+              help="QA: text between question and answer.")
 @click.option("--eos-token", default=None, help="End-of-document token, if the tokenizer's is not found.")
 @click.option("--workers", type=int, default=None, help="Tokenizer processes [default: usable CPUs].")
 @click.option("--min-doc-tokens", type=int, default=0, show_default=True, help="Skip shorter documents.")

@@ -1,4 +1,5 @@
-"""The trainer's view of prepared data: a random-access sample dataset and a deterministic, resumable, rank-sharded sampler.
+"""The trainer's view of prepared data: a random-access sample dataset and a deterministic, resumable, rank-sharded
+sampler.
 
 API (all a trainer needs)::
 
@@ -152,9 +153,11 @@ class ShardSampler:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is not in a world of size {world_size}")
         if global_batch_size < 1 or global_batch_size % world_size:
-            raise ConfigError(f"global batch {global_batch_size} must be a positive multiple of world size {world_size}")
+            raise ConfigError(f"global batch {global_batch_size} must be a positive multiple of world size "
+                              f"{world_size}")
         if num_samples < global_batch_size:
-            raise ConfigError(f"the split has {num_samples} samples, fewer than one global batch of {global_batch_size}")
+            raise ConfigError(f"the split has {num_samples} samples, fewer than one global batch of "
+                              f"{global_batch_size}")
         self.num_samples, self.global_batch_size = num_samples, global_batch_size
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.batches_per_epoch = num_samples // global_batch_size

@@ -168,7 +168,8 @@ def iter_chunks(path: Path, progress: ReadProgress | None = None) -> Iterator[by
                 try:
                     chunk = gz.read(CHUNK)
                 except (EOFError, OSError, zlib.error) as err:
-                    raise DataError(f"{path}: corrupt or truncated gzip stream near byte {raw.tell()} ({err})") from None
+                    raise DataError(f"{path}: corrupt or truncated gzip stream near byte {raw.tell()} "
+                                    f"({err})") from None
                 _advance(progress, raw)
                 if not chunk:
                     return

@@ -45,7 +45,8 @@ class MixtureEntry:
 def parse_mixture(spec: Mapping, where: str = "data.path") -> tuple[MixtureEntry, ...]:
     """The entries of a mixture mapping (see the module docstring); a bad spec is a one-line ConfigError."""
     if not isinstance(spec, Mapping) or not spec:
-        raise ConfigError(f"{where}: a mixture must be a non-empty mapping {{DIR: weight}} or {{name: {{path, weight}}}}")
+        raise ConfigError(f"{where}: a mixture must be a non-empty mapping {{DIR: weight}} or "
+                          f"{{name: {{path, weight}}}}")
     entries = []
     for key, value in spec.items():
         if not isinstance(key, str) or not key:
@@ -59,13 +60,15 @@ def parse_mixture(spec: Mapping, where: str = "data.path") -> tuple[MixtureEntry
             name, path, weight = Path(key).name or key, key, value
         if not isinstance(path, str) or not path:
             raise ConfigError(f"{where}.{key}: path must be a non-empty string, got {path!r}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight) and weight > 0):
+        number = not isinstance(weight, bool) and isinstance(weight, (int, float))
+        if not (number and math.isfinite(weight) and weight > 0):
             raise ConfigError(f"{where}.{key}: weight must be a positive number, got {weight!r}")
         entries.append(MixtureEntry(name, path, float(weight)))
     names = [e.name for e in entries]
     for name in names:
         if names.count(name) > 1:
-            raise ConfigError(f"{where}: two datasets are named {name!r}; name them: {{name: {{path: DIR, weight: w}}}}")
+            raise ConfigError(f"{where}: two datasets are named {name!r}; name them: "
+                              f"{{name: {{path: DIR, weight: w}}}}")
     return tuple(entries)
 
 
@@ -96,7 +99,8 @@ class MixtureSampler:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is not in a world of size {world_size}")
         if global_batch_size < 1 or global_batch_size % world_size:
-            raise ConfigError(f"global batch {global_batch_size} must be a positive multiple of world size {world_size}")
+            raise ConfigError(f"global batch {global_batch_size} must be a positive multiple of world size "
+                              f"{world_size}")
         for name, n in zip(names, sizes):
             if n < 1:
                 raise ConfigError(f"dataset {name!r} of the mixture has no samples")
@@ -136,7 +140,8 @@ class MixtureSampler:
         saved = [(d["name"], d["num_samples"], d["weight"]) for d in state["datasets"]]
         now = list(zip(self.names, self.sizes, self.weights))
         if saved != now:
-            raise ConfigError(f"data cursor was saved with the mixture (name, samples, weight) {saved}, this run has {now}")
+            raise ConfigError(f"data cursor was saved with the mixture (name, samples, weight) {saved}, this run has "
+                              f"{now}")
         for key in ("seed", "global_batch_size"):
             if state[key] != getattr(self, key):
                 raise ConfigError(f"data cursor was saved with {key}={state[key]}, this run has {getattr(self, key)}")

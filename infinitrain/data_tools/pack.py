@@ -1,4 +1,5 @@
-"""Packing tokenized documents into segment-aligned samples: one continuous stream (text) or one sample per record (summarization, qa, classification)."""
+"""Packing tokenized documents into segment-aligned samples: one continuous stream (text) or one sample per record
+(summarization, qa, classification)."""
 
 from __future__ import annotations
 

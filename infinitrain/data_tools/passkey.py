@@ -1,4 +1,5 @@
-"""`infinitrain data passkey`: the Infini-attention paper's passkey retrieval samples (arXiv 2404.07143, via the HF blog).
+"""`infinitrain data passkey`: the Infini-attention paper's passkey retrieval samples (arXiv 2404.07143, via the HF
+blog).
 
 Each record is ``{"text", "prompt", "context", "question", "answer", "pass_key", "depth", "length", "tokens"}``:
 ``context`` is the task, filler and needle, ``question`` is " What is the pass key? The pass key is",

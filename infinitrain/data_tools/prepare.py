@@ -36,10 +36,9 @@ from infinitrain.data_tools.pack import StreamPacker, answer_sample
 from infinitrain.data_tools.shards import (FORMAT_VERSION, INDEX_NAME, LABEL_FORMAT_VERSION, SHARD_SUFFIX, ShardWriter,
                                            make_index, write_index)
 from infinitrain.data_tools.tokenizer import TokenizerInfo, encoder, load_tokenizer
-
-TOKENIZER_NAME = "tokenizer.json"  # a copy of --tokenizer, byte for byte
 from infinitrain.errors import ConfigError, DataError, InfinitrainError
 
+TOKENIZER_NAME = "tokenizer.json"  # a copy of --tokenizer, byte for byte
 DONE_NAME = ".prepare-done.json"
 WORK_NAME = ".work"
 DOCS_NAME = "documents.jsonl.zst"
@@ -194,7 +193,8 @@ def up_to_date_index(out: Path, fingerprint: dict) -> dict | None:
 def _work_dir(out: Path, fingerprint: dict, cfg: PrepareConfig) -> Path:
     """``.work`` reused only when it was made for exactly this fingerprint and unit layout, else emptied."""
     work = out / WORK_NAME
-    key = json.dumps({**fingerprint, "unit_chars": cfg.unit_chars, "unit_version": UNIT_VERSION}, sort_keys=True).encode()
+    key = json.dumps({**fingerprint, "unit_chars": cfg.unit_chars, "unit_version": UNIT_VERSION},
+                     sort_keys=True).encode()
     try:
         if (work / "fingerprint.json").read_bytes() == key:
             return work

@@ -1,4 +1,5 @@
-"""Shard format v1 and v2 (spec: SHARD_FORMAT.md): the symmetric writer and reader of checksummed zstd sample shards and index.json."""
+"""Shard format v1 and v2 (spec: SHARD_FORMAT.md): the symmetric writer and reader of checksummed zstd sample shards and
+index.json."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ class PackedSample:
     @property
     def raw_bytes(self) -> int:
         """Bytes in a v1 frame (a v2 frame adds 4 per sample for the label)."""
-        return COUNTS.itemsize + self.tokens.nbytes + 8 * len(self.loss_spans) + 4 * len(self.doc_starts) + 8 * len(self.doc_ids)
+        return (COUNTS.itemsize + self.tokens.nbytes + 8 * len(self.loss_spans) + 4 * len(self.doc_starts)
+                + 8 * len(self.doc_ids))
 
 
 def dtype_name(dtype: np.dtype) -> str:
@@ -204,7 +206,8 @@ class ShardFile:
         frames = footer.get("frames")
         if footer.get("version") not in READ_VERSIONS or footer.get("dtype") != dtype_name(self.dtype):
             raise ShardCorruptError(f"{self.path}: footer says version {footer.get('version')} dtype "
-                                    f"{footer.get('dtype')}, expected one of {READ_VERSIONS} and {dtype_name(self.dtype)}")
+                                    f"{footer.get('dtype')}, expected one of {READ_VERSIONS} and "
+                                    f"{dtype_name(self.dtype)}")
         self.version = int(footer["version"])
         self.frames = [tuple(int(x) for x in fr) for fr in frames]
         self.num_samples = int(footer["num_samples"])
@@ -291,7 +294,8 @@ def make_index(*, tokenizer: dict, dtype: np.dtype, segment_len: int, sample_seg
                splits: dict[str, list[dict]], zstd_level: int, version: int = FORMAT_VERSION, **extra) -> dict:
     """The index.json content: everything a reader needs plus the per-shard sizes and hashes (see SHARD_FORMAT.md)."""
     return {"format": "infinitrain-shards", "version": version, "dtype": dtype_name(dtype),
-            "segment_len": segment_len, "sample_segments": sample_segments, "sample_tokens": segment_len * sample_segments,
+            "segment_len": segment_len, "sample_segments": sample_segments,
+            "sample_tokens": segment_len * sample_segments,
             "mode": mode, "tokenizer": tokenizer,
             "compression": {"codec": "zstd", "level": zstd_level, "content_checksum": True},
             "splits": {name: {"num_samples": sum(e["num_samples"] for e in entries),

@@ -66,14 +66,16 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
-def train_bpe(texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2, split_digits: bool = False) -> Tokenizer:
+def train_bpe(texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2,
+              split_digits: bool = False) -> Tokenizer:
     """Train a byte-level BPE (GPT-2 style pre-tokenizer, lossless decode) with bos/eos/pad as ids 0, 1, 2.
 
     ``split_digits`` makes every digit its own token (as Llama 2 and Mistral do): a number is never merged, so
     every number of any length is spelled by the same ten tokens (passkeys, arithmetic, copying ids).
     """
     if vocab_size < MIN_VOCAB:
-        raise ConfigError(f"--vocab-size {vocab_size} is below {MIN_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} specials)")
+        raise ConfigError(f"--vocab-size {vocab_size} is below {MIN_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} "
+                          "specials)")
     if min_frequency < 1:
         raise ConfigError(f"--min-frequency must be >= 1, got {min_frequency}")
     tok = Tokenizer(models.BPE())
@@ -82,7 +84,8 @@ def train_bpe(texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2, 
                          if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
-                                  special_tokens=list(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                  special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     return tok
 

@@ -24,7 +24,8 @@ class VerifyReport:
 
 
 def verify_dir(directory: str | Path) -> VerifyReport:
-    """Check the index, every shard (size, sha256, footer, every frame's checksum and contents) and the documents file."""
+    """Check the index, every shard (size, sha256, footer, every frame's checksum and contents) and the documents
+    file."""
     directory = Path(directory)
     index = read_index(directory)
     dtype = TOKEN_DTYPES[index["dtype"]]
@@ -71,7 +72,8 @@ def _verify_shard(path: Path, dtype: np.dtype, entry: dict, index: dict) -> Coun
         for packed in shard.read_frame(j):
             n = len(packed.tokens) - 1
             spans_ok = np.all((0 <= packed.loss_spans) & (packed.loss_spans <= n))
-            label_ok = packed.label is None if n_labels is None else packed.label is not None and 0 <= packed.label < n_labels
+            label = packed.label
+            label_ok = label is None if n_labels is None else label is not None and 0 <= label < n_labels
             if (n > L or n % index["segment_len"] or not spans_ok or not label_ok
                     or np.any(packed.tokens >= index["tokenizer"]["vocab_size"])):
                 raise ShardCorruptError(f"{path}: frame at byte {shard.frames[j][0]} holds an invalid sample")

@@ -129,7 +129,8 @@ def run_classify(model, cfg: ClassifyConfig, *, model_name: str = "", progress: 
             "majority_baseline": float(counts.max() / n), "uniform_chance": 1.0 / len(labels),
             "confusion": m.tolist(), "per_class": {name: {k: float(v[c]) for k, v in pc.items()}
                                                    for c, name in enumerate(labels)},
-            "read_segment": {"min": min(read_at) // S, "mean": float(np.mean(np.array(read_at) // S)), "max": max(read_at) // S},
+            "read_segment": {"min": min(read_at) // S, "mean": float(np.mean(np.array(read_at) // S)),
+                             "max": max(read_at) // S},
             "segment_len": S, "seconds": time.time() - t0, "config": asdict(cfg)}
 
 
@@ -146,7 +147,8 @@ def format_table(report: dict[str, Any]) -> str:
     for name in labels:
         c = report["per_class"][name]
         lines.append(f"{name:<{w}} {c['precision']:9.4f} {c['recall']:7.4f} {c['f1']:7.4f} {int(c['support']):8d}")
-    lines += ["", "confusion (rows: true class, columns: predicted)", " " * w + "".join(f" {x[:w]:>{w}}" for x in labels)]
+    lines += ["", "confusion (rows: true class, columns: predicted)",
+              " " * w + "".join(f" {x[:w]:>{w}}" for x in labels)]
     for name, row in zip(labels, report["confusion"]):
         lines.append(f"{name:<{w}}" + "".join(f" {v:>{w}d}" for v in row))
     return "\n".join(lines)

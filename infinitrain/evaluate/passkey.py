@@ -1,8 +1,9 @@
-"""`infinitrain eval passkey`: the paper's passkey retrieval, accuracy per (context length, needle depth), at constant memory.
+"""`infinitrain eval passkey`: the paper's passkey retrieval, accuracy per (context length, needle depth), at constant
+memory.
 
 Prompts are ``infinitrain.data_tools.passkey`` records (the paper's format via the HF blog: task, filler, needle at
 the depth, filler, "What is the pass key? The pass key is"), as long as fits in each length. The model continues
-each prompt greedily; a sample is correct when the first integer it writes equals the key (DATA.md §4.7).
+each prompt greedily; a sample is correct when the first integer it writes equals the key.
 Prompts stream through ``generate`` segment by segment with only the state kept, so a 1M-token prompt needs the
 memory of a 1K one. Lengths are tokens: ``1k`` = 1024, ``1m`` = 1024².
 """

@@ -1,4 +1,5 @@
-"""PNG figures for the evaluations (matplotlib from the ``plots`` extra; without it the caller prints a one-line note)."""
+"""PNG figures for the evaluations (matplotlib from the ``plots`` extra; without it the caller prints a one-line
+note)."""
 
 from __future__ import annotations
 

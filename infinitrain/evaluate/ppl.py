@@ -1,4 +1,5 @@
-"""`infinitrain eval ppl`: loss and perplexity per segment index over whole documents (every segment, not the last one only).
+"""`infinitrain eval ppl`: loss and perplexity per segment index over whole documents (every segment, not the last one
+only).
 
 Documents are rebuilt from a prepared split (``ShardDataset``): in ``pretrain`` mode the samples are consecutive
 windows of one stream, so a document runs from one ``doc_start`` to the next across sample boundaries; in

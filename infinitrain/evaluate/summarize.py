@@ -1,4 +1,5 @@
-"""`infinitrain eval summarize`: ROUGE-1/2/L of generated summaries at the paper's BookSum decoding (temperature 0.5, top-p 0.95, 1024 tokens).
+"""`infinitrain eval summarize`: ROUGE-1/2/L of generated summaries at the paper's BookSum decoding (temperature 0.5,
+top-p 0.95, 1024 tokens).
 
 Each JSONL record gives a document and a reference summary; the prompt is ``document + separator`` (the same
 separator ``infinitrain prepare --format summarization`` trains with), the model continues it until eos or
@@ -16,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from infinitrain.data_tools.prepare import PrepareConfig
 from infinitrain.errors import ConfigError, DataError

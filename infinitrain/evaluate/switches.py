@@ -9,12 +9,12 @@ bit-identical with and without the switch, and any difference later is what the 
 segments. Forcing g = 0 instead would also change segment 0 (memory-specialist heads, g ≈ 1, would suddenly
 pass their raw local attention), overstating the memory's contribution.
 
-How: a forward pre-hook on each such module (``InfiniAttention``, ``MegalodonAttention``) replaces the memory (M, z) of the incoming state by
-zeros (and, in a call that opens a segment, drops the token shift's carried token); the current segment's
-keys/values are kept. Nothing on the model is mutated and the hooks are removed on
-exit. The memory is also written inside a call, so each call must not run past a segment boundary
-(held tokens + new tokens <= S): ``generate`` with ``prefill_chunk = S`` and ``eval ppl`` call that way, and the
-hook raises otherwise rather than silently reading a non-empty memory.
+How: a forward pre-hook on each such module (``InfiniAttention``, ``MegalodonAttention``) replaces the memory (M, z)
+of the incoming state by zeros (and, in a call that opens a segment, drops the token shift's carried token); the
+current segment's keys/values are kept. Nothing on the model is mutated and the hooks are removed on exit. The memory
+is also written inside a call, so each call must not run past a segment boundary (held tokens + new tokens <= S):
+``generate`` with ``prefill_chunk = S`` and ``eval ppl`` call that way, and the hook raises otherwise rather than
+silently reading a non-empty memory.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
-import torch
 
 from infinitrain.model.layers import InfiniAttention
 from infinitrain.model.megalodon import MegalodonAttention

@@ -64,7 +64,8 @@ _TENSORS = (
 )
 
 # tokenizer.ggml.pre -> how llama.cpp splits text before BPE (llama-vocab.cpp), as ``tokenizers`` pre-tokenizers.
-_GPT2_REGEX = "byte-level"  # ByteLevel(use_regex=True): 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+# ByteLevel(use_regex=True): 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+_GPT2_REGEX = "byte-level"
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS = {
@@ -172,7 +173,8 @@ def check_layout(path: Path, buf: Any) -> int:
         end = data_start + offset + n // block * type_size
         if end > c.size:
             raise CheckpointError(f"{path}: GGUF tensor {name} declares {n // block * type_size} bytes at offset "
-                                  f"{data_start + offset}, past the end of the file ({c.size} bytes): truncated or corrupt")
+                                  f"{data_start + offset}, past the end of the file ({c.size} bytes): truncated or "
+                                  "corrupt")
     return n_tensors
 
 

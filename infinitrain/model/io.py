@@ -1,7 +1,7 @@
 """Save and load an ``InfiniLM`` as a directory: config.json + model.safetensors (sharded above a size, with an index).
 
 Loading never unpickles: config.json is JSON, weights are safetensors. Layout (Hugging Face style):
-  config.json                          {"format": "infinitrain", "format_version": 1, "model": ModelConfig, "dtype": ...}
+  config.json                          {"format": "infinitrain", "format_version": 1, "model": ..., "dtype": ...}
   model.safetensors                    or model-00001-of-0000N.safetensors + model.safetensors.index.json
 Tied embeddings are stored once (``embed.weight``) and re-tied on load.
 """
@@ -96,7 +96,8 @@ def read_config(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, An
     except UnicodeDecodeError as err:
         raise CheckpointError(f"{path}: not UTF-8 JSON (byte {err.start})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not an infinitrain config (format {data.get('format') if isinstance(data, dict) else None!r})")
+        raise CheckpointError(f"{path}: not an infinitrain config (format "
+                              f"{data.get('format') if isinstance(data, dict) else None!r})")
     if data.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {data.get('format_version')!r} is not supported "
                               f"(this infinitrain reads {FORMAT_VERSION})")

@@ -1,4 +1,5 @@
-"""Model layers: RMSNorm, the nine FFN activations, Infini attention, the pre-norm block and the Mixture-of-Depths block.
+"""Model layers: RMSNorm, the nine FFN activations, Infini attention, the pre-norm block and the Mixture-of-Depths
+block.
 
 Modules hold parameters only; the memory state is passed in and returned. No distributed code here.
 Shape legend: B batch, T tokens, D model dim, H query heads, G KV heads, K head dim, F FFN dim,

@@ -132,5 +132,6 @@ def merge_lora_state(state: dict[str, Tensor], scale: float | None, where: str =
             missing = [k for k in (f"{prefix}lora_B", f"{prefix}weight") if k not in state]
             if missing:
                 raise CheckpointError(f"{where}: adapter {key} without {missing[0]}")
-            out[f"{prefix}weight"] = merged_weight(state[f"{prefix}weight"], state[key], state[f"{prefix}lora_B"], scale)
+            out[f"{prefix}weight"] = merged_weight(state[f"{prefix}weight"], state[key], state[f"{prefix}lora_B"],
+                                                   scale)
     return out

@@ -113,7 +113,8 @@ def apply_rotary(x: Tensor, pos: Tensor, spec: RotarySpec) -> Tensor:
 
 
 def apply_rotary_at(x: Tensor, start: int, spec: RotarySpec, table_len: int) -> Tensor:
-    """``apply_rotary(x, arange(start, start + T), spec)`` from the cached ``rope_table`` rows (start + T <= table_len)."""
+    """``apply_rotary(x, arange(start, start + T), spec)`` from the cached ``rope_table`` rows (start + T <=
+    table_len)."""
     wide = torch.promote_types(x.dtype, torch.float32)
     cos, sin = rope_table(spec, table_len, wide, x.device)
     T = x.shape[-2]

@@ -217,7 +217,7 @@ class RunConfig:
                                                           f"got {self.zero_init!r}")
         _positive_int("run.seed", self.seed, zero_ok=True)
         _positive_int("run.max_nonfinite", self.max_nonfinite)
-        _check(isinstance(self.deterministic, bool), f"run.deterministic must be true or false")
+        _check(isinstance(self.deterministic, bool), "run.deterministic must be true or false")
         _number("run.timeout_s", self.timeout_s, 0.0, lo_open=True)
         _check(self.init_from is None or (isinstance(self.init_from, str) and self.init_from.strip() != ""),
                f"run.init_from must be a directory path or stage:NAME, got {self.init_from!r}")
@@ -322,7 +322,8 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         _check(isinstance(d, dict), f"recipe: expected a mapping at the top level, got {type(d).__name__}")
         unknown = sorted(set(d) - set(TOP_KEYS))
-        _check(not unknown, f"recipe: unknown key {unknown[0] if unknown else ''!s} (known: {', '.join(sorted(TOP_KEYS))})")
+        _check(not unknown,
+               f"recipe: unknown key {unknown[0] if unknown else ''!s} (known: {', '.join(sorted(TOP_KEYS))})")
         _check("model" in d, "recipe: 'model' is required (a preset name or a mapping)")
         sections = {name: _from_dict(sec, d.get(name), name) for name, sec in SECTIONS.items()}
         return cls(model=_model_from(d["model"]), deepspeed=dict(d.get("deepspeed") or {}), task=d.get("task", "lm"),
@@ -342,7 +343,8 @@ def _model_from(m: Any) -> ModelConfig:
         return ModelConfig.from_dict(m, where="model")
     base = get_preset(preset).to_dict()
     unknown = sorted(set(m) - set(base) - {"extra"})
-    _check(not unknown, f"model: unknown key model.{unknown[0] if unknown else ''} (known: preset, {', '.join(sorted(base))})"
+    _check(not unknown,
+           f"model: unknown key model.{unknown[0] if unknown else ''} (known: preset, {', '.join(sorted(base))})"
                         f"{did_you_mean(f'model.{unknown[0]}', [f'model.{k}' for k in base]) if unknown else ''}")
     return ModelConfig.from_dict({**base, **m}, where="model")
 

@@ -163,7 +163,8 @@ def open_source(path: str | dict, sample_len: int, vocab_size: int, val_fraction
         pairs = [open_source(e.path, sample_len, vocab_size, val_fraction, pack) for e in entries]
         train = MixtureSource([e.name for e in entries], [t for t, _ in pairs], [e.weight for e in entries])
         vals = [(e, v) for e, (_, v) in zip(entries, pairs) if v is not None]
-        val = MixtureSource([e.name for e, _ in vals], [v for _, v in vals], [e.weight for e, _ in vals]) if vals else None
+        val = MixtureSource([e.name for e, _ in vals], [v for _, v in vals],
+                            [e.weight for e, _ in vals]) if vals else None
         return train, val
     p = Path(path)
     if not p.exists():

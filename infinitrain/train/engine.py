@@ -221,8 +221,8 @@ def build_model(cfg: TrainConfig, ds_config: dict[str, Any]) -> InfiniLM:
     ``run.init_from``'s weights if set (``infinitrain.train.init_from``)."""
     import deepspeed
 
-    use_init = cfg.run.zero_stage == 3 and (
-        cfg.run.zero_init is True or (cfg.run.zero_init == "auto" and count_parameters(cfg.model) >= ZERO_INIT_MIN_PARAMS))
+    big = cfg.run.zero_init == "auto" and count_parameters(cfg.model) >= ZERO_INIT_MIN_PARAMS
+    use_init = cfg.run.zero_stage == 3 and (cfg.run.zero_init is True or big)
     torch.manual_seed(cfg.run.seed)
     if not use_init:
         model = InfiniLM(cfg.model)
@@ -232,7 +232,8 @@ def build_model(cfg: TrainConfig, ds_config: dict[str, Any]) -> InfiniLM:
             model = InfiniLM(cfg.model)
             # reset_parameters ran on already-partitioned (empty) tensors; redo it module by module: inside the
             # context, Module.apply gathers each module's own parameters around the call and re-partitions them
-            model.apply(functools.partial(_init_module, std=cfg.model.init_std, gate_init=cfg.model.gate_init_per_head(),
+            model.apply(functools.partial(_init_module, std=cfg.model.init_std,
+                                          gate_init=cfg.model.gate_init_per_head(),
                                           memory_tau=cfg.model.memory_tau))
     if cfg.run.init_from is not None:
         load_init_weights(model, cfg)

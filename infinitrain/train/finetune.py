@@ -3,7 +3,7 @@
     finetune:
       lora: {rank: 8, alpha: 16, dropout: 0.0, targets: [attention, mlp]}   # null (default): no adapters
       gates: true        # with LoRA: the per-head gates β train too
-      memory: false      # with LoRA: q/k/v projections train in full (the memory is read with σ(Q), written with σ(K), V)
+      memory: false      # with LoRA: q/k/v train in full (the memory reads with σ(Q), writes with σ(K), V)
       freeze: []         # patterns of parameters that do not train
       train: []          # patterns of parameters that train whatever the rules above say
 
@@ -68,7 +68,8 @@ class LoRAConfig:
                f"finetune.lora.alpha must be a positive number, got {self.alpha!r}")
         _check(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
                f"finetune.lora.dropout must be in [0, 1), got {self.dropout!r}")
-        _check(isinstance(self.targets, list) and bool(self.targets) and all(isinstance(t, str) and t for t in self.targets),
+        names = isinstance(self.targets, list) and all(isinstance(t, str) and t for t in self.targets)
+        _check(names and bool(self.targets),
                f"finetune.lora.targets must be a non-empty list of layer names, got {self.targets!r}")
 
     @property
@@ -88,7 +89,8 @@ class FinetuneConfig:
         if isinstance(self.lora, dict):
             known = {f.name for f in dataclasses.fields(LoRAConfig)}
             unknown = sorted(set(self.lora) - known)
-            _check(not unknown, f"finetune.lora: unknown key {unknown[0] if unknown else ''} (known: {', '.join(sorted(known))})")
+            _check(not unknown,
+                   f"finetune.lora: unknown key {unknown[0] if unknown else ''} (known: {', '.join(sorted(known))})")
             object.__setattr__(self, "lora", LoRAConfig(**self.lora))
         _check(self.lora is None or isinstance(self.lora, LoRAConfig),
                f"finetune.lora must be a mapping (rank, alpha, dropout, targets) or null, got {self.lora!r}")

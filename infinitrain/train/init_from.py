@@ -78,7 +78,8 @@ class InitReport:
     created: tuple[str, ...]
     unused: tuple[str, ...]
     differences: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # field -> (recipe, source)
-    derived: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # taken from the source: field -> (recipe, source)
+    # taken from the source: field -> (recipe, source)
+    derived: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
     def summary(self) -> str:
         s = self.source
@@ -89,8 +90,8 @@ class InitReport:
             lines.append("  model from the source: " + ", ".join(
                 f"{k} {b!r} (recipe {a!r})" for k, (a, b) in self.derived.items()))
         if self.differences:
-            lines.append("  the recipe differs from the source in " + ", ".join(
-                f"{k} {a!r} (source {b!r})" for k, (a, b) in self.differences.items()) + "; the recipe's values are used")
+            diffs = ", ".join(f"{k} {a!r} (source {b!r})" for k, (a, b) in self.differences.items())
+            lines.append(f"  the recipe differs from the source in {diffs}; the recipe's values are used")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:

@@ -94,7 +94,8 @@ class LabelTargets:
         if s.label is None or not 0 <= s.label < self.n_classes or len(where) != 1:
             raise DataError(f"sample {s.sample_id}: a classification sample needs one label in 0..{self.n_classes - 1} "
                             f"and one trained position (got label {s.label}, {len(where)} positions)")
-        targets = torch.zeros_like(s.targets)  # class ids everywhere (masked out but in range), the label at its position
+        # class ids everywhere (masked out but in range), the label at its position
+        targets = torch.zeros_like(s.targets)
         targets[where[0, 0]] = s.label
         return s._replace(targets=targets)
 

@@ -1,4 +1,4 @@
-"""Failure-injection suite (issue 8, RELIABILITY.md §6): the uninterrupted reference runs every faulted run must
+"""Failure-injection suite (issue 8): the uninterrupted reference runs every faulted run must
 reproduce bit for bit. Helpers live in tests/trainkit.py (shared with tests/test_train.py).
 
 Issue 8 item -> file: 1, 2, 6 test_faults_kills (and the 2-rank mid-save kill in test_faults_ranks); 3, 5

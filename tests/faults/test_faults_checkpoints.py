@@ -92,7 +92,8 @@ def test_fallback_flag_resumes_from_the_previous_checkpoint(two_commits, referen
     assert res.returncode == 0, res.stderr[-2000:]
     assert "skipped a damaged checkpoint" in res.stderr and OPTIM.split("/")[1] in res.stderr
     resumed = events(run, "resumed_from")
-    assert [Path(r["resumed_from"]).name for r in resumed] == [STEP1] and "sha256 expected" in resumed[0]["fallbacks"][0]
+    assert [Path(r["resumed_from"]).name for r in resumed] == [STEP1]
+    assert "sha256 expected" in resumed[0]["fallbacks"][0]
     same_steps(rows(run), reference[0])
 
 
@@ -124,7 +125,8 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(two_commits, refere
     res = run_cli(run, ["checkpoint.save_every=2"], fsize=1 << 20)
     assert res.returncode == CheckpointError.code, res.stderr[-2000:]
     err = res.stderr.strip().splitlines()[-1]
-    assert re.search(r"step-00000004\.tmp/ds/\S+optim_states.pt: write failed .*file-size limit \(ulimit -f\) 1.0 MB", err)
+    assert re.search(r"step-00000004\.tmp/ds/\S+optim_states.pt: write failed .*file-size limit \(ulimit -f\) 1.0 MB",
+                     err)
     assert "previous one is intact" in err
     assert sum("error:" in line for line in res.stderr.splitlines()) == 1 and "Traceback" not in res.stderr
     assert checkpoint_names(run) == [STEP1, STEP2] and manifest_holds(run / "checkpoints" / STEP2)
