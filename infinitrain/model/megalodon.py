@@ -46,7 +46,7 @@ class MegalodonState(NamedTuple):
         """Row b of the batch, (1, ...) in every tensor."""
         n, c = self.norm, self.cache
         return MegalodonState(NormState(*(t[b:b + 1] for t in n)), self.ema[b:b + 1],
-                              ChunkCache(*(t[b:b + 1] for t in c)))
+                              ChunkCache(c.k[b:b + 1], c.v[b:b + 1]))  # the buffer stays behind: the row copies
 
     @staticmethod
     def cat(states: "list[MegalodonState | None]") -> "MegalodonState":
@@ -54,11 +54,11 @@ class MegalodonState(NamedTuple):
         is a stream not started (a fresh state shaped like another row: only with no unfinished tokens)."""
         ref = next(s for s in states if s is not None)
         fresh = MegalodonState(NormState(*(torch.zeros_like(t[:1]) for t in ref.norm)), torch.zeros_like(ref.ema[:1]),
-                               ChunkCache(*(t[:1].new_zeros(t[:1].shape) for t in ref.cache)))
+                               ChunkCache(*(t[:1].new_zeros(t[:1].shape) for t in ref.cache[:2])))
         rows = [fresh if s is None else s for s in states]
         return MegalodonState(NormState(*(torch.cat(ts) for ts in zip(*(s.norm for s in rows)))),
                               torch.cat([s.ema for s in rows]),
-                              ChunkCache(*(torch.cat(ts) for ts in zip(*(s.cache for s in rows)))))
+                              ChunkCache(*(torch.cat(ts) for ts in zip(*(s.cache[:2] for s in rows)))))
 
 
 class MegalodonAttention(nn.Module):

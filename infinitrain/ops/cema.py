@@ -161,6 +161,11 @@ def cema(x: Tensor, alpha: Tensor, delta: Tensor, omega: Tensor, beta: Tensor, e
         return x, h0
     p, log_q, eta_c = cema_coefficients(alpha, delta, omega, beta, eta, rdt)
     xf, h, outs, i = x.to(rdt), h0.to(p.dtype), [], 0
+    if T == 1:  # decoding: the recurrence itself, h = p x + q h (no blocks, a handful of ops)
+        if doc_start is not None:
+            h = h * (~doc_start[:, 0]).to(rdt)[:, None, None]
+        h = p * xf[:, 0, :, None] + torch.polar(torch.exp(log_q.real), log_q.imag) * h
+        return (eta_c * h).sum(-1).real[:, None].to(x.dtype), h
     for C in (min(block, T), T % min(block, T)):  # whole blocks, then the remainder as one shorter block
         n = (T - i) // C * C if C else 0
         if n:

@@ -19,14 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from infinitrain.ops.memory import SegmentBuffer, _extend
 from infinitrain.ops.rope import RotarySpec, apply_rotary, apply_rotary_at
 
 
 class ChunkCache(NamedTuple):
-    """The unfinished chunk: rotated keys (B, H, P, Z) and values (B, H, P, V)."""
+    """The unfinished chunk: rotated keys (B, H, P, Z) and values (B, H, P, V); without autograd they are views of a
+    chunk-sized ``SegmentBuffer`` that decoding appends to in place (as the Infini segment cache)."""
 
     k: Tensor
     v: Tensor
+    buffer: SegmentBuffer | None = None
 
     def detach(self) -> "ChunkCache":
         return ChunkCache(self.k.detach(), self.v.detach())
@@ -83,14 +86,15 @@ def chunk_attention(q: Tensor, k: Tensor, v: Tensor, cache: ChunkCache | None = 
     outs, i = [], 0
     if P:
         i = min(T, C - P)
-        kk = torch.cat((cache.k, _rotate(k[:, :, :i], P, rotary, C)), 2)
-        vv = torch.cat((cache.v, v[:, :, :i]), 2)
-        qpos = torch.arange(P, P + i, device=q.device)[:, None]
-        mask = torch.arange(P + i, device=q.device)[None, :] <= qpos  # (i, P+i)
+        (kk, vv), buffer = _extend((cache.k, cache.v), (_rotate(k[:, :, :i], P, rotary, C), v[:, :, :i]),
+                                   cache.buffer, C)
+        mask = None  # one query at the chunk's end sees every key
+        if i > 1:
+            mask = torch.arange(P + i, device=q.device)[None, :] <= torch.arange(P, P + i, device=q.device)[:, None]
         outs.append(F.scaled_dot_product_attention(_rotate(q[:, :, :i], P, rotary, C), kk, vv, attn_mask=mask,
                                                    scale=1.0))
         if P + i < C:
-            return outs[0], ChunkCache(kk, vv)
+            return outs[0], ChunkCache(kk, vv, buffer)
     rest = T - i
     cache = ChunkCache(k.new_zeros(B, H, 0, Z), v.new_zeros(B, H, 0, v.shape[-1]))
     if rest:
@@ -106,7 +110,8 @@ def chunk_attention(q: Tensor, k: Tensor, v: Tensor, cache: ChunkCache | None = 
         outs.append(_blocks(qr, kr, vr, C, doc)[:, :, :rest])
         held = rest % C
         if held:
-            cache = ChunkCache(kr[:, :, rest - held:rest], vr[:, :, rest - held:rest])
+            (kc, vc), buffer = _extend((None, None), (kr[:, :, rest - held:rest], vr[:, :, rest - held:rest]), None, C)
+            cache = ChunkCache(kc, vc, buffer)
     return (outs[0] if len(outs) == 1 else torch.cat(outs, 2)), cache
 
 
