@@ -148,7 +148,14 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     micro = cfg.data.micro_batch_size
     zero: dict[str, Any] = {"stage": cfg.run.zero_stage}
     if cfg.run.zero_stage == 3:
-        zero.update(overlap_comm=False, contiguous_gradients=True, stage3_gather_16bit_weights_on_model_save=False)
+        # stage3_max_reuse_distance 0: on the first step with a recorded trace, ZeRO-3 decides for each module call
+        # which parameters to release by scanning the trace forward until this many elements (default 1e9); our
+        # blocks are called once per segment, so below 1e9 parameters the scan runs to the trace's end: O(calls^2)
+        # once (debug recipe, 16 segments: step 2 took 12 s of CPU against 0.4 s; SmolLM2-135M, 8 segments: see
+        # benchmarks/finetune_speed.py). 0 releases a block's parameters after each call, as ZeRO-3 does anyway for
+        # reuse a whole model apart (>= 1e9 parameters); a small model on many GPUs re-gathers them per segment.
+        zero.update(overlap_comm=False, contiguous_gradients=True, stage3_gather_16bit_weights_on_model_save=False,
+                    stage3_max_reuse_distance=0)
     ds = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": gas,
