@@ -15,7 +15,9 @@ Activations are what autograd saves in ``Block.forward`` as the trainer calls it
 no document starts inside a segment, local attention is one 4-D causal SDPA call, which PyTorch's fused
 kernels take: they keep q, k, v, the output and a fp32 log-sum-exp, 4·H bytes per token, never the S×S
 probabilities). Per layer, per token (``tests/test_plan.py`` holds this to the bytes autograd saves):
-    A = (8 + 5e)·H·K + 4·H·(K+1) + 12·H + 12·G·K + (8 + 4e)·D + 4e·F + 8·K + 10
+    A = (8 + 5e)·H·K + 4·H·(K+1) + 12·H + 12·G·K + (8 + 4e)·D + 4e·F + 10
+plus, once for the model, the RoPE table both rotations of every layer read (fp32 cos and sin of one segment's
+positions, 8·S·R bytes with R rotated dims; ``rope_table_bytes``).
 A window with a document starting inside a segment takes the masked 4-D path instead, which keeps the
 boolean mask cast to the dtype as well, e·S more per token and layer (not in the plan).
 and per segment A_seg = 4·H·K·(K+1) (the memory read by each segment, broadcast to the query heads).
@@ -95,14 +97,21 @@ def ffn_bytes_per_token(activation: str, d_ff: int, e: int) -> int:
     return n * e * d_ff
 
 
-def layer_bytes_per_token(model, e: int, segment_len: int | None = None, rope_tables: int = 2) -> float:
-    """A: bytes autograd keeps per token for one dense block (formula in the module docstring); the RoPE
-    cos and sin (fp32, rot_dim each) are shared by q and k (``rope_tables=2``), or built for each of them
-    when positions vary per row (Mixture-of-Depths, 4)."""
+def layer_bytes_per_token(model, e: int, segment_len: int | None = None, rope_tables: int = 0) -> float:
+    """A: bytes autograd keeps per token for one dense block (formula in the module docstring). A dense block
+    rotates from the cached table of one segment (``rope_table_bytes``, nothing per token); where positions vary
+    per row (Mixture-of-Depths' routed tokens) cos and sin (fp32, rot_dim each) are built per token for q and
+    for k (``rope_tables=4``)."""
     H, G, K, D = model.n_heads, model.n_kv_heads, model.head_dim, model.d_model  # segment_len: no term depends on S
     rotary = 4 * rope_tables * model.rot_dim if model.pos_emb != "none" else 0
     return ((8 + 5 * e) * H * K + 4 * H * (K + 1) + 12 * H + 12 * G * K + (8 + 4 * e) * D
             + ffn_bytes_per_token(model.activation, model.d_ff, e) + rotary + 10)
+
+
+def rope_table_bytes(model) -> float:
+    """The RoPE table every dense layer's rotation reads (fp32 cos and sin of the S in-segment positions): held
+    once, whatever the number of layers or tokens."""
+    return 0 if model.pos_emb == "none" else 8 * model.segment_len * model.rot_dim
 
 
 def segment_bytes(model) -> float:
@@ -196,18 +205,20 @@ def activation_bytes(cfg, e: int | None = None) -> tuple[float, str, float, str]
     T = B * W * S
     layers = _layers(m, e)
     head_in = (e * m.d_model + 9) * T  # the chunked loss's inputs: final hidden states, int64 targets, bool mask
+    # the RoPE table: with the layer (or layer-segment) whose activations are held, whichever mode
+    head_in += rope_table_bytes(m) if any(not m.is_routed(i) for i in range(m.n_layers)) else 0
     state_in = B * m.n_kv_heads * m.head_dim * (m.head_dim + 1) * 4  # one layer's (M, z)
     a, a_seg = max(layers)
     mode = cfg.tbptt.checkpointing
     if mode == "none":
         kept = sum(T * a_ + B * W * s_ for a_, s_ in layers) + head_in
-        return kept, "Σ_layers (T·A + B·W·A_seg) + (e·D + 9)·T", T * a, "T·A"
+        return kept, "Σ_layers (T·A + B·W·A_seg) + (e·D + 9)·T + 8·S·R", T * a, "T·A"
     if mode == "layer":
         kept = m.n_layers * e * m.d_model * T + T * a + B * W * a_seg + head_in
-        return (kept, "L·e·D·T + (T·A + B·W·A_seg) [one layer recomputed] + (e·D + 9)·T",
+        return (kept, "L·e·D·T + (T·A + B·W·A_seg) [one layer recomputed] + (e·D + 9)·T + 8·S·R",
                 T * a, "T·A")
     kept = m.n_layers * (e * m.d_model * T + W * state_in) + B * S * a + B * a_seg + head_in
-    return (kept, "L·(e·D·T + W·B·G·K(K+1)·4) + (B·S·A + B·A_seg) [one layer-segment recomputed] + (e·D + 9)·T",
+    return (kept, "L·(e·D·T + W·B·G·K(K+1)·4) + (B·S·A + B·A_seg) [one layer-segment recomputed] + (e·D + 9)·T + 8·S·R",
             B * S * a, "B·S·A")
 
 

@@ -75,6 +75,22 @@ def test_fast_equals_naive_outputs_states_and_gradients(update, heads, with_stat
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_rotary_from_the_segment_table_equals_rotary_by_position(dtype):
+    """The training path rotates every segment from one cached (S, R) table: the same as rotating by the
+    in-segment positions t % S, and as the loop twin."""
+    from infinitrain.ops.rope import apply_rotary_segments
+
+    x = torch.randn(2, 3, 4 * 9, 10, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    for spec in (RotarySpec(head_dim=10, rot_dim=6, base=300.0), RotarySpec(head_dim=10, rot_dim=10, scale=4.0,
+                                                                             original_len=4)):
+        pos = torch.arange(36) % 9
+        tol = 1e-12 if dtype == F64 else 1e-6
+        got = apply_rotary_segments(x, 9, spec)
+        torch.testing.assert_close(got, apply_rotary(x, pos, spec), rtol=tol, atol=tol)
+        torch.testing.assert_close(got, apply_rotary_naive(x, pos, spec), rtol=tol, atol=tol)
+
+
 def test_memory_tau_sharpens_the_read_and_one_is_the_paper():
     """τ = 1 is exactly the paper's σ; a larger τ moves the read toward the best-matching stored value."""
     q, k, v, beta, mem = make_inputs(H=2, G=2, N=2, S=8, K=6, V=5, with_state=False)

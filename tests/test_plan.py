@@ -22,6 +22,7 @@ from infinitrain.plan import (
     activation_bytes,
     layer_bytes_per_token,
     plan,
+    rope_table_bytes,
     routed_layer_bytes_per_token,
     segment_bytes,
 )
@@ -63,7 +64,7 @@ def test_layer_formula_is_what_autograd_keeps(shape, dtype):
     x = torch.randn(B, N * S, cfg.d_model, dtype=dtype, requires_grad=True)
     got = saved_bytes(lambda: block(x, None, doc_start=torch.zeros(B, N * S, dtype=torch.bool)), block.parameters())
     per_token = routed_layer_bytes_per_token(cfg, e) if cfg.mod_every else layer_bytes_per_token(cfg, e)
-    want = B * N * S * per_token + B * N * segment_bytes(cfg)
+    want = B * N * S * per_token + B * N * segment_bytes(cfg) + (0 if cfg.mod_every else rope_table_bytes(cfg))
     assert abs(want / got - 1) < (0.04 if cfg.mod_every else 0.001), (want, got)
 
 
@@ -95,6 +96,7 @@ def test_checkpointing_formula_is_what_the_model_keeps(mode):
     recomputed = {"none": 0, "layer": T * A + B * cfg.window * A_seg,
                   "segment": B * m.segment_len * A + B * A_seg}[mode]
     unseen = m.n_layers * cfg.window * B * m.n_kv_heads * m.head_dim * (m.head_dim + 1) * 4 if mode == "segment" else 0
+    recomputed += rope_table_bytes(m) if mode != "none" else 0  # read by the recomputed unit only
     want = kept - recomputed - unseen
     assert abs(want / got - 1) < 0.01, (want, got)
 
@@ -117,10 +119,11 @@ def test_model_states_and_tokens_by_hand():
     persistent = L * (2 * D + H) + D  # norms and gates: under the 1e5 persistence threshold, kept whole
     assert t["parameters"] == 2 * (psi / 64 + persistent)
     assert t["gradients"] == 2 * psi / 64 and t["optimizer states"] == 12 * psi / 64
-    A = 18 * H * K + 4 * H * (K + 1) + 12 * H + 12 * G * K + 16 * D + 8 * F + 8 * K + 10
-    assert A == layer_bytes_per_token(get_preset("8b"), 2) == 284_170
+    A = 18 * H * K + 4 * H * (K + 1) + 12 * H + 12 * G * K + 16 * D + 8 * F + 10
+    assert A == layer_bytes_per_token(get_preset("8b"), 2) == 283_146
     T = 1 * 1 * 2048
-    assert t["activations"] == L * 2 * D * T + T * A + 4 * H * K * (K + 1) + (2 * D + 9) * T
+    rope_table = 8 * 2048 * K  # fp32 cos and sin of one segment's positions, held once
+    assert t["activations"] == L * 2 * D * T + T * A + 4 * H * K * (K + 1) + (2 * D + 9) * T + rope_table
     assert t["logits and loss"] == 2048 * (V * 14 + 8 * D)  # one segment's, recomputed in backward
     assert p.tokens_per_backward == 2048 and p.tokens_per_step == 1 * 8 * 64 * 4 * 2048
     held = t["parameters"] + t["gradients"] + t["optimizer states"]

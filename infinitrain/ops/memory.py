@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from infinitrain.ops.rope import RotarySpec, apply_rotary, apply_rotary_at
+from infinitrain.ops.rope import RotarySpec, apply_rotary, apply_rotary_at, apply_rotary_segments
 
 Update = Literal["linear", "delta"]
 UPDATES = ("linear", "delta")
@@ -364,9 +364,10 @@ def infini_attention(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, mem: MemoryS
     if reads is not None:
         w = w * reads.view(B, 1, N, S, 1)  # a document's first (partial) segment reads an empty memory
     # Local path: rotated q/k, causal inside each segment.
-    if rotary is not None:  # angles from the per-device cached frequencies: no host work per call
-        p = pos if pos is not None else _segment_positions(T, S, q.device)
-        q, k = apply_rotary(q, p, rotary), apply_rotary(k, p, rotary)
+    if rotary is not None and pos is None:  # in-segment positions: the per-device cached table, no host work
+        q, k = apply_rotary_segments(q, S, rotary), apply_rotary_segments(k, S, rotary)
+    elif rotary is not None:  # explicit positions (Mixture-of-Depths): angles from the cached frequencies
+        q, k = apply_rotary(q, pos, rotary), apply_rotary(k, pos, rotary)
     a_dot = _local_attention_blocks(q, k, v, S, causal=causal, keep=keep, doc=doc)  # (B, G, R, N, S, V)
     # Eq. 10 as `gate`, in two passes: num·w is contiguous and comes first, so the sum is laid out
     # (B, H, T, V) too and SDPA's output needs no reshape copy.

@@ -121,6 +121,16 @@ def apply_rotary_at(x: Tensor, start: int, spec: RotarySpec, table_len: int) -> 
     return rotate(x, cos[start:start + T], sin[start:start + T], spec)
 
 
+def apply_rotary_segments(x: Tensor, segment_len: int, spec: RotarySpec) -> Tensor:
+    """``apply_rotary(x, arange(T) % S, spec)`` for x (B, H, T, K), T = N·S, from the per-device cached
+    ``rope_table``: every segment's positions restart at 0, so one (S, R) table serves all N segments and every
+    layer (no angles computed, and none kept for backward, per call)."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    cos, sin = rope_table(spec, segment_len, wide, x.device)
+    B, H, T, K = x.shape
+    return rotate(x.view(B, H, T // segment_len, segment_len, K), cos, sin, spec).reshape(B, H, T, K)
+
+
 def apply_rotary_naive(x: Tensor, pos: Tensor, spec: RotarySpec) -> Tensor:
     """Loop twin of ``apply_rotary``: one explicit 2x2 rotation per (position, pair)."""
     inv_freq = rope_inv_freq(spec, torch.float64)
