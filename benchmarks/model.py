@@ -42,9 +42,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from infinitrain import hardware  # first: it sets torch's allocator options (huge pages) before torch loads
 import torch
-
-from infinitrain import hardware
 
 CONTENDERS = ("hf", "infini", "trainer")
 NATIVE_LINEAR = torch.nn.functional.linear  # DeepSpeed's ZeRO-3 engine replaces it process-wide; see plain()
@@ -107,6 +106,13 @@ def plain(step):
     return run
 
 
+def adamw(params):
+    """The trainer's AdamW (fused where torch has the kernel) for the plain contenders too."""
+    from infinitrain.train.engine import adamw as trainer_adamw
+
+    return trainer_adamw([{"params": list(params)}], lr=1e-4)
+
+
 def hf_step(shape: Shape, dtype: torch.dtype, T: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -116,7 +122,7 @@ def hf_step(shape: Shape, dtype: torch.dtype, T: int):
                       tie_word_embeddings=False, attn_implementation="sdpa")
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(dtype).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+    opt = adamw(model.parameters())
 
     def step(ids, doc):
         model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss.backward()
@@ -137,7 +143,7 @@ def infini_step(shape: Shape, dtype: torch.dtype, T: int, window: int):
 
     torch.manual_seed(0)
     model = InfiniLM(model_config(shape)).to(dtype).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+    opt = adamw(model.parameters())
     span = (window or T // shape.segment) * shape.segment
 
     def step(ids, doc):

@@ -263,6 +263,17 @@ def load_init_weights(model: InfiniLM, cfg: TrainConfig):
     return init_from.load_into(model, cfg.model, cfg.run.init_from)
 
 
+def adamw(groups: list[dict[str, Any]], **kw) -> torch.optim.AdamW:
+    """torch AdamW, fused (one pass over each flat parameter, no temporaries) where this torch has the kernel for
+    the parameters' device and dtype, else the single-tensor loop. On CPU the fused step of a 58 M-parameter
+    flat partition took 0.4-0.6 s against 2.8-3.4 s for the loop (same run, loaded machine): the loop allocates
+    fresh 233 MB temporaries (sqrt, div) every step, each page-faulted in again."""
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kw)
+    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
+        return torch.optim.AdamW(groups, foreach=False, **kw)
+
+
 def build_engine(cfg: TrainConfig, ds_config: dict[str, Any], model: InfiniLM | None = None):
     """(engine, model): DeepSpeed engine over torch AdamW with the gate group and a warmup+cosine LambdaLR."""
     import deepspeed
@@ -270,8 +281,7 @@ def build_engine(cfg: TrainConfig, ds_config: dict[str, Any], model: InfiniLM | 
     model = model if model is not None else build_model(cfg, ds_config)
     apply_activation_checkpointing(model, cfg.tbptt.checkpointing, cfg.model.segment_len)
     o, s = cfg.optim, cfg.schedule
-    opt = torch.optim.AdamW(param_groups(model, cfg), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                            foreach=False)
+    opt = adamw(param_groups(model, cfg), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     sched = functools.partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=functools.partial(
         lr_lambda, warmup=s.warmup, total=s.steps, min_ratio=s.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
