@@ -57,3 +57,32 @@ def describe() -> dict:
         pass
     return {"cpu": model or platform.processor(), "flags": [f for f in REPORTED_FLAGS if f in flags],
             "bf16_unit": bf16_unit()}
+
+
+def resolve_precision(precision: str, device_type: str, unit: str | None = None, cuda_bf16: bool = False,
+                      ) -> tuple[str, str | None]:
+    """``run.precision`` as trained on this device: (precision, a one-line notice or None).
+
+    "auto": bf16 where the hardware computes it natively (a CPU with a bf16 unit, ``bf16_unit()``; a CUDA device
+    with bf16 support), else fp32. "bf16" stays bf16, with a notice when the CPU has no bf16 unit (then emulated,
+    slower than fp32). ``unit`` and ``cuda_bf16`` describe the device (tests pass them; see ``precision_for``)."""
+    native = cuda_bf16 if device_type == "cuda" else unit is not None
+    if precision == "auto":
+        chosen = "bf16" if native else "fp32"
+        why = f"the CPU's {unit}" if device_type != "cuda" and native else (
+            "CUDA bf16" if native else "no bf16 unit seen (amx_bf16, avx512_bf16)" if device_type != "cuda"
+            else "this GPU has no bf16")
+        return chosen, f"run.precision auto -> {chosen} ({why})"
+    if precision == "bf16" and device_type != "cuda" and not native:
+        return "bf16", ("run.precision bf16 on a CPU without a bf16 unit (amx_bf16, avx512_bf16 not seen): bf16 is "
+                        "emulated there, slower than fp32; run.precision: auto picks fp32 on such CPUs")
+    return precision, None
+
+
+def precision_for(precision: str) -> tuple[str, str | None]:
+    """``resolve_precision`` for this process's device (CUDA when present, else this CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return resolve_precision(precision, "cuda", cuda_bf16=torch.cuda.is_bf16_supported())
+    return resolve_precision(precision, "cpu", unit=bf16_unit())

@@ -198,7 +198,7 @@ def activation_bytes(cfg, e: int | None = None) -> tuple[float, str, float, str]
     segment checkpointing): about its activations again (the fused attention kernel's backward works tile by
     tile, so no S×S gradients come on top)."""
     m = cfg.model
-    e = e or (2 if cfg.run.precision == "bf16" else 4)
+    e = e or (2 if cfg.run.precision in ("bf16", "auto") else 4)  # auto: bf16 on the GPUs planned for
     if m.arch == "megalodon":
         return _megalodon_activation_bytes(cfg, e)
     B, W, S = cfg.data.micro_batch_size, cfg.window, m.segment_len
@@ -250,7 +250,7 @@ def plan(cfg, *, gpus: int, nodes: int = 1, gpu_memory: float = 80 * GB, title: 
         raise ConfigError(f"--gpus ({gpus}) must be a positive multiple of --nodes ({nodes})")
     m, run = cfg.model, cfg.run
     N, stage = gpus, run.zero_stage
-    e = 2 if run.precision == "bf16" else 4
+    e = 2 if run.precision in ("bf16", "auto") else 4
     ds = deepspeed_config(cfg, N)
     psi, largest, numels = _param_stats(m)
     persist = sum(n for n in numels if n <= _ds_setting(ds, "stage3_param_persistence_threshold")) if stage == 3 else 0

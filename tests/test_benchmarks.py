@@ -121,14 +121,3 @@ def test_model_benchmark_caps_full_attention_by_predicted_time():
     assert "predicted 10 s" in bench.hf_skip(shape, "fp32", 8192, {2048: 1.0, 4096: 3.0}, 9.0)  # 0.25 T + 0.125 T²
     assert "GiB available" in bench.hf_skip(bench.Shape(vocab=10**9), "fp32", 1 << 20, {}, 1e9)
 
-
-def test_cpu_flags_are_read_not_assumed():
-    from infinitrain import hardware
-
-    info = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile amx_bf16\n\nprocessor\t: 1\nflags\t: fpu\n"
-    flags = hardware.cpu_flags(info)
-    assert hardware.bf16_unit(flags) == "amx_bf16"
-    assert hardware.bf16_unit(hardware.cpu_flags("flags: fpu avx512f avx512_bf16")) == "avx512_bf16"
-    assert hardware.bf16_unit(hardware.cpu_flags("flags: fpu avx2 fma")) is None
-    assert hardware.cpu_flags("Features: fp asimd bf16") == {"fp", "asimd", "bf16"}
-    assert hardware.cpu_flags("model name: x") == frozenset()

@@ -13,7 +13,7 @@ Recipe schema (every key optional except ``model``; see ``infinitrain/recipes/de
     tbptt:     {window, checkpointing: none|layer|segment, mod_aux_weight}
     checkpoint:{save_every, keep_last}
     log:       {every, eval_every, tensorboard, progress}
-    run:       {precision: bf16|fp32, zero_stage: 0-3, zero_init: auto|true|false, seed,
+    run:       {precision: bf16|fp32|auto, zero_stage: 0-3, zero_init: auto|true|false, seed,
                 max_nonfinite, deterministic, init_from, timeout_s}
     eval:      {task: passkey|ppl|summarize|classify|null, data, lengths, temperature, top_p, max_new_tokens}
     task:      lm | classification  # classification: a class head read at each sample's labelled position
@@ -50,7 +50,7 @@ from infinitrain.train.finetune import FinetuneConfig
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 CHECKPOINTING = ("none", "layer", "segment")
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("bf16", "fp32", "auto")  # auto: bf16 where the device computes it natively (infinitrain/hardware.py)
 EVAL_TASKS = ("passkey", "ppl", "summarize", "classify")
 TASKS = ("lm", "classification")
 STAGE_REF = "stage:"  # run.init_from: stage:NAME = the run directory of an earlier stage
@@ -197,7 +197,7 @@ class LogConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Literal["bf16", "fp32", "auto"] = "bf16"  # the trainer resolves auto once, config.yaml records it
     zero_stage: int = 3
     zero_init: Literal["auto", True, False] = "auto"  # auto: deepspeed.zero.Init for stage 3 and >= 0.5 B params
     seed: int = 0  # model init and per-rank RNG

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from infinitrain import faults
+from infinitrain import faults, hardware
 from infinitrain.errors import CollectiveError, ConfigError, DataError, Preempted, TrainingAborted
 from infinitrain.train import checkpoint as ckpt
 from infinitrain.train import tasks
@@ -231,12 +231,24 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: str = "auto",
 def _train(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: int, world: int,
            allow_fallback: bool) -> dict[str, Any]:
     cfg = tasks.resolve(cfg, sources)  # task classification: the class names from the data (config.yaml keeps them)
+    cfg = _resolve_precision(cfg, rank)
     ds_config = deepspeed_config(cfg, world)
     lock = _lock_run_dir(run_dir, rank)
     try:
         return _train_locked(cfg, run_dir, resume, sources, rank, world, allow_fallback, ds_config)
     finally:
         lock.release()
+
+
+def _resolve_precision(cfg: TrainConfig, rank: int) -> TrainConfig:
+    """run.precision as this device trains it (auto -> bf16 or fp32, detected: infinitrain/hardware.py), with the
+    reason on stderr once; config.yaml then records the concrete precision."""
+    precision, notice = hardware.precision_for(cfg.run.precision)
+    if notice and rank == 0:
+        print(("note: " if cfg.run.precision == "auto" else "warning: ") + notice, file=sys.stderr)
+    if precision == cfg.run.precision:
+        return cfg
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, precision=precision))
 
 
 def _lock_run_dir(run_dir: Path, rank: int) -> RunLock:
