@@ -15,7 +15,10 @@ Implementations, each timed as forward+backward (``--level layer``: with the q/k
 * ``naive-linear``: ``infini_attention_naive`` (loops over segments and heads; small T only);
 * ``megalodon``: the MEGALODON layer (``MegalodonAttention``: timestep norm, CEMA with 16 dims per channel, shared
   Z, normalised attention inside chunks of --segment, gates) with the same D = H·d, H heads, Z = d per head and
-  values H·d as the Infini rows (layer level only: it has no q/k/v core op to compare).
+  values H·d as the Infini rows (layer level only: it has no q/k/v core op to compare);
+* ``seed-linear``: the seed implementation's algorithm (dingo-actual/infini-transformer ``CompressiveMemory``,
+  re-stated in ``op_seed``): a segment loop slicing q/k/v, an explicit unmasked softmax attention, the memory
+  written before it is read; at layer level inside our projections.
 
 For each T (ascending) every cell is warmed up once, then timed over ``--rounds`` rounds, each round in a fresh
 random order; throughput is reported as best (the machine's limit; prefer it on a shared machine) and median.
@@ -51,7 +54,7 @@ from infinitrain.model.megalodon import MegalodonAttention
 from infinitrain.ops.memory import infini_attention, infini_attention_naive, local_attention, _expand_kv
 from infinitrain.ops.rope import RotarySpec, apply_rotary
 
-IMPLS = ("infini-linear", "infini-delta", "local-only", "full-causal", "naive-linear", "megalodon")
+IMPLS = ("infini-linear", "infini-delta", "local-only", "full-causal", "naive-linear", "megalodon", "seed-linear")
 MiB = 2.0 ** 20
 
 
@@ -80,6 +83,30 @@ def op_full(q, k, v, beta, *, segment_len, rotary):
     return F.scaled_dot_product_attention(q, _expand_kv(k, H), _expand_kv(v, H), is_causal=True)
 
 
+def op_seed(q, k, v, beta, *, segment_len, rotary):
+    """The seed implementation's algorithm (dingo-actual/infini-transformer ``CompressiveMemory.forward``,
+    re-stated here: it is not a dependency), linear rule, on our q/k/v: a Python loop over segments that slices
+    q/k/v, writes the segment into the memory with σ(Q)ᵀV *before* reading it, reads σ(Q)M / σ(Q)z, and runs an
+    explicit softmax(QKᵀ/√K)V with no causal mask and no RoPE, mixed by sigmoid(β). Its errors are kept on
+    purpose (this row measures its cost, not its output); z starts at 0 as ours, plus ε so it stays finite."""
+    H, S = q.shape[1], segment_len
+    k, v = _expand_kv(k, H), _expand_kv(v, H)
+    B, _, T, K = q.shape
+    mem = q.new_zeros(B, H, K, v.shape[-1])
+    z = q.new_zeros(B, H, K, 1)
+    g = torch.sigmoid(beta).view(1, H, 1, 1)
+    out = []
+    for a in range(0, T, S):
+        qs, ks, vs = q[:, :, a:a + S], k[:, :, a:a + S], v[:, :, a:a + S]
+        sq = F.elu(qs) + 1.0
+        mem = mem + sq.transpose(-2, -1) @ vs
+        z = z + (F.elu(ks) + 1.0).sum(dim=-2, keepdim=True).transpose(-2, -1)
+        att_dot = torch.softmax(qs @ ks.transpose(-2, -1) / math.sqrt(K), dim=-1) @ vs
+        att_mem = (sq @ mem) / (sq @ z + 1e-6)
+        out.append(g * att_mem + (1 - g) * att_dot)
+    return torch.cat(out, 2)
+
+
 def _infini(update: str, fn=infini_attention):
     def run(q, k, v, beta, *, segment_len, rotary):
         return fn(q, k, v, beta, segment_len=segment_len, update=update, rotary=rotary)[0]
@@ -92,6 +119,7 @@ OPS: dict[str, Callable] = {
     "local-only": op_local,
     "full-causal": op_full,
     "naive-linear": _infini("linear", infini_attention_naive),
+    "seed-linear": op_seed,
 }
 
 
@@ -413,7 +441,10 @@ def ratios(results: list[dict], args) -> list[dict]:
     specs = [("infini-linear", "local-only", args.ratio_local_t, 0.85),
              ("infini-delta", "local-only", args.ratio_local_t, None),
              ("infini-linear", "full-causal", args.ratio_full_t, 5.0),
-             ("infini-delta", "full-causal", args.ratio_full_t, None)]
+             ("infini-delta", "full-causal", args.ratio_full_t, None),
+             ("seed-linear", "local-only", args.ratio_local_t, None),
+             ("seed-linear", "local-only", args.ratio_full_t, None),
+             ("infini-linear", "seed-linear", args.ratio_full_t, None)]
     mega = [("megalodon", "local-only", args.ratio_local_t, 0.6), ("megalodon", "local-only", args.ratio_full_t, 0.6),
             ("megalodon", "infini-linear", args.ratio_local_t, None)]
     for level in levels:

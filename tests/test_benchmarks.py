@@ -49,6 +49,7 @@ def test_attention_benchmark_reports_every_impl(level, tmp_path, capsys):
         assert ratio["best"] is not None and math.isfinite(ratio["best"]) and ratio["best"] > 0
         assert math.isfinite(ratio["median"])
     assert "infini-linear / local-only" in table and "infini-linear / full-causal" in table
+    assert "seed-linear / local-only" in table and "infini-linear / seed-linear" in table
     assert json.loads(out.read_text())["config"]["levels"] == [level]
 
 
