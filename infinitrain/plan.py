@@ -25,9 +25,10 @@ Checkpointing (``tbptt.checkpointing``): none keeps every layer's A over T; laye
 (e·D per token) and recomputes one layer at a time; segment keeps each layer's input and its (M, z) before
 every segment, and recomputes one (layer, segment) at a time.
 
-The loss is computed one segment at a time under checkpointing (``InfiniLM.forward(..., targets=)``): the
-window keeps the final hidden states, targets and mask ((e·D + 9)·T), and the logits of one segment's B·S tokens
-exist only while that segment's loss is recomputed and differentiated.
+The loss is fused with the LM head (``InfiniLM.forward(..., targets=)``, ``ops/loss.py``): one segment's B·S tokens
+at a time, its logits and their gradient made and dropped in forward. The window keeps the final norm's input,
+scale and output and the hidden states' gradient ((3e·D + 4)·T, plus the norm's fp32 copy 4·D·T below fp32) and
+the head's gradient (e·V·D, whatever T).
 
 MEGALODON (``model.arch: megalodon``): a block's saved tensors (CEMA blocks and scan, timestep-norm sums, the
 chunk softmax, which takes PyTorch's math path because Z ≠ V per head) have too many shape-dependent terms for a
@@ -37,8 +38,8 @@ to a real CPU run. The carried state is the CEMA state and norm statistics, 8·D
 
 On top, during a window's backward: the working set of the unit being differentiated (its activations again;
 no S×S score gradients, the fused kernel works tile by tile), one chunk's logits and loss
-B·S·(V·(e + 12) + (4 + 2e)·D), the carried (M, z) and ZeRO-3's buffers; at the optimizer step, a fp32 copy of
-the gradient partition. The peak is the held model states plus the larger of those two phases.
+B·S·V·(2e + 12) (made at the end of the forward), the carried (M, z) and ZeRO-3's buffers; at the optimizer
+step, a fp32 copy of the gradient partition. The peak is the held model states plus the larger of those two phases.
 """
 
 from __future__ import annotations
@@ -174,20 +175,26 @@ def state_bytes(model) -> int:
     return model.n_kv_heads * model.head_dim * (model.head_dim + 1) * 4
 
 
+def head_bytes(m, e: int, T: int) -> int:
+    """What the fused head + loss keeps for backward over T tokens: the final norm's input, scale and output, the
+    hidden states' gradient, the norm's fp32 copy below fp32, and the head's gradient."""
+    return (3 * e * m.d_model + 4 + (4 * m.d_model if e < 4 else 0)) * T + e * m.vocab_size * m.d_model
+
+
 def _megalodon_activation_bytes(cfg, e: int) -> tuple[float, str, float, str]:
     m = cfg.model
     B, W, S = cfg.data.micro_batch_size, cfg.window, m.segment_len
     T = B * W * S
-    head_in = (e * m.d_model + 9) * T
+    head_in = head_bytes(m, e, T)
     window, segment = traced_block_bytes(m, e, B, W * S), traced_block_bytes(m, e, B, S)
     mode = cfg.tbptt.checkpointing
     if mode == "none":
-        return m.n_layers * window + head_in, "L·M(B, W·S) + (e·D + 9)·T", window, "M(B, W·S)"
+        return m.n_layers * window + head_in, "L·M(B, W·S) + (3e·D + 4)·T + e·V·D [head]", window, "M(B, W·S)"
     if mode == "layer":
         return (m.n_layers * e * m.d_model * T + window + head_in,
-                "L·e·D·T + M(B, W·S) [one layer recomputed] + (e·D + 9)·T", window, "M(B, W·S)")
+                "L·e·D·T + M(B, W·S) [one layer recomputed] + (3e·D + 4)·T + e·V·D [head]", window, "M(B, W·S)")
     kept = m.n_layers * (e * m.d_model * T + W * B * state_bytes(m)) + segment + head_in
-    return (kept, "L·(e·D·T + W·B·state) + M(B, S) [one layer-segment recomputed] + (e·D + 9)·T",
+    return (kept, "L·(e·D·T + W·B·state) + M(B, S) [one layer-segment recomputed] + (3e·D + 4)·T + e·V·D [head]",
             segment, "M(B, S)")
 
 
@@ -204,7 +211,7 @@ def activation_bytes(cfg, e: int | None = None) -> tuple[float, str, float, str]
     B, W, S = cfg.data.micro_batch_size, cfg.window, m.segment_len
     T = B * W * S
     layers = _layers(m, e)
-    head_in = (e * m.d_model + 9) * T  # the chunked loss's inputs: final hidden states, int64 targets, bool mask
+    head_in = head_bytes(m, e, T)
     # the RoPE table: with the layer (or layer-segment) whose activations are held, whichever mode
     head_in += rope_table_bytes(m) if any(not m.is_routed(i) for i in range(m.n_layers)) else 0
     state_in = B * m.n_kv_heads * m.head_dim * (m.head_dim + 1) * 4  # one layer's (M, z)
@@ -212,14 +219,14 @@ def activation_bytes(cfg, e: int | None = None) -> tuple[float, str, float, str]
     mode = cfg.tbptt.checkpointing
     if mode == "none":
         kept = sum(T * a_ + B * W * s_ for a_, s_ in layers) + head_in
-        return kept, "Σ_layers (T·A + B·W·A_seg) + (e·D + 9)·T + 8·S·R", T * a, "T·A"
+        return kept, "Σ_layers (T·A + B·W·A_seg) + (3e·D + 4)·T + e·V·D [head] + 8·S·R", T * a, "T·A"
     if mode == "layer":
         kept = m.n_layers * e * m.d_model * T + T * a + B * W * a_seg + head_in
-        return (kept, "L·e·D·T + (T·A + B·W·A_seg) [one layer recomputed] + (e·D + 9)·T + 8·S·R",
+        return (kept, "L·e·D·T + (T·A + B·W·A_seg) [one layer recomputed] + (3e·D + 4)·T + e·V·D [head] + 8·S·R",
                 T * a, "T·A")
     kept = m.n_layers * (e * m.d_model * T + W * state_in) + B * S * a + B * a_seg + head_in
-    return (kept, "L·(e·D·T + W·B·G·K(K+1)·4) + (B·S·A + B·A_seg) [one layer-segment recomputed] + (e·D + 9)·T + 8·S·R",
-            B * S * a, "B·S·A")
+    return (kept, "L·(e·D·T + W·B·G·K(K+1)·4) + (B·S·A + B·A_seg) [one layer-segment recomputed] "
+            "+ (3e·D + 4)·T + e·V·D [head] + 8·S·R", B * S * a, "B·S·A")
 
 
 # --- the plan ----------------------------------------------------------------------------------------------
@@ -279,9 +286,9 @@ def plan(cfg, *, gpus: int, nodes: int = 1, gpu_memory: float = 80 * GB, title: 
              2 * m.n_layers * B * state_bytes(m),
              ("2·L·B·(8·D·h + 8·groups + 8)" if mega else "2·L·B·G·K·(K+1)·4") + "  [carried in and out of a window]",
              "backward"),
-        Term("logits and loss (one segment)", B * S * (V * (e + 12) + (4 + 2 * e) * m.d_model),
-             "B·S·(V·(e + 12) + (4+2e)·D)  [recomputed per segment: norm, logits, fp32 log-softmax, their "
-             "gradients]", "backward"),
+        Term("logits and loss (one segment)", B * S * V * (2 * e + 12),
+             "B·S·V·(2e + 12)  [per segment at the end of forward: logits, fp32 log-softmax, its gradient, "
+             "the logits' gradient]", "backward"),
     ]
     if stage == 3:
         prefetch, bucket = _ds_setting(ds, "stage3_prefetch_bucket_size"), _ds_setting(ds, "reduce_bucket_size")

@@ -123,8 +123,9 @@ def test_model_states_and_tokens_by_hand():
     assert A == layer_bytes_per_token(get_preset("8b"), 2) == 283_146
     T = 1 * 1 * 2048
     rope_table = 8 * 2048 * K  # fp32 cos and sin of one segment's positions, held once
-    assert t["activations"] == L * 2 * D * T + T * A + 4 * H * K * (K + 1) + (2 * D + 9) * T + rope_table
-    assert t["logits and loss"] == 2048 * (V * 14 + 8 * D)  # one segment's, recomputed in backward
+    head = (3 * 2 * D + 4 + 4 * D) * T + 2 * V * D  # fused loss: norm in/fp32 copy/scale/out, dx; the head's dW
+    assert t["activations"] == L * 2 * D * T + T * A + 4 * H * K * (K + 1) + head + rope_table
+    assert t["logits and loss"] == 2048 * V * 16  # one segment's, at the end of forward
     assert p.tokens_per_backward == 2048 and p.tokens_per_step == 1 * 8 * 64 * 4 * 2048
     held = t["parameters"] + t["gradients"] + t["optimizer states"]
     window = sum(v for k, v in t.items() if k not in ("parameters", "gradients", "optimizer states",
