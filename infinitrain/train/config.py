@@ -50,7 +50,8 @@ from infinitrain.train.finetune import FinetuneConfig
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 CHECKPOINTING = ("none", "layer", "segment")
-PRECISIONS = ("bf16", "fp32", "auto")  # auto: bf16 where the device computes it natively (infinitrain/hardware.py)
+PRECISIONS = ("bf16", "fp32")  # the dtypes a run trains in
+RUN_PRECISIONS = (*PRECISIONS, "auto")  # run.precision: auto = bf16 where the device computes it (hardware.py)
 EVAL_TASKS = ("passkey", "ppl", "summarize", "classify")
 TASKS = ("lm", "classification")
 STAGE_REF = "stage:"  # run.init_from: stage:NAME = the run directory of an earlier stage
@@ -209,7 +210,7 @@ class RunConfig:
     timeout_s: float = 1800.0  # collectives: a dead or hung peer stops the run after this (exit 8)
 
     def __post_init__(self) -> None:
-        _check(self.precision in PRECISIONS, f"run.precision must be one of {', '.join(PRECISIONS)}; "
+        _check(self.precision in RUN_PRECISIONS, f"run.precision must be one of {', '.join(RUN_PRECISIONS)}; "
                                              f"got {self.precision!r}")
         _check(self.zero_stage in (0, 1, 2, 3) and not isinstance(self.zero_stage, bool),
                f"run.zero_stage must be 0, 1, 2 or 3; got {self.zero_stage!r}")
