@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 from test_data_helpers import invoke, kjv_text, make_docs, run_cli, write_jsonl
 
-from infinitrain.data_tools.dataset import ShardDataset, collate
+from infinitrain.data_tools.dataset import ShardDataset
 from infinitrain.data_tools.prepare import PrepareConfig, encode_texts, prepare, split_text, _init_worker
 from infinitrain.data_tools.shards import ShardFile
 from infinitrain.data_tools.tokenizer import byte_tokenizer, encoder, load_tokenizer, save_tokenizer, train_bpe
 from infinitrain.data_tools.verify import read_documents_table, verify_dir
 from infinitrain.errors import DataError
 from infinitrain.train.data import ShardSource
-from infinitrain.train.data import collate as train_collate
+from infinitrain.train.data import collate
 
 S, K = 16, 4
 
@@ -353,11 +353,9 @@ def test_classification_labels_round_trip_named_sorted_and_counted_in_the_index(
             assert p + 1 == min(len(ids), L) and s.input_ids[:p + 1].tolist() == ids[:p + 1]
             assert s.targets[p] == info.eos_id
         assert got == index["labels"]["counts"][split] and (min(got) > 0 or split == "val")
-        batch = collate([ds[k] for k in range(4)], pad_id=ds.pad_id)
-        assert batch["label"].tolist() == [ds[k].label for k in range(4)]
         assert {ShardFile(tmp_path / "out" / e["name"], ds.dtype).version for e in ds.shards} == {2}
     src = ShardSource(tmp_path / "out", "train")  # the trainer's view: fixed-length samples and Batch.labels
-    mb = train_collate([src[k] for k in range(3)])
+    mb = collate([src[k] for k in range(3)])
     assert mb.labels.tolist() == [ShardDataset(tmp_path / "out", "train")[k].label for k in range(3)]
     assert mb.loss_mask.sum(1).tolist() == [1, 1, 1] and src.label_names == names
     assert verify_dir(tmp_path / "out").problems == []

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from infinitrain.data_tools.dataset import ShardDataset, ShardSampler, collate, epoch_order, eval_indices
+from infinitrain.data_tools.dataset import ShardDataset, ShardSampler, epoch_order, eval_indices
 from infinitrain.data_tools.pack import StreamPacker, answer_sample
 from infinitrain.data_tools.shards import (PackedSample, ShardFile, ShardWriter, decode_frame, encode_frame,
                                            make_index, write_index)
@@ -75,9 +75,25 @@ def test_writer_reader_round_trip_over_many_shards_and_frames(tmp_path):
         assert np.array_equal(s.doc_starts, p.doc_starts) and np.array_equal(s.doc_ids, p.doc_ids)
     with pytest.raises(IndexError):
         ds[300]
-    batch = collate([ds[0], ds[1]], pad_id=ds.pad_id)
-    assert batch["input_ids"].shape[0] == 2 and batch["loss_mask"].dtype.is_floating_point
-    assert batch["sample_id"].tolist() == [0, 1]
+
+
+def test_trainer_view_pads_each_stored_record_to_the_sample_length(tmp_path):
+    # The one conversion from a stored Record (variable length, numpy) to the trainer's Sample (N*S tensors).
+    from infinitrain.train.data import ShardSource, collate
+
+    samples = random_samples(40, seed=3, width=10)  # records of 3..8 input tokens, N*S = 8
+    write_split(tmp_path, samples)
+    ds, src = ShardDataset(tmp_path, "train"), ShardSource(tmp_path, "train")
+    assert src.sample_len == 8 and len(src) == len(ds) == 40
+    for i in range(40):
+        r, s = ds[i], src[i]
+        n = len(r.input_ids)
+        assert s.input_ids[:n].tolist() == r.input_ids.tolist() and s.targets[:n].tolist() == r.targets.tolist()
+        assert (s.input_ids[n:] == ds.pad_id).all() and not s.loss_mask[n:].any()
+        assert s.loss_mask[:n].tolist() == (r.loss_mask > 0).tolist()
+        assert s.doc_start.nonzero().flatten().tolist() == r.doc_starts.tolist() and s.sample_id == i
+    batch = collate([src[0], src[5]])
+    assert batch.input_ids.shape == (2, 8) and batch.sample_ids.tolist() == [0, 5] and batch.labels is None
 
 
 def test_output_is_byte_identical_for_identical_input(tmp_path):

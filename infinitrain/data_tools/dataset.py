@@ -3,11 +3,11 @@ sampler.
 
 API (all a trainer needs)::
 
-    from infinitrain.data_tools.dataset import ShardDataset, ShardSampler, collate
+    from infinitrain.data_tools.dataset import ShardDataset, ShardSampler
 
     ds = ShardDataset("data/pg19", "train")         # "val" for the held-out split
     assert ds.segment_len == model.segment_len        # S, and ds.sample_segments = K (samples are <= K*S tokens)
-    s = ds[i]                                         # Sample, numpy int64 arrays:
+    s = ds[i]                                         # Record (what the shard stores), numpy int64 arrays:
     #   s.input_ids (T,)   s.targets (T,) == input ids shifted by one   s.loss_mask (T,) 1 where the target counts
     #   s.doc_starts (d,)  positions where a document begins: reset the memory there
     #   s.sample_id  int, the index i (stable across runs)   s.doc_ids (p,) ids of the documents in the sample
@@ -18,7 +18,7 @@ API (all a trainer needs)::
     sampler = ShardSampler(len(ds), global_batch_size=64, rank=rank, world_size=world, seed=1234)
     sampler.load_state_dict(ckpt["data"])             # optional: resume exactly where the checkpoint stopped
     idx = sampler.next_batch()                        # this rank's 64 // world indices of the next global batch
-    batch = collate([ds[i] for i in idx], pad_id=ds.pad_id)  # dict of torch tensors (B, T), see collate()
+    # the trainer pads records to N*S and stacks them: infinitrain.train.data.ShardSource and train.batch.collate
     ckpt["data"] = sampler.state_dict()               # a small dict: {"epoch", "batch", "seed", ...}
 
 The order is a pure function of (seed, epoch): every epoch is a fresh permutation of all samples, cut into
@@ -45,8 +45,9 @@ from infinitrain.errors import ConfigError, DataError
 SAMPLER_STATE_VERSION = 1
 
 
-class Sample(NamedTuple):
-    """One training sample (numpy int64 arrays)."""
+class Record(NamedTuple):
+    """One stored sample as the shard holds it (numpy int64 arrays, T <= N*S tokens); the trainer's fixed-length
+    tensor view of it is :class:`infinitrain.train.batch.Sample` (made by ``train.data.ShardSource``)."""
 
     input_ids: np.ndarray  # (T,)
     targets: np.ndarray  # (T,) input_ids shifted left by one, plus the next token
@@ -57,12 +58,12 @@ class Sample(NamedTuple):
     label: int | None = None  # class id of a classification sample (index into ShardDataset.label_names)
 
 
-def to_sample(packed: PackedSample, sample_id: int) -> Sample:
+def to_record(packed: PackedSample, sample_id: int) -> Record:
     tokens = packed.tokens.astype(np.int64)
     mask = np.zeros(len(tokens) - 1, np.int64)
     for start, end in packed.loss_spans:
         mask[start:end] = 1
-    return Sample(tokens[:-1], tokens[1:], mask, packed.doc_starts.astype(np.int64), sample_id,
+    return Record(tokens[:-1], tokens[1:], mask, packed.doc_starts.astype(np.int64), sample_id,
                   packed.doc_ids.astype(np.int64), packed.label)
 
 
@@ -95,7 +96,7 @@ class ShardDataset:
     def __len__(self) -> int:
         return self.num_samples
 
-    def __getitem__(self, i: int) -> Sample:
+    def __getitem__(self, i: int) -> Record:
         i = int(i)
         if not 0 <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range for {self.num_samples} samples in split {self.split!r}")
@@ -111,7 +112,7 @@ class ShardDataset:
                 self._frames.popitem(last=False)
         else:
             self._frames.move_to_end((k, j))
-        return to_sample(frame[local - shard.frames[j][2]], i)
+        return to_record(frame[local - shard.frames[j][2]], i)
 
     def shard_file(self, k: int) -> ShardFile:
         """Shard ``k``, opened (and checked against the index) once per process."""
@@ -202,28 +203,3 @@ class ShardSampler:
 def eval_indices(num_samples: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
     """Every sample once, split across ranks (for validation): rank r takes r, r + world, r + 2*world, ..."""
     return np.arange(rank, num_samples, world_size)
-
-
-def collate(samples: list[Sample], pad_id: int) -> dict:
-    """Stack samples into torch tensors padded to the longest (padding: ``pad_id``, loss 0).
-
-    Returns ``input_ids``, ``targets`` (int64, (B, T)), ``loss_mask`` (float32, (B, T)), ``doc_start``
-    (bool, (B, T), True where a document begins) and ``sample_id`` (int64, (B,)); with labelled samples also
-    ``label`` (int64, (B,), -1 for a sample without one).
-    """
-    import torch
-
-    width = max(len(s.input_ids) for s in samples)
-    out = {"input_ids": np.full((len(samples), width), pad_id, np.int64),
-           "targets": np.full((len(samples), width), pad_id, np.int64),
-           "loss_mask": np.zeros((len(samples), width), np.float32),
-           "doc_start": np.zeros((len(samples), width), bool)}
-    for b, s in enumerate(samples):
-        n = len(s.input_ids)
-        out["input_ids"][b, :n], out["targets"][b, :n], out["loss_mask"][b, :n] = s.input_ids, s.targets, s.loss_mask
-        out["doc_start"][b, s.doc_starts] = True
-    batch = {k: torch.from_numpy(v) for k, v in out.items()}
-    batch["sample_id"] = torch.tensor([s.sample_id for s in samples], dtype=torch.int64)
-    if any(s.label is not None for s in samples):
-        batch["label"] = torch.tensor([-1 if s.label is None else s.label for s in samples], dtype=torch.int64)
-    return batch
