@@ -5,9 +5,10 @@ Symbols: Ψ parameters, N GPUs (data parallel), e bytes per parameter element (b
 B micro-batch, W segments per backward (TBPTT window), S segment length, T = B·W·S tokens per backward,
 D model dim, H query heads, G KV heads, K head dim, F FFN dim, V vocabulary. Bytes are decimal (1 GB = 1e9).
 
-Model states follow DeepSpeed 0.19 with our generated config (torch AdamW, no grad_accum_dtype): mixed
-precision keeps e·Ψ parameters, e·Ψ gradients and 12Ψ optimizer states (fp32 master, Adam m and v); fp32
-keeps 4Ψ + 4Ψ + 8Ψ (the parameters are the master copy). ZeRO-1 partitions the optimizer states over N,
+Model states follow DeepSpeed 0.19 with our generated config (torch AdamW; gradients accumulated and reduced
+in fp32 at ZeRO-2/3, ``data_types.grad_accum_dtype``): mixed precision keeps e·Ψ parameters, 4Ψ gradients (e·Ψ
+below ZeRO-2) and 12Ψ optimizer states (fp32 master, Adam m and v); fp32 keeps 4Ψ + 4Ψ + 8Ψ (the parameters
+are the master copy). ZeRO-1 partitions the optimizer states over N,
 ZeRO-2 the gradients too, ZeRO-3 the parameters too (those under stage3_param_persistence_threshold stay
 whole on every GPU).
 
@@ -258,7 +259,7 @@ def plan(cfg, *, gpus: int, nodes: int = 1, gpu_memory: float = 80 * GB, title: 
     m, run = cfg.model, cfg.run
     N, stage = gpus, run.zero_stage
     e = 2 if run.precision in ("bf16", "auto") else 4
-    ds = deepspeed_config(cfg, N)
+    ds = deepspeed_config(cfg, N, cuda=True)  # the GPU run being planned
     psi, largest, numels = _param_stats(m)
     persist = sum(n for n in numels if n <= _ds_setting(ds, "stage3_param_persistence_threshold")) if stage == 3 else 0
     grad_e = {"fp32": 4, "bf16": 2, "fp16": 2}.get(str(ds.get("data_types", {}).get("grad_accum_dtype", "")), e)

@@ -138,12 +138,17 @@ def device() -> torch.device:
 # --- the DeepSpeed config ------------------------------------------------------------------------------
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+def deepspeed_config(cfg: TrainConfig, world_size: int, cuda: bool | None = None) -> dict[str, Any]:
     """The whole DeepSpeed JSON, from the run config; the recipe's ``deepspeed:`` block is merged last.
 
     DeepSpeed counts one "micro-batch" per backward, and we run one backward per TBPTT window, so its
-    gradient_accumulation_steps is grad_accum × windows (the trainer marks the boundary itself).
+    gradient_accumulation_steps is grad_accum × windows (the trainer marks the boundary itself). Under bf16 at
+    ZeRO-2/3 those backwards accumulate into fp32 gradient partitions (``data_types.grad_accum_dtype``: without
+    it DeepSpeed sums grad_accum × windows bf16 gradients in bf16); gradients are reduced in fp32
+    (``communication_data_type``, torchtitan's default reduce dtype). ZeRO-3 overlaps its communication with
+    compute on CUDA (``cuda``: default whether CUDA is present); on the CPU it stays off, as tested.
     """
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     gas = cfg.data.grad_accum * cfg.n_windows
     micro = cfg.data.micro_batch_size
     zero: dict[str, Any] = {"stage": cfg.run.zero_stage}
@@ -154,7 +159,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         # once (debug recipe, 16 segments: step 2 took 12 s of CPU against 0.4 s; SmolLM2-135M, 8 segments: see
         # benchmarks/finetune_speed.py). 0 releases a block's parameters after each call, as ZeRO-3 does anyway for
         # reuse a whole model apart (>= 1e9 parameters); a small model on many GPUs re-gathers them per segment.
-        zero.update(overlap_comm=False, contiguous_gradients=True, stage3_gather_16bit_weights_on_model_save=False,
+        zero.update(overlap_comm=cuda, contiguous_gradients=True, stage3_gather_16bit_weights_on_model_save=False,
                     stage3_max_reuse_distance=0)
     ds = {
         "train_micro_batch_size_per_gpu": micro,
@@ -164,10 +169,15 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.run.precision == "bf16"},
         "fp16": {"enabled": False},
+        "communication_data_type": "fp32",
         "zero_allow_untested_optimizer": True,  # our optimizer is torch AdamW (no JIT-built FusedAdam)
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if cfg.run.precision == "fp32" or cfg.run.zero_stage >= 2:
+        # stage 0 cannot mix bf16 weights with fp32 accumulation, stage 1 would switch to another optimizer
+        # (DeepSpeed's BF16_Optimizer): there bf16 gradients accumulate in bf16
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
     return deep_merge(ds, cfg.deepspeed)
 
 
