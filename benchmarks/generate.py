@@ -26,6 +26,8 @@ Latency (contexts 1K..256K): one process prefills every infini state once (a few
 then ``--rounds`` rounds time every (impl, C) cell in a fresh random order from the same start; each step keeps
 its fastest round (load bursts on a shared machine must then hit one step in every round), and the median over
 steps is reported (the raw median of all timings is in the JSON).
+The `generate --prompt-file` row: the CLI as a user runs it on files of 33 KB and 3.96 MB (the debug preset; the file
+is read, tokenized and prefilled in pieces), peak RSS of each fresh process; ``--prompt-files-only`` runs only it.
 Peak memory (prompts of 1K and 1M tokens, and the full-attention cache at 64K): one fresh process per cell that
 prefills and decodes 16 tokens. Reported: the child's ``VmHWM`` (peak RSS of the process image, from
 /proc/self/status) and its growth over the RSS once the model is built. Not ``getrusage().ru_maxrss``: Linux
@@ -41,10 +43,13 @@ import math
 import os
 import platform
 import random
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +62,7 @@ from infinitrain.ops.rope import rope_angles, rotate
 
 MiB = 2.0 ** 20
 K = 1024
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "pride_and_prejudice_ch1-12.txt"
 
 
 def model_config(args, segment_len: int | None = None, arch: str = "infini") -> ModelConfig:
@@ -227,6 +233,59 @@ def peak_rss(args, impl: str, context: int) -> dict:
             "seconds": time.perf_counter() - t0}
 
 
+PROMPT_CHILD = """
+import sys
+from infinitrain.cli import main
+try:
+    main()
+finally:
+    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
+    print(f"VmHWM_KIB {hwm}", file=sys.stderr)
+"""
+
+
+def prompt_file_rss(args, work: Path) -> list[dict]:
+    """`infinitrain generate MODEL --prompt-file FILE` as a user runs it, one fresh process per file size: the
+    debug preset (random weights) with a BPE of vocab 512 trained on the test fixture, prompts made of that text
+    repeated (``--prompt-file-kb``). Reported: the process's VmHWM, the prompt's tokens, the wall time."""
+    from infinitrain.data_tools.tokenizer import save_tokenizer, train_bpe
+    from infinitrain.model.config import get_preset
+
+    text = FIXTURE.read_text()
+    save_tokenizer(train_bpe([text], vocab_size=512), work / "tokenizer.json")
+    torch.manual_seed(0)
+    InfiniLM(get_preset("debug")).save_pretrained(work / "model")
+    (work / "model" / "tokenizer.json").write_bytes((work / "tokenizer.json").read_bytes())
+    out = []
+    for kb in args.prompt_file_kb:
+        size = int(kb * 1000)
+        prompt = work / f"prompt-{kb:g}kb.txt"
+        prompt.write_text((text * (size // len(text.encode()) + 1)).encode()[:size].decode("utf-8", "ignore"))
+        cmd = [sys.executable, "-c", PROMPT_CHILD, "generate", str(work / "model"), "--prompt-file", str(prompt),
+               "--max-new-tokens", "16", "--temperature", "0", "--no-progress", "--no-stream",
+               "--threads", str(args.threads)]
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
+        if res.returncode != 0:
+            raise RuntimeError(f"generate --prompt-file {prompt} failed:\n{res.stderr[-2000:]}")
+        hwm = int(res.stderr.strip().splitlines()[-1].split()[1])
+        tokens = int(re.search(r"prefill ([\d,]+) tokens", res.stderr).group(1).replace(",", ""))
+        out.append({"prompt_bytes": prompt.stat().st_size, "prompt_tokens": tokens, "peak_rss_mib": hwm / 1024,
+                    "seconds": time.perf_counter() - t0})
+        _log(f"generate --prompt-file {prompt.stat().st_size:,} bytes ({tokens:,} tokens): peak RSS "
+             f"{hwm / 1024:.0f} MiB ({out[-1]['seconds']:.0f} s)")
+    return out
+
+
+def format_prompt_files(rows: list[dict]) -> str:
+    lo, hi = rows[0], rows[-1]
+    cells = ",  ".join(f"{r['prompt_bytes'] / 1e6:.3g} MB ({r['prompt_tokens']:,} tokens): {r['peak_rss_mib']:.0f} MiB"
+                       for r in rows)
+    return (f"generate --prompt-file peak RSS (fresh CLI process, debug preset): {cells}\n"
+            f"peak RSS {hi['prompt_bytes'] / 1e6:.3g} MB / {lo['prompt_bytes'] / 1e6:.3g} MB prompt file: "
+            f"{hi['peak_rss_mib'] / lo['peak_rss_mib']:.3f}x (target <= 1.15x)")
+
+
 def rss_child(args, impl: str, context: int, argv: list[str]) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", f"{impl}:{context}"]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -257,6 +316,8 @@ def run(args, argv: list[str]) -> dict:
         r = rss_child(args, impl, c, argv)
         report["memory"].append(r)
         _log(f"{impl} {_label(c)}: peak RSS {r['peak_rss_mib']:.0f} MiB ({r['seconds']:.0f} s)")
+    with tempfile.TemporaryDirectory() as work:
+        report["prompt_files"] = prompt_file_rss(args, Path(work))
     report["load_end"] = _load()
     report["summary"] = summarize(report, args)
     return report
@@ -327,6 +388,8 @@ def format_table(report: dict) -> str:
                  f"decode steps of each step's fastest of {report['rounds']} interleaved rounds")
     lines.append(f"machine {report['machine']}, {report['threads']} torch thread(s), torch {report['torch']}, "
                  f"load average {report['load_start']} -> {report['load_end']}")
+    if report.get("prompt_files"):
+        lines.append(format_prompt_files(report["prompt_files"]))
     lines.append(f"reproduce: {report['command']}")
     return "\n".join(lines)
 
@@ -366,6 +429,9 @@ def parse_args(argv=None):
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                    help="verify the full-attention baseline against the InfiniLM first")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny contexts and sizes")
+    p.add_argument("--prompt-file-kb", type=lambda t: [float(x) for x in t.split(",")], default=None,
+                   help="sizes of the `generate --prompt-file` RSS row in KB (default 33,3960; --quick 4,40)")
+    p.add_argument("--prompt-files-only", action="store_true", help="measure only the --prompt-file RSS row")
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -376,6 +442,7 @@ def parse_args(argv=None):
         args.rss_contexts = args.rss_contexts or [64, 256]
         args.decode_tokens = args.decode_tokens or 8
         args.full_decode_tokens = args.full_decode_tokens or 8
+    args.prompt_file_kb = args.prompt_file_kb or ([4, 40] if args.quick else [33, 3960])
     args.rounds = args.rounds or (1 if args.quick else 10)  # 10: a load burst must hit a step in all of them
     args.contexts = sorted(args.contexts or _ints("1k,4k,16k,64k,256k"))
     args.full_contexts = sorted(args.full_contexts or _ints("1k,16k,64k"))
@@ -397,8 +464,15 @@ def main(argv: list[str] | None = None) -> dict | None:
         impl, context = args.child.split(":")
         print(json.dumps(peak_rss(args, impl, int(context))))
         return None
-    report = run(args, argv)
-    print(format_table(report))
+    if args.prompt_files_only:
+        with tempfile.TemporaryDirectory() as work:
+            report = {"command": "python benchmarks/generate.py " + " ".join(argv), "load_start": _load(),
+                      "prompt_files": prompt_file_rss(args, Path(work)), "load_end": _load()}
+        print(format_prompt_files(report["prompt_files"]))
+        print(f"load average {report['load_start']} -> {report['load_end']}; reproduce: {report['command']}")
+    else:
+        report = run(args, argv)
+        print(format_table(report))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

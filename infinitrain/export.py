@@ -3,9 +3,9 @@ tokenizer.json).
 
     RUN_DIR/checkpoints/step-N  --verify manifest sha256-->  gather ZeRO partitions (fp32)  -->  OUT/
         model.safetensors (or model-0000i-of-0000n.safetensors + model.safetensors.index.json above --max-shard-size)
-        config.json       the ModelConfig, the dtype, the tokenizer ("tokenizer.json", "bytes" or null), whether
+        config.json       the ModelConfig, the dtype, the tokenizer ("tokenizer.json" or "bytes"), whether
                           documents start with its BOS (bos_at_doc_start, as the training data did), provenance
-        tokenizer.json    the run's tokenizer (beside the run, or beside its prepared data), when it has one
+        tokenizer.json    the run's tokenizer (in the run, or beside its prepared data); none found is an error
 
 Several runs (or checkpoints) of one model are averaged weight by weight into one export (a uniform "model
 soup", Wortsman et al. 2022): ``infinitrain export runs/a runs/b runs/c --out soup``. Every checkpoint is verified,
@@ -44,14 +44,16 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-def parse_size(text: str | int, what: str = "--max-shard-size") -> int:
-    """Bytes from ``5GB`` (10^9, as Hugging Face), ``512MiB`` (2^20), ``40KB`` or a plain integer."""
+def parse_size(text: str | int, what: str = "--max-shard-size", bare: str = "b") -> int:
+    """Bytes from ``5GB`` (10^9, as Hugging Face), ``512MiB`` (2^20), ``40KB``, or a plain number in the unit
+    ``bare`` (bytes; ``plan --gpu-memory 80`` means 80 GB)."""
     if isinstance(text, int):
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*", str(text))
-    unit = m.group(2).lower() if m else None
+    unit = (m.group(2).lower() or bare) if m else None
     if unit not in _UNITS:
-        raise ConfigError(f"{what} {text!r}: expected a size such as 5GB, 500MB, 2GiB or a byte count")
+        raise ConfigError(f"{what} {text!r}: expected a size such as 5GB, 500MB, 2GiB or a number of "
+                          f"{'bytes' if bare == 'b' else bare.upper()}")
     n = int(float(m.group(1)) * _UNITS[unit])
     if n <= 0:
         raise ConfigError(f"{what} {text!r} must be positive")
@@ -66,7 +68,7 @@ class ExportResult:
     dtype: str
     files: tuple[str, ...]  # weight files written (one, or the shards)
     bytes: int  # weight bytes on disk
-    tokenizer: str | None  # "tokenizer.json", "bytes" or None
+    tokenizer: str  # "tokenizer.json" or "bytes"
     seconds: float
     sources: tuple[Path, ...] = ()  # every checkpoint averaged (``checkpoint`` is the first), or just ``checkpoint``
 
@@ -111,9 +113,7 @@ def export(path: str | os.PathLike | list | tuple, out: str | os.PathLike, *, st
     if memory_tau_scale != 1:
         scale_memory_tau(model, memory_tau_scale, where=str(ckpt))
         provenance = {**provenance, "memory_tau_scale": memory_tau_scale}
-    if codec is None:
-        log("note: no tokenizer found beside the run or its data; the export has none (pass --tokenizer FILE|bytes)")
-    tok = None if codec is None else "bytes" if codec.source == "bytes" else "tokenizer.json"
+    tok = "bytes" if codec.source == "bytes" else "tokenizer.json"
     tokenizer_file = codec.source if tok == "tokenizer.json" else None
     bos = {"bos_at_doc_start": codec.bos_id is not None} if tok == "tokenizer.json" else {}
     files, size = _write_model(model, out, dtype=dtype, shard_bytes=shard_bytes, tokenizer_file=tokenizer_file,
@@ -187,7 +187,7 @@ def _load_verified(run: RunPath, tokenizer: str | None, log: Callable[[str], Non
     ckpt = run.checkpoint
     manifest = verify_checkpoint(ckpt)
     log(f"verified {len(manifest['files'])} files of {ckpt} against {MANIFEST} (sha256)")
-    model, codec = load_run(run, tokenizer=tokenizer, need_tokenizer=False)
+    model, codec = load_run(run, tokenizer=tokenizer)  # no tokenizer: ConfigError, nothing written
     n_params = sum(p.numel() for p in model.parameters())
     log(f"gathered {n_params / 1e6:.2f} M parameters (fp32) from step {manifest['step']} "
         f"({manifest['world_size']} rank{'s' if manifest['world_size'] != 1 else ''})")

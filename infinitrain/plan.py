@@ -357,7 +357,8 @@ def advice(p: Plan) -> str:
 @click.option("--gpus", type=click.IntRange(min=1), required=True, help="GPUs in total (the data-parallel size).")
 @click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True,
               help="Nodes they are spread over (shown; the memory per GPU does not depend on it).")
-@click.option("--gpu-memory", default="80GB", show_default=True, help="Memory of one GPU (80GB = 80e9 bytes).")
+@click.option("--gpu-memory", default="80GB", show_default=True, help="Memory of one GPU: 80GB = 80 = 80e9 bytes "
+              "(a bare number is GB), or 80GiB.")
 def plan_cmd(recipe: str, overrides: tuple[str, ...], stage: str | None, gpus: int, nodes: int,
              gpu_memory: str) -> None:
     """Per-GPU memory (ZeRO states, activations, memory states, buffers) and tokens per step of a recipe."""
@@ -373,7 +374,7 @@ def plan_cmd(recipe: str, overrides: tuple[str, ...], stage: str | None, gpus: i
 
     path = recipe_path(recipe)
     stages = [stage] if stage is not None else list(recipe_stages(load_yaml(path), str(path))) or [None]
-    memory = parse_size(gpu_memory, what="--gpu-memory")
+    memory = parse_size(gpu_memory, what="--gpu-memory", bare="gb")
     blocks = []
     for s in stages:
         cfg = load_recipe(recipe, overrides, stage=s)

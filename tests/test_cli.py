@@ -57,3 +57,31 @@ def test_help_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
 
+
+
+def _commands(group, path=()):
+    """(path, command) for every command of the CLI tree, groups included."""
+    import click
+
+    for name, cmd in group.commands.items():
+        yield (*path, name), cmd
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, (*path, name))
+
+
+def test_help_listings_are_not_truncated_and_every_option_says_what_it_does():
+    import click
+
+    from infinitrain.cli_help import first_sentence
+
+    undocumented = []
+    for path, cmd in _commands(cli):
+        if isinstance(cmd, click.Group):
+            listing = CliRunner().invoke(cli, [*path, "--help"]).output
+            commands = listing.split("Commands:")[1]
+            assert "..." not in commands.replace(", ...)", ""), (path, commands)  # Click's cut-off ends in "..."
+            for sub in cmd.commands.values():
+                assert " ".join(first_sentence(sub).split()[-3:]) in " ".join(commands.split()), (path, sub.name)
+        undocumented += [f"{' '.join(path)} {p.opts[0]}" for p in cmd.params
+                         if isinstance(p, click.Option) and not p.hidden and not p.help]
+    assert not undocumented, undocumented

@@ -54,6 +54,9 @@ def test_export_gives_the_checkpoint_logits(run, tmp_path, monkeypatch):
     assert loads and all(w is True for w in loads)  # DeepSpeed's zero_to_fp32 asks for weights_only=False
     assert res.step == 2 and res.dtype == "fp32" and res.files == ("model.safetensors",) and res.tokenizer == "bytes"
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "m" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # safetensors made 0600
     meta = json.loads((tmp_path / "m" / "config.json").read_text())
     assert meta["exported_from"]["step"] == 2 and meta["exported_from"]["world_size"] == 1
     monkeypatch.setattr(torch, "load", None)  # loading an export never unpickles
@@ -156,7 +159,7 @@ def test_export_of_a_two_rank_run(tmp_path):
                         json.loads((out.out / "config.json").read_text())["exported_from"]["manifest_sha256"])
 
 
-def test_tokenizer_comes_from_the_prepared_data_or_the_flag(run, tmp_path):
+def test_tokenizer_comes_from_the_prepared_data_or_the_flag(run, tmp_path, capsys):
     """A run on prepared shards ships the tokenizer.json found beside its data; --tokenizer overrides."""
     import yaml
     from evalkit import make_tokenizer
@@ -176,6 +179,12 @@ def test_tokenizer_comes_from_the_prepared_data_or_the_flag(run, tmp_path):
     assert codec.source == str(tmp_path / "m" / "tokenizer.json")
     assert export(copy, tmp_path / "b", tokenizer="bytes").tokenizer == "bytes"
     assert not (tmp_path / "b" / "tokenizer.json").exists()
+
+    shutil.rmtree(data)  # no tokenizer anywhere: an error (exit 3, one line), not an export without one
+    code, stdout, err = run_main(["export", str(copy), "--out", str(tmp_path / "none")], capsys)
+    assert code == ConfigError.code and stdout == "" and "Traceback" not in err
+    assert err.strip().count("\n") == 0 and "no tokenizer.json found" in err and "--tokenizer FILE" in err
+    assert not (tmp_path / "none").exists() and not list(tmp_path.glob(".none*"))
 
 
 def test_export_averages_checkpoints_weight_by_weight(run, tmp_path, capsys):

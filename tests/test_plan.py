@@ -223,6 +223,9 @@ def test_cli_table_verdict_and_errors(tmp_path, capsys):
     code, out, _ = run_main(["plan", "--recipe", str(recipe), "--stage", "long", "--gpus", "8",
                              "--gpu-memory", "24GB"], capsys)
     assert code == 0 and "verdict: does NOT fit in 24 GB" in out and "stage short" not in out
+    code, bare, _ = run_main(["plan", "--recipe", str(recipe), "--stage", "long", "--gpus", "8",
+                              "--gpu-memory", "24"], capsys)  # a bare number is GB (it read 24 bytes: "0 GB")
+    assert code == 0 and bare == out
     for argv, needle in ((["--gpus", "6", "--nodes", "4"], "multiple of --nodes"),
                          (["--gpus", "8", "--stage", "nope"], "unknown stage"),
                          (["--gpus", "8", "--gpu-memory", "lots"], "--gpu-memory")):

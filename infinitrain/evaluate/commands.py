@@ -10,7 +10,7 @@ from infinitrain.infer.commands import _device, _dtype, _load, _model, _progress
 
 def _split_options(outputs: str, batch_size: int):
     """The options of an evaluation over the documents of a prepared split (``eval ppl``, ``eval classify``)."""
-    options = [click.option("--split", default="val", show_default=True),
+    options = [click.option("--split", default="val", show_default=True, help="Split of the prepared data to score."),
                click.option("--no-memory", is_flag=True, help="Switch the memory read off (local attention only)."),
                click.option("--out", "out_dir", default="evals", show_default=True, help=f"Folder for {outputs}."),
                click.option("--batch-size", type=int, default=batch_size, show_default=True,
@@ -68,7 +68,7 @@ def classify_cmd(model, data, split, no_memory, out_dir, batch_size, max_documen
 @click.option("--out", "out_dir", default="evals", show_default=True, help="Folder for passkey.json and passkey.png.")
 @click.option("--no-memory", is_flag=True, help="Switch the memory read off (local attention only).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the pass keys.")
-@click.option("--max-new-tokens", type=int, default=10, show_default=True)
+@click.option("--max-new-tokens", type=int, default=10, show_default=True, help="Tokens generated per answer.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts generated side by side.")
 @_tokenizer
 @_device
@@ -112,16 +112,16 @@ def ppl_cmd(model, data, split, no_memory, out_dir, batch_size, max_documents, d
 @eval_group.command("summarize")
 @_model
 @click.option("--data", required=True, help="JSONL file with a document and a reference summary per line.")
-@click.option("--document-field", default="document", show_default=True)
-@click.option("--summary-field", default="summary", show_default=True)
+@click.option("--document-field", default="document", show_default=True, help="JSONL field of the document.")
+@click.option("--summary-field", default="summary", show_default=True, help="JSONL field of the reference summary.")
 @click.option("--separator", default="\n\nSummary:\n", show_default=True,
               help="Text between document and summary (as in `prepare --format summarization`).")
-@click.option("--max-new-tokens", type=int, default=1024, show_default=True)
-@click.option("--temperature", type=float, default=0.5, show_default=True)
-@click.option("--top-p", type=float, default=0.95, show_default=True)
-@click.option("--top-k", type=int, default=None)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--max-new-tokens", type=int, default=1024, show_default=True, help="Longest summary in tokens.")
+@click.option("--temperature", type=float, default=0.5, show_default=True, help="Sampling temperature (0 = greedy).")
+@click.option("--top-p", type=float, default=0.95, show_default=True, help="Nucleus sampling probability.")
+@click.option("--top-k", type=int, default=None, help="Sample among the k most likely tokens.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler.")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Documents summarized side by side.")
 @click.option("--max-records", type=int, default=None, help="Score only the first N records.")
 @click.option("--out", "out_dir", default="evals", show_default=True, help="Folder for summarize.json.")
 @_tokenizer

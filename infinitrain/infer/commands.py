@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 
 import click
@@ -57,12 +59,29 @@ def _read_prompts(prompts: tuple[str, ...], files: tuple[str, ...], per_line: bo
     return out
 
 
+@contextlib.contextmanager
+def _open_prompt_file(name: str):
+    """(binary stream, size in bytes or None) of a prompt file, '-' = stdin; unreadable: one-line ConfigError."""
+    from infinitrain.errors import ConfigError
+
+    if name == "-":
+        yield sys.stdin.buffer, None
+        return
+    try:
+        f = open(name, "rb")
+    except OSError as err:
+        raise ConfigError(f"{name}: cannot read prompt file ({type(err).__name__}: {err.strerror})") from None
+    with f:
+        yield f, os.fstat(f.fileno()).st_size
+
+
 @click.command("generate")
 @_model
 @click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeatable: prompts are batched).")
-@click.option("--prompt-file", "prompt_files", multiple=True, help="File holding one prompt ('-' = stdin); repeatable.")
+@click.option("--prompt-file", "prompt_files", multiple=True, help="File holding one prompt ('-' = stdin); repeatable. "
+              "A single file is read, tokenized and prefilled in pieces: memory stays flat at any length.")
 @click.option("--lines", "per_line", is_flag=True, help="Each non-empty line of a --prompt-file is its own prompt.")
-@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Tokens generated per row.")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=int, default=None, help="Sample among the k most likely tokens.")
 @click.option("--top-p", type=float, default=None, help="Nucleus sampling: the smallest set reaching probability p.")
@@ -91,17 +110,22 @@ def generate_cmd(model, prompts, prompt_files, per_line, max_new_tokens, tempera
 
     from infinitrain.evaluate.switches import memory_read_off
     from infinitrain.infer.generate import Sampling
-    from infinitrain.infer.textgen import generate_text
+    from infinitrain.infer.textgen import generate_file, generate_text
 
-    texts = _read_prompts(prompts, prompt_files, per_line)
-    m, codec = _load(model, tokenizer, device, dtype, threads, classifier=None, memory_tau_scale=memory_tau_scale)
-    if m.config.labels is not None:
-        return _answer_classes(m, codec, texts, not no_memory)
-    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        eos_id=codec.eos_id)
-    with memory_read_off(m) if no_memory else nullcontext():  # generate prefills one segment per call
-        result = generate_text(m, codec, texts, sampling, num_samples=num_samples, seed=seed,
-                               stream=sys.stdout if stream else None, progress=progress)
+    one_file = len(prompt_files) == 1 and not prompts and not per_line  # read, tokenized and prefilled in pieces
+    texts = None if one_file else _read_prompts(prompts, prompt_files, per_line)
+    with _open_prompt_file(prompt_files[0]) if one_file else nullcontext((None, None)) as (f, size):
+        m, codec = _load(model, tokenizer, device, dtype, threads, classifier=None, memory_tau_scale=memory_tau_scale)
+        if m.config.labels is not None:
+            return _answer_classes(m, codec, texts or _read_prompts((), prompt_files, False), not no_memory)
+        sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            eos_id=codec.eos_id)
+        options = dict(num_samples=num_samples, seed=seed, stream=sys.stdout if stream else None, progress=progress)
+        with memory_read_off(m) if no_memory else nullcontext():  # generate prefills one segment per call
+            if one_file:
+                result = generate_file(m, codec, f, prompt_files[0], sampling, size=size, **options)
+            else:
+                result = generate_text(m, codec, texts, sampling, **options)
     if result.streamed:
         click.echo()
     elif len(result.texts) == 1:

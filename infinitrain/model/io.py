@@ -68,12 +68,14 @@ def save_pretrained(model: InfiniLM, directory: str | os.PathLike, *, dtype: str
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
     if len(shards) == 1:
         save_file(shards[0], out / WEIGHTS_NAME, metadata=meta)
+        _usual_mode(out / WEIGHTS_NAME)
     else:
         weight_map = {}
         total = sum(t.numel() * t.element_size() for t in state.values())
         for i, shard in enumerate(shards, 1):
             name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, out / name, metadata=meta)
+            _usual_mode(out / name)
             weight_map.update({k: name for k in shard})
         (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                  indent=1))
@@ -82,6 +84,13 @@ def save_pretrained(model: InfiniLM, directory: str | os.PathLike, *, dtype: str
               "dtype": saved_dtype, **(extra or {})}
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=1) + "\n")
     return out
+
+
+def _usual_mode(path: Path) -> None:
+    """safetensors writes 0600; a model to share gets what any new file gets (0644 under the usual umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def read_config(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:

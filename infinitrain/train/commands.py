@@ -41,11 +41,7 @@ def train_cmd(recipe: str, overrides: tuple[str, ...], stage: str | None, data: 
         click.echo(f"stage {stage}: run dir {run_dir}", err=True)
     summary = train(cfg, run_dir, resume, local_rank=local_rank, allow_fallback=allow_fallback)
     if os.environ.get("RANK", "0") == "0":
-        val = summary["val_loss"]  # None: no validation ran
-        val = "none (the data has no validation split: data.val_fraction, or prepare --val-fraction)" \
-            if val is None else f"{val:.4f}"
-        click.echo(f"done: step {summary['step']}  loss {summary['loss']:.4f}  val_loss {val}  "
-                   f"skipped {summary['skipped_total']}  checkpoint {summary['checkpoint']}")
+        click.echo(done_line(summary, cfg.schedule.steps))
         import torch
 
         evaluate = cfg.eval.command(run_dir, device="cuda" if torch.cuda.is_available() else "cpu",
@@ -53,6 +49,18 @@ def train_cmd(recipe: str, overrides: tuple[str, ...], stage: str | None, data: 
         if evaluate:
             click.echo(f"evaluate: {evaluate}")
     _close_process_group()
+
+
+def done_line(summary: dict, steps: int) -> str:
+    """The last line of ``train``: where the run stands (a finished run resumed says so, not ``loss nan``)."""
+    if summary.get("finished_before"):
+        return (f"done: the run had already reached step {summary['step']} of {steps}; nothing to train (raise "
+                f"schedule.steps to go on)  checkpoint {summary['checkpoint']}")
+    val = summary["val_loss"]  # None: no validation ran
+    val = "none (the data has no validation split: data.val_fraction, or prepare --val-fraction)" \
+        if val is None else f"{val:.4f}"
+    return (f"done: step {summary['step']}  loss {summary['loss']:.4f}  val_loss {val}  "
+            f"skipped {summary['skipped_total']}  checkpoint {summary['checkpoint']}")
 
 
 def _close_process_group() -> None:

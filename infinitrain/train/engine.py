@@ -4,6 +4,7 @@ activation checkpointing applied to the model's layers from outside (the model h
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -123,7 +124,9 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
     if shm is not None:
         wait_for_op_build(shm.NAME)
     timeout = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False, **timeout)
+    with contextlib.redirect_stdout(sys.stderr):  # "DeepSpeed ...shm_comm_op built successfully": stdout is ours
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False,
+                                   **timeout)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import yaml
 
 from infinitrain import faults, hardware
+from infinitrain.atomic import write_atomic
 from infinitrain.errors import CollectiveError, ConfigError, DataError, Preempted, TrainingAborted
 from infinitrain.train import checkpoint as ckpt
 from infinitrain.train import tasks
@@ -188,6 +189,13 @@ def _float_or_none(x) -> float | None:
     return None if x is None else float(x)
 
 
+def plain_grad_norm(engine) -> float | None:
+    """The global gradient norm before clipping, where DeepSpeed keeps none (ZeRO stage 0 in fp32): there every
+    rank holds whole gradients, already averaged over the ranks at the step boundary. Call before engine.step()."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else None
+
+
 def optimizer_step(engine, bad_loss: bool, plain_fp32: bool) -> bool:
     """engine.step(); True if the step was skipped on every rank. ZeRO and bf16 optimizers skip a non-finite
     gradient norm themselves (``was_step_applied``); plain fp32 stage 0 has no such check, so there a
@@ -233,11 +241,15 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: int, wor
     cfg = tasks.resolve(cfg, sources)  # task classification: the class names from the data (config.yaml keeps them)
     cfg = _resolve_precision(cfg, rank)
     ds_config = deepspeed_config(cfg, world)
+    made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # what a refused start must not leave
     lock = _lock_run_dir(run_dir, rank)
     try:
         return _train_locked(cfg, run_dir, resume, sources, rank, world, allow_fallback, ds_config)
     finally:
         lock.release()
+        for p in made if rank == 0 else ():  # a start refused before any write leaves no empty runs/<recipe>/
+            if p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
 
 
 def _resolve_precision(cfg: TrainConfig, rank: int) -> TrainConfig:
@@ -267,23 +279,61 @@ def _lock_run_dir(run_dir: Path, rank: int) -> RunLock:
     return lock
 
 
-def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, rank: int, ds_config: dict[str, Any], resume: str
-                     ) -> ckpt.Disks:
-    """Rank 0 writes the resolved config; the ranks find which of them share the checkpoint disk (refusing
-    node-local disks below ZeRO-3); each disk's leader removes partial saves (collective)."""
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
-    disks = ckpt.probe_disks(run_dir / "checkpoints", cfg.run.zero_stage)
-    if disks.leader:
-        ckpt.clean_partial(run_dir / "checkpoints")
+def _refuse_start(cfg: TrainConfig, run_dir: Path, rank: int, resume: str, resume_from: Path | None) -> None:
+    """Collective, before any write: ``--resume none`` on a run that has checkpoints, or a resume with another
+    model than the checkpoint's, is refused on every rank in one line."""
     error = None
     if rank == 0 and resume == "none" and ckpt.committed(run_dir / "checkpoints"):
         error = f"{run_dir / 'checkpoints'} already holds checkpoints; use --resume auto or a new --run-dir"
+    elif rank == 0 and resume_from is not None:
+        error = another_model(cfg, resume_from)
     first = ckpt.agree(error)
     if first:
         raise ConfigError(first)
+
+
+def another_model(cfg: TrainConfig, checkpoint: Path) -> str | None:
+    """Why resuming ``checkpoint`` with this command's model is refused (the fields that differ from the model its
+    run's config.yaml records), or None: it would load the weights into another model, or fail half-way."""
+    from infinitrain.model.config import ModelConfig
+
+    path = checkpoint.parent.parent / "config.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text())
+        trained = ModelConfig.from_dict(raw["model"], where=f"{path}: model")
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ConfigError):
+        return None  # no readable record: the weights' shapes are still checked when they load
+    if trained == cfg.model:
+        return None
+    diff = [f"{f.name} {getattr(trained, f.name)!r} -> {getattr(cfg.model, f.name)!r}"
+            for f in dataclasses.fields(trained) if getattr(trained, f.name) != getattr(cfg.model, f.name)]
+    return (f"{checkpoint}: trained another model than this command's (model.{', model.'.join(diff)}); resume with "
+            "the run's model, or start over in a new --run-dir")
+
+
+def start_run_dir(cfg: TrainConfig, run_dir: Path, ds_config: dict[str, Any]) -> None:
+    """Rank 0: the run's resolved recipe (data.path absolute, so `generate`/`eval`/`export` of the run work from any
+    directory), its DeepSpeed config, and a copy of the data's tokenizer.json."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = cfg.to_dict()
+    data = cfg.data.path
+    if isinstance(data, str):
+        resolved["data"]["path"] = str(Path(data).resolve())
+        tokenizer = Path(data) / "tokenizer.json"
+        if tokenizer.is_file():
+            write_atomic(run_dir / "tokenizer.json", tokenizer.read_bytes())
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
+
+
+def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, rank: int, ds_config: dict[str, Any]) -> ckpt.Disks:
+    """Rank 0 writes the resolved config (:func:`start_run_dir`); the ranks find which of them share the
+    checkpoint disk (refusing node-local disks below ZeRO-3); each disk's leader removes partial saves (collective)."""
+    if rank == 0:
+        start_run_dir(cfg, run_dir, ds_config)
+    disks = ckpt.probe_disks(run_dir / "checkpoints", cfg.run.zero_stage)
+    if disks.leader:
+        ckpt.clean_partial(run_dir / "checkpoints")
     if rank == 0 and not disks.shared:
         print(f"checkpoints on node-local disks: {disks.describe()} (each disk holds its ranks' files and the "
               "manifest; resume with the same ranks on the same nodes)", file=sys.stderr)
@@ -292,12 +342,16 @@ def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, rank: int, ds_config: dict
 
 def _train_locked(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: int, world: int,
                   allow_fallback: bool, ds_config: dict[str, Any]) -> dict[str, Any]:
-    disks = _prepare_run_dir(cfg, run_dir, rank, ds_config, resume)
-    train_src, val_src = _checked_sources(cfg, sources)
+    # Every check comes before the first write: a refused start leaves the run directory as it was.
+    train_src, val_src = _checked_sources(cfg, sources, rank)
     resume_from, fallbacks = ckpt.choose(run_dir, resume, allow_fallback)  # checked before the engine is built
+    _refuse_start(cfg, run_dir, rank, resume, resume_from)
+    disks = _prepare_run_dir(cfg, run_dir, rank, ds_config)
     engine, model = build_engine(cfg, ds_config)
     run = _Run(cfg, run_dir, engine, model, (train_src, val_src), rank, world, disks, resume_from, fallbacks)
     try:
+        if run.state.step >= cfg.schedule.steps:  # a finished run: nothing to train, nothing new to report
+            return run.finished_before(resume_from)
         while run.state.step < cfg.schedule.steps:
             stats, skipped = run.attempt()
             if not skipped:
@@ -310,8 +364,9 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, resume: str, sources, rank: i
         run.close()
 
 
-def _checked_sources(cfg: TrainConfig, sources) -> tuple[SampleSource, SampleSource | None]:
-    """The (train, validation) sources of the run, checked against the recipe's sample length and vocabulary."""
+def _checked_sources(cfg: TrainConfig, sources, rank: int) -> tuple[SampleSource, SampleSource | None]:
+    """The (train, validation) sources of the run, checked against the recipe's sample length and vocabulary
+    (rank 0 notes a tokenizer smaller than the model's vocabulary)."""
     if sources is None:
         if cfg.data.path is None:
             raise ConfigError("no training data: pass --data DIR or set data.path in the recipe")
@@ -323,6 +378,11 @@ def _checked_sources(cfg: TrainConfig, sources) -> tuple[SampleSource, SampleSou
                         f"{cfg.data.segments_per_sample} x {cfg.model.segment_len} = {cfg.sample_len}")
     if train_src.vocab_size > cfg.model.vocab_size:
         raise DataError(f"data vocabulary ({train_src.vocab_size}) exceeds model.vocab_size ({cfg.model.vocab_size})")
+    tokenized = isinstance(cfg.data.path, str) and (Path(cfg.data.path) / "tokenizer.json").is_file()
+    if rank == 0 and tokenized and train_src.vocab_size < cfg.model.vocab_size:
+        print(f"note: the data's tokenizer has {train_src.vocab_size} tokens, model.vocab_size is "
+              f"{cfg.model.vocab_size}: {cfg.model.vocab_size - train_src.vocab_size} output rows are never a "
+              f"target (model.vocab_size={train_src.vocab_size} fits the data)", file=sys.stderr)
     return train_src, val_src
 
 
@@ -350,14 +410,16 @@ class _Run:
         self.tokens_per_step = self.sampler.global_batch_size * cfg.sample_len
         self.plain_fp32 = cfg.run.zero_stage == 0 and cfg.run.precision == "fp32"  # no skip check of its own
         self.stop, self.router = _StopFlag(), RouterAccuracy(model)
-        self.metrics = Metrics(run_dir, cfg, self.state.step, enabled=rank == 0)
-        if resume_from is not None and rank == 0:
+        if resume_from is not None and rank == 0:  # before the bar starts: its own line
             for skipped_error in fallbacks:
                 print(f"warning: skipped a damaged checkpoint (--allow-fallback): {skipped_error}", file=sys.stderr)
             print(f"resuming from {resume_from} (step {self.state.step})", file=sys.stderr)
+        self.metrics = Metrics(run_dir, cfg, self.state.step, enabled=rank == 0)
+        if resume_from is not None:
             self.metrics.write({"step": self.state.step, "resumed_from": str(resume_from), "fallbacks": fallbacks})
         self.last_saved, self.last_val, self.loss = self.state.step, math.nan, math.nan
         self.window_start, self.window_tokens = time.time(), 0
+        self.grad_norm: float | None = None  # computed by attempt() where DeepSpeed keeps none
 
     def attempt(self):
         """One step attempt: this rank's micro-batches forward and backward, the optimizer step (skipped on a
@@ -370,6 +432,7 @@ class _Run:
         stats = reduce_stats(backward_windows(self.engine, micro, segment_len=cfg.model.segment_len,
                                               window=cfg.window, aux_weight=cfg.tbptt.mod_aux_weight, step=attempt))
         bad_loss = bool(stats.nonfinite > 0)
+        self.grad_norm = plain_grad_norm(self.engine) if self.plain_fp32 else None  # DeepSpeed keeps none there
         skipped = optimizer_step(self.engine, bad_loss, self.plain_fp32)
         faults.point("after_step", attempt)
         faults.trace({"attempt": attempt, "step": state.step + (not skipped), "skipped": skipped,
@@ -414,7 +477,8 @@ class _Run:
             "step": step, "tokens": self.state.tokens, "loss": self.loss,
             "loss_per_segment": (stats.seg_loss / stats.seg_targets.clamp(min=1)).tolist(),
             "lr": engine.lr_scheduler.get_last_lr()[0], "gate_lr": engine.lr_scheduler.get_last_lr()[-1],
-            "grad_norm": _float_or_none(engine.get_global_grad_norm()), "tokens_per_s": self.window_tokens / elapsed,
+            "grad_norm": self.grad_norm if self.plain_fp32 else _float_or_none(engine.get_global_grad_norm()),
+            "tokens_per_s": self.window_tokens / elapsed,
             "peak_mem_mb": peak_memory_mb(), "mod_aux_loss": float(stats.aux),
             "mod_router_acc": self.router.take(), "gates": gates,
             **({"memory_tau": gate_values(model, model.tau_parameters(), torch.exp)}
@@ -466,6 +530,12 @@ class _Run:
         s = self.state
         return {"step": s.step, "tokens": s.tokens, "loss": self.loss, "val_loss": self.last_val if self.val else None,
                 "skipped_total": s.skipped_total, "checkpoint": str(path) if path else None}
+
+    def finished_before(self, checkpoint: Path) -> dict[str, Any]:
+        """The summary of a run resumed at or past its last step: nothing trained, no new loss."""
+        s = self.state
+        return {"step": s.step, "tokens": s.tokens, "loss": None, "val_loss": None, "finished_before": True,
+                "skipped_total": s.skipped_total, "checkpoint": str(checkpoint)}
 
     def close(self) -> None:
         self.metrics.close()
