@@ -48,8 +48,9 @@ def project(tmp_path_factory) -> Path:
     res = infinitrain(work, "train", "--recipe", "debug", "--data", "data", "--run-dir", "run", *SMALL,
                       "schedule.steps=2", "log.progress=false")
     assert res.returncode == 0, res.stderr[-3000:]
-    # stdout holds our result only: DeepSpeed's "... built successfully" goes to stderr
+    # stdout holds our result only: DeepSpeed's "... built successfully" is not printed
     assert [line.split(":")[0] for line in res.stdout.splitlines()] == ["done"], res.stdout
+    assert "built successfully" not in res.stderr
     assert "note: the data's tokenizer has 300 tokens, model.vocab_size is 512: 212 output rows" in res.stderr
     return work
 

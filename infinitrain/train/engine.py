@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import math
 import os
 import socket
@@ -124,7 +125,7 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
     if shm is not None:
         wait_for_op_build(shm.NAME)
     timeout = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
-    with contextlib.redirect_stdout(sys.stderr):  # "DeepSpeed ...shm_comm_op built successfully": stdout is ours
+    with contextlib.redirect_stdout(io.StringIO()):  # "DeepSpeed ...shm_comm_op built successfully": not ours
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False,
                                    **timeout)
     if torch.cuda.is_available():
