@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import click
 
+from infinitrain.cli_help import Group
 
-@click.group("convert")
+
+@click.group("convert", cls=Group)
 def convert_group() -> None:
     """Convert model files from other formats into ones infinitrain and transformers read."""
 

@@ -31,7 +31,8 @@ def awkward_text(seed: int = 0) -> str:
         parts.append(doc)
         parts.append(rng.choice([" ", "  ", "\n", " \n ", "\t", "   \t\n", " ", " ", "\r\n"]))
         if rng.random() < 0.2:
-            parts.append(rng.choice(["naïve café ", "日本語のテキスト ", "emoji 🙂🙃 ", "Ωμέγα ", "12345678 ", "!!?? "]))
+            parts.append(rng.choice(["naïve café ", "日本語のテキスト ", "emoji 🙂🙃 ", "Ωμέγα ", "12345678 ",
+                                     "!!?? "]))
     parts.insert(30, "x" * 1500 + "é" * 700 + "🙂" * 100 + "-" * 600)  # no whitespace for 3000 characters
     return " " + "".join(parts) + "  "  # leading and trailing spaces
 
