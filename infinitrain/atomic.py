@@ -41,6 +41,16 @@ def write_atomic(path: Path, data: bytes | str, *, durable: bool = True) -> None
         raise
 
 
+def commit_file(f, tmp: Path, final: Path) -> None:
+    """Make an open file written at ``tmp`` durable and atomically visible as ``final``: flush, fsync, close,
+    rename. For writers that stream and hash as they go (prepare's documents file, shards); ``write_atomic`` is
+    the one-call form for bytes in hand."""
+    with f:
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new entry in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from infinitrain.atomic import write_atomic
+from infinitrain.atomic import commit_file, write_atomic
 from infinitrain.data_tools.inputs import (FORMATS, Issue, ReadOptions, ReadProgress, expand_inputs,
                                            input_fingerprint, read_documents)
 from infinitrain.data_tools.pack import StreamPacker, answer_sample
@@ -540,10 +540,7 @@ def _write_documents(out: Path, fill) -> str:
     with zstandard.ZstdCompressor(level=3, write_checksum=True).stream_writer(
             _HashingWriter(docs_file, docs_sha), closefd=False) as docs_out:
         fill(docs_out)
-    with docs_file:
-        docs_file.flush()
-        os.fsync(docs_file.fileno())
-    os.replace(docs_tmp, out / DOCS_NAME)
+    commit_file(docs_file, docs_tmp, out / DOCS_NAME)
     return docs_sha.hexdigest()
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from infinitrain.atomic import sha256_file, write_atomic
+from infinitrain.atomic import commit_file, sha256_file, write_atomic
 from infinitrain.errors import DataError, ShardCorruptError
 
 FORMAT_VERSION = 1  # written unless the samples carry labels
@@ -172,11 +172,8 @@ class ShardWriter:
         footer_offset = self._offset
         self._write(comp)
         self._write(TRAILER.pack(footer_offset, len(comp), MAGIC))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        commit_file(self._file, self._tmp, self.directory / self._name)
         self._file = None
-        os.replace(self._tmp, self.directory / self._name)
         self.entries.append({"name": self._name, "bytes": self._offset, "sha256": self._sha.hexdigest(),
                              "first_sample": self._first_sample, "num_samples": c["samples"],
                              "num_tokens": c["tokens"], "num_loss_tokens": c["loss_tokens"]})
