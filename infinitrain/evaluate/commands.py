@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from infinitrain.cli_help import Group
-from infinitrain.infer.commands import _device, _dtype, _load, _model, _progress, _tau_scale, _threads, _tokenizer
+from infinitrain.infer.commands import (_device, _dtype, _load, _model, _model_options, _progress, _tau_scale,
+                                        _threads)
 
 
 def _split_options(outputs: str, batch_size: int):
@@ -70,12 +71,7 @@ def classify_cmd(model, data, split, no_memory, out_dir, batch_size, max_documen
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the pass keys.")
 @click.option("--max-new-tokens", type=int, default=10, show_default=True, help="Tokens generated per answer.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts generated side by side.")
-@_tokenizer
-@_device
-@_dtype
-@_tau_scale
-@_progress
-@_threads
+@_model_options
 def passkey_cmd(model, lengths, depths, samples, out_dir, no_memory, seed, max_new_tokens, batch_size, tokenizer,
                 device, dtype, memory_tau_scale, progress, threads) -> None:
     """Passkey retrieval accuracy per (length, depth): a table on stdout, JSON and a heatmap PNG in --out."""
@@ -124,12 +120,7 @@ def ppl_cmd(model, data, split, no_memory, out_dir, batch_size, max_documents, d
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Documents summarized side by side.")
 @click.option("--max-records", type=int, default=None, help="Score only the first N records.")
 @click.option("--out", "out_dir", default="evals", show_default=True, help="Folder for summarize.json.")
-@_tokenizer
-@_device
-@_dtype
-@_tau_scale
-@_progress
-@_threads
+@_model_options
 def summarize_cmd(model, data, document_field, summary_field, separator, max_new_tokens, temperature, top_p, top_k,
                   seed, batch_size, max_records, out_dir, tokenizer, device, dtype, memory_tau_scale, progress,
                   threads) -> None:

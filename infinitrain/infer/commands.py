@@ -24,6 +24,14 @@ _threads = click.option("--threads", type=click.IntRange(min=1), default=None,
                         help="torch CPU threads [default: torch's]; on a busy machine 1 can be much faster.")
 
 
+def _model_options(f):
+    """The options of every command that loads a model and reads text (generate, eval passkey, eval summarize),
+    in this --help order: --tokenizer, --device, --dtype, --memory-tau-scale, --progress, --threads."""
+    for option in (_threads, _progress, _tau_scale, _dtype, _device, _tokenizer):  # innermost first
+        f = option(f)
+    return f
+
+
 def _load(model: str, tokenizer: str | None, device: str, dtype: str | None, threads: int | None,
           need_tokenizer: bool = True, classifier: bool | None = False, memory_tau_scale: float = 1.0):
     import torch
@@ -91,12 +99,7 @@ def _open_prompt_file(name: str):
               help="Print text as it is generated (a single prompt and sample).")
 @click.option("--no-memory", is_flag=True, help="Switch the memory read off (local attention only): what the "
               "model says without what its memory carried.")
-@_tokenizer
-@_device
-@_dtype
-@_tau_scale
-@_progress
-@_threads
+@_model_options
 def generate_cmd(model, prompts, prompt_files, per_line, max_new_tokens, temperature, top_k, top_p, seed, num_samples,
                  stream, no_memory, tokenizer, device, dtype, memory_tau_scale, progress, threads) -> None:
     """Continue prompts with MODEL at constant memory (segment-wise prefill with the memory carried).
